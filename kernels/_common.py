@@ -1,0 +1,79 @@
+"""What the kernels share: interpreter detection, autotune config lists, the memory plan of an input, flat indexing."""
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton decides at import time whether @triton.jit builds GPU code or runs under its CPU interpreter.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+# Largest BLOCK in the elementwise configs: flat indices run up to cdiv(n, BLOCK)·BLOCK - 1, so int32 offsets are safe
+# only while n + MAX_BLOCK stays below 2**31.
+MAX_BLOCK = 8192
+# The pooling kernel splits H·W into chunks of this many positions when it needs more programs; it is a multiple of
+# every BLOCK_HW in the pooling configs, so no block straddles two chunks and the only tail mask is ``hw < HW``.
+POOL_SPLIT_UNIT = 1024
+
+_CONFIGS = {
+    # Memory-bound elementwise work: enough bytes in flight per SM, 8-16 elements per thread (128-bit vectors for
+    # fp16/bf16 and fp32 alike), more warps for bigger blocks.
+    "elementwise": [
+        (dict(BLOCK=1024), 4),
+        (dict(BLOCK=2048), 4),
+        (dict(BLOCK=2048), 8),
+        (dict(BLOCK=4096), 8),
+        (dict(BLOCK=4096), 16),
+        (dict(BLOCK=MAX_BLOCK), 16),
+    ],
+    # Reduction over H·W for a tile of channels: wide along the contiguous axis, a few thousand elements per step.
+    "pool": [
+        (dict(BLOCK_C=4, BLOCK_HW=1024), 4),
+        (dict(BLOCK_C=8, BLOCK_HW=512), 4),
+        (dict(BLOCK_C=16, BLOCK_HW=256), 4),
+        (dict(BLOCK_C=32, BLOCK_HW=64), 4),
+        (dict(BLOCK_C=64, BLOCK_HW=32), 4),
+        (dict(BLOCK_C=128, BLOCK_HW=16), 8),
+        (dict(BLOCK_C=256, BLOCK_HW=16), 8),
+    ],
+}
+# The interpreter cannot time configs, so one pinned config runs there (the first of each list).
+
+
+def autotune_configs(kind):
+    """The autotune config list for ``kind``; a single pinned config under the interpreter."""
+    configs = [triton.Config(meta, num_warps=warps) for meta, warps in _CONFIGS[kind]]
+    return configs[:1] if INTERPRETED else configs
+
+
+def all_configs(kind):
+    """Every GPU config of ``kind`` as (meta, num_warps); used by tests and the AOT inspection."""
+    return [(dict(meta), warps) for meta, warps in _CONFIGS[kind]]
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a dense (N, C, H, W) tensor is laid out: memory order (n, MID, INNER)."""
+
+    channels_last: bool
+    inner: int  # H·W for NCHW, C for NHWC
+    mid: int  # C for NCHW, H·W for NHWC
+    index_64: bool  # flat offsets may pass 2**31 - 1
+
+
+def memory_plan(x):
+    n, c, h, w = x.shape
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    inner, mid = (c, h * w) if channels_last else (h * w, c)
+    return MemoryPlan(channels_last, inner, mid, x.numel() + MAX_BLOCK >= 2**31)
+
+
+@triton.jit
+def flat_index(pid, BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
+    """Flat element indices of block ``pid``: int64 only when the tensor is large enough to need it."""
+    if INDEX_64:
+        start = pid.to(tl.int64) * BLOCK
+    else:
+        start = pid * BLOCK
+    return start + tl.arange(0, BLOCK)

@@ -1,0 +1,90 @@
+"""Channel pooling: ``pooled[n, c] = mean over (h, w) of x[n, c, h, w]``, accumulated in fp32.
+
+Each program owns ``BLOCK_C`` channels of one image and one chunk of H·W positions, and keeps a
+[BLOCK_C, BLOCK_HW] fp32 accumulator that it sums down to BLOCK_C values at the end. The tile is laid along the
+contiguous axis of the memory format so its loads coalesce and vectorise:
+
+    NCHW: element (n, c, hw) at n·C·HW + c·HW + hw -> tile [BLOCK_C, BLOCK_HW], hw contiguous
+    NHWC: element (n, hw, c) at n·HW·C + hw·C + c  -> tile [BLOCK_HW, BLOCK_C], c contiguous
+
+Splitting H·W over ``grid[1]`` gives channels_last inputs with few channels blocks enough programs to fill the GPU;
+the split partial sums land in an (N, n_splits, C) fp32 buffer that a tiny second pass adds up in a fixed order,
+so results are deterministic (no atomics). With one split the kernel writes the pooled (N, C) result directly.
+Per-image offsets are int32 (the launcher checks C·H·W < 2**31); the image base is int64.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import POOL_SPLIT_UNIT, autotune_configs
+
+# Programs the pooling grid aims for before it splits H·W: a few waves on a large GPU.
+_TARGET_PROGRAMS = 1024
+
+
+@triton.autotune(configs=autotune_configs("pool"), key=["C", "HW", "CHANNELS_LAST"])
+@triton.jit
+def channel_pool_kernel(
+    x_ptr,  # (N, C, H, W), dense NCHW or NHWC
+    out_ptr,  # (N, n_splits, C): (pre-scaled) partial means
+    C,
+    HW,
+    hw_per_split,  # multiple of POOL_SPLIT_UNIT, hence of BLOCK_HW
+    inv_hw,  # 1 / (H·W): each partial is pre-scaled, so the splits sum to the mean
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    n_c_blocks = tl.cdiv(C, BLOCK_C)
+    n = pid // n_c_blocks
+    c = (pid % n_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    image = x_ptr + n.to(tl.int64) * C * HW
+    hw_start = split * hw_per_split
+    hw_stop = tl.minimum(hw_start + hw_per_split, HW)
+    if CHANNELS_LAST:
+        acc = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
+        for hw0 in range(hw_start, hw_stop, BLOCK_HW):
+            hw = hw0 + tl.arange(0, BLOCK_HW)
+            # Blocks never straddle a split (hw_per_split is a multiple of BLOCK_HW): only the H·W tail is masked.
+            mask = (hw[:, None] < HW) & c_mask[None, :]
+            acc += tl.load(image + hw[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        sums = tl.sum(acc, axis=0)
+    else:
+        acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+        for hw0 in range(hw_start, hw_stop, BLOCK_HW):
+            hw = hw0 + tl.arange(0, BLOCK_HW)
+            mask = c_mask[:, None] & (hw[None, :] < HW)
+            acc += tl.load(image + c[:, None] * HW + hw[None, :], mask=mask, other=0.0).to(tl.float32)
+        sums = tl.sum(acc, axis=1)
+    out = out_ptr + (n * n_splits + split) * C + c
+    tl.store(out, (sums * inv_hw).to(out_ptr.dtype.element_ty), mask=c_mask)
+
+
+def _sm_count(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def channel_pool_fwd(x, channels_last):
+    """Launch :func:`channel_pool_kernel` on a dense (N, C, H, W) ``x``; returns (N, C) in ``x``'s dtype.
+    Arguments are validated by the op layer."""
+    n, c, h, w = x.shape
+    hw = h * w
+    # Split H·W only when the (image, channel block) grid alone leaves the GPU idle.
+    base_programs = n * triton.cdiv(c, 64)
+    target = max(_TARGET_PROGRAMS, 4 * _sm_count(x.device))
+    n_splits = max(1, min(triton.cdiv(target, base_programs), triton.cdiv(hw, POOL_SPLIT_UNIT)))
+    hw_per_split = triton.cdiv(triton.cdiv(hw, n_splits), POOL_SPLIT_UNIT) * POOL_SPLIT_UNIT
+    n_splits = triton.cdiv(hw, hw_per_split)
+    out_dtype = x.dtype if n_splits == 1 else torch.float32
+    partial = torch.empty((n, n_splits, c), device=x.device, dtype=out_dtype)
+    grid = lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"]), n_splits)  # noqa: E731
+    channel_pool_kernel[grid](x, partial, c, hw, hw_per_split, 1.0 / hw, CHANNELS_LAST=channels_last)
+    if n_splits == 1:
+        return partial.view(n, c)
+    return partial.sum(dim=1).to(x.dtype)
