@@ -1,0 +1,26 @@
+# Two commands on a fresh clone with only Python present:
+#   make demo   the main job: kernel check, then a perf sweep and its plot on whatever device is here
+#   make test   the test suite (Triton kernels run through Triton's interpreter on CPU)
+# Each creates .venv on first use. torch==2.13.0 is the CPU wheel on a CPU machine (on a GPU machine pip picks the
+# CUDA build of that release); the project itself is installed editable with its dev extras.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: test demo clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest tests
+
+demo: $(BIN)/.installed
+	$(BIN)/bam-triton check
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

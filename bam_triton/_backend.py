@@ -1,0 +1,66 @@
+"""Backend choice, in one place.
+
+``"torch"`` runs the pure-torch path everywhere. ``"triton"`` runs the Triton kernels: on CUDA tensors as compiled GPU
+code, on CPU tensors through Triton's interpreter, which only works when ``TRITON_INTERPRET=1`` was set before triton
+was imported. ``"auto"`` picks Triton for CUDA tensors when triton is installed, torch otherwise. The environment
+variable ``BAM_TRITON_BACKEND`` sets the default for calls that pass ``backend=None`` (modules built without one).
+"""
+import functools
+import importlib.util
+import os
+
+BACKENDS = ("auto", "torch", "triton")
+ENV_VAR = "BAM_TRITON_BACKEND"
+
+
+def check_backend(backend, name="backend"):
+    """Validate a backend name (``None`` = the default); raise ``ValueError`` naming the argument."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"{name} must be one of {BACKENDS} (or None for the default), got {backend!r}")
+    return backend
+
+
+def default_backend():
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"environment variable {ENV_VAR} must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def triton_installed():
+    return importlib.util.find_spec("triton") is not None
+
+
+def kernels():
+    """Import the kernel package on first use: ``import bam_triton`` never imports triton."""
+    from . import kernels as kernel_package
+
+    return kernel_package
+
+
+def triton_interpreted():
+    """True when Triton kernels run under the CPU interpreter (imports triton)."""
+    return kernels().INTERPRETED
+
+
+def resolve(backend, device):
+    """The backend that runs for tensors on ``device``: ``"torch"`` or ``"triton"``."""
+    backend = backend or default_backend()
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_installed() else "torch"
+    if not triton_installed():
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton, Linux only); "
+                           "use backend='torch' or 'auto'")
+    if device.type == "cuda":
+        return "triton"
+    if device.type == "cpu":
+        if not triton_interpreted():
+            raise RuntimeError("backend='triton' on CPU tensors runs the kernels through Triton's interpreter, which "
+                               "needs TRITON_INTERPRET=1 in the environment before triton is imported; "
+                               "use backend='torch' or 'auto' for CPU tensors")
+        return "triton"
+    raise RuntimeError(f"backend='triton' supports CUDA tensors (and CPU tensors under the interpreter), "
+                       f"got a tensor on {device}")

@@ -1,0 +1,136 @@
+"""``BAM``: the Bottleneck Attention Module (Park, Woo, Lee, Kweon, BMVC 2018) as an ``nn.Module``.
+
+The submodule and parameter names are those of the authors' public code, so its checkpoints load with
+``load_state_dict(..., strict=True)`` unchanged and ``state_dict()`` saves back in its layout (no key mapping needed).
+"""
+import torch
+from torch import nn
+
+from . import _backend
+from .ops import bam_apply, channel_pool, check_combine, check_feature_map
+
+
+def _check_positive_int(value, name, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+class ChannelGate(nn.Module):
+    """Channel branch after pooling: (N, C) pooled features -> (N, C) logits ``Mc``.
+
+    Linear(C, C/r) -> BatchNorm1d -> ReLU -> Linear(C/r, C). The pooling itself runs in :class:`BAM` (a kernel).
+    """
+
+    def __init__(self, channels, hidden):
+        super().__init__()
+        # Names as in the authors' code, including its off-by-one (fc_0 is followed by bn_1).
+        self.gate_c = nn.Sequential()
+        self.gate_c.add_module("gate_c_fc_0", nn.Linear(channels, hidden))
+        self.gate_c.add_module("gate_c_bn_1", nn.BatchNorm1d(hidden))
+        self.gate_c.add_module("gate_c_relu_1", nn.ReLU(inplace=True))
+        self.gate_c.add_module("gate_c_fc_final", nn.Linear(hidden, channels))
+
+    def forward(self, pooled):
+        return self.gate_c(pooled)
+
+
+class SpatialGate(nn.Module):
+    """Spatial branch: (N, C, H, W) -> (N, 1, H, W) logits ``Ms``.
+
+    Conv1x1(C, C/r) -> BN -> ReLU -> [Conv3x3(C/r, C/r, dilation d, padding d) -> BN -> ReLU] x k -> Conv1x1(C/r, 1).
+    """
+
+    def __init__(self, channels, hidden, dilation, num_dilated_convs):
+        super().__init__()
+        self.gate_s = nn.Sequential()
+        self.gate_s.add_module("gate_s_conv_reduce0", nn.Conv2d(channels, hidden, kernel_size=1))
+        self.gate_s.add_module("gate_s_bn_reduce0", nn.BatchNorm2d(hidden))
+        self.gate_s.add_module("gate_s_relu_reduce0", nn.ReLU(inplace=True))
+        for i in range(num_dilated_convs):
+            self.gate_s.add_module(f"gate_s_conv_di_{i}",
+                                   nn.Conv2d(hidden, hidden, kernel_size=3, padding=dilation, dilation=dilation))
+            self.gate_s.add_module(f"gate_s_bn_di_{i}", nn.BatchNorm2d(hidden))
+            self.gate_s.add_module(f"gate_s_relu_di_{i}", nn.ReLU(inplace=True))
+        self.gate_s.add_module("gate_s_conv_final", nn.Conv2d(hidden, 1, kernel_size=1))
+
+    def forward(self, x):
+        return self.gate_s(x)
+
+
+class BAM(nn.Module):
+    r"""Bottleneck Attention Module: :math:`F' = F + F \cdot \sigma(M_c(F) \oplus M_s(F))`.
+
+    ``Mc`` pools ``F`` over H, W and runs a C -> C/r -> C MLP; ``Ms`` runs a 1x1 conv C -> C/r, dilated 3x3 convs and
+    a 1x1 conv to one channel. On CUDA tensors the pooling and the fused apply step run as Triton kernels (one read
+    of ``F``, one write of ``F'``); the convolutions, linear layers and norms are torch's.
+
+    Args:
+        channels: C, the number of channels of the input.
+        reduction: r; the hidden width is ``channels // reduction`` (as in the authors' code). Default 16.
+        dilation: d, dilation and padding of the 3x3 convs. Default 4.
+        num_dilated_convs: number of dilated 3x3 convs in the spatial branch. Default 2.
+        combine: ``"sum"`` (the paper's eq. 2, default) or ``"product"`` (the authors' code; use it for their
+            checkpoints).
+        backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"``, ``"triton"``, or ``None`` to follow
+            ``$BAM_TRITON_BACKEND`` at each call.
+
+    Shape:
+        - Input: (N, C, H, W), NCHW or channels_last, fp32/fp16/bf16/fp64.
+        - Output: (N, C, H, W), same dtype and memory format.
+
+    In training mode the channel branch's BatchNorm1d needs N >= 2; use ``eval()`` for single-sample inputs.
+
+    Example::
+
+        >>> bam = BAM(256)
+        >>> y = bam(torch.randn(8, 256, 56, 56))
+    """
+
+    def __init__(self, channels, reduction=16, dilation=4, num_dilated_convs=2, combine="sum", backend=None):
+        super().__init__()
+        _check_positive_int(channels, "channels")
+        _check_positive_int(reduction, "reduction")
+        _check_positive_int(dilation, "dilation")
+        _check_positive_int(num_dilated_convs, "num_dilated_convs", minimum=0)
+        if channels // reduction < 1:
+            raise ValueError(f"channels // reduction must be >= 1 (the hidden width), got channels={channels}, "
+                             f"reduction={reduction}")
+        self.channels = channels
+        self.reduction = reduction
+        self.hidden = channels // reduction
+        self.dilation = dilation
+        self.num_dilated_convs = num_dilated_convs
+        self.combine = check_combine(combine)
+        self.backend = _backend.check_backend(backend)
+        self.channel_att = ChannelGate(channels, self.hidden)
+        self.spatial_att = SpatialGate(channels, self.hidden, dilation, num_dilated_convs)
+
+    def reset_parameters(self):
+        """Re-initialise every layer with torch's defaults. (The authors' code meant to zero the spatial branch's
+        BatchNorm weights, but its test never matched a key, so their models train from these defaults too.)"""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+
+    def forward(self, x):
+        check_feature_map(x)
+        if x.shape[1] != self.channels:
+            raise ValueError(f"x must have {self.channels} channels (dim 1) for this BAM, got shape {tuple(x.shape)}")
+        if self.training and x.shape[0] == 1:
+            raise ValueError("BAM got a batch of 1 in training mode: the channel branch's BatchNorm1d needs more than "
+                             "one sample to compute batch statistics. Train with batch size >= 2, or call .eval() to "
+                             "use the running statistics.")
+        if x.numel() == 0:
+            return bam_apply(x, x.new_zeros(x.shape[:2]), x.new_zeros(x.shape[0], *x.shape[2:]),
+                             combine=self.combine, backend="torch")
+        mc = self.channel_att(channel_pool(x, backend=self.backend))
+        ms = self.spatial_att(x)
+        return bam_apply(x, mc, ms, combine=self.combine, backend=self.backend)
+
+    def extra_repr(self):
+        return (f"channels={self.channels}, reduction={self.reduction}, dilation={self.dilation}, "
+                f"num_dilated_convs={self.num_dilated_convs}, combine={self.combine!r}, backend={self.backend!r}")

@@ -1,0 +1,109 @@
+"""``bam-triton check``: what can run here, and a short self-test of every kernel against the torch path."""
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+from . import _backend
+from ._dtypes import TOLERANCES
+from .ops import bam_apply, channel_pool
+
+# Small but awkward: H != W, H·W not a multiple of any block size, C not a multiple of a channel block.
+_SHAPES = [(2, 3, 7, 5), (2, 70, 14, 14)]
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def environment(device):
+    lines = [f"bam-triton {__import__('bam_triton').__version__}, python {platform.python_version()}, "
+             f"torch {torch.__version__}"]
+    if _backend.triton_installed():
+        import triton
+
+        lines.append(f"triton {triton.__version__}" + (" (interpreter mode)" if _backend.triton_interpreted() else ""))
+    else:
+        lines.append("triton: not installed (the torch path runs everywhere)")
+    if device.type == "cuda":
+        lines.append(f"device: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})")
+    else:
+        lines.append(f"device: cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    return lines
+
+
+def runnable_backends(device):
+    """{backend: reason} for the backends that can run on ``device`` here."""
+    status = {"torch": "yes"}
+    if not _backend.triton_installed():
+        status["triton"] = "no: triton is not installed"
+    elif device.type == "cuda":
+        status["triton"] = "yes: compiled GPU kernels"
+    elif _backend.triton_interpreted():
+        status["triton"] = "yes: through Triton's interpreter (slow; for validation, not speed)"
+    else:
+        status["triton"] = "no on CPU tensors unless TRITON_INTERPRET=1 is set before triton is imported"
+    return status
+
+
+def _close(got, ref):
+    atol, rtol = TOLERANCES[got.dtype]
+    err = (got.double() - ref.double()).abs()
+    return bool((err <= atol + rtol * ref.double().abs()).all()), err.max().item()
+
+
+def kernel_self_test(device):
+    """Run each kernel through the Triton backend and compare with the torch path. Returns [(name, ok, max_err)]."""
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for shape in _SHAPES:
+        n, c, h, w = shape
+        for dtype in _DTYPES:
+            for channels_last in (False, True):
+                x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+                if channels_last:
+                    x = x.to(memory_format=torch.channels_last)
+                mc = torch.randn(n, c, generator=gen).to(device)
+                ms = torch.randn(n, h, w, generator=gen).to(device)
+                tag = f"{'x'.join(map(str, shape))} {str(dtype)[6:]} {'channels_last' if channels_last else 'nchw'}"
+                ok, err = _close(channel_pool(x, backend="triton"), channel_pool(x.double(), backend="torch"))
+                results.append((f"pool  {tag}", ok, err))
+                for combine in ("sum", "product"):
+                    xg = x.detach().requires_grad_()
+                    out = bam_apply(xg, mc, ms, combine=combine, backend="triton")
+                    ref = bam_apply(x.double(), mc.double(), ms.double(), combine=combine, backend="torch")
+                    ok, err = _close(out, ref)
+                    results.append((f"apply {combine:7s} {tag}", ok, err))
+                    xr = x.double().requires_grad_()
+                    g = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+                    (out * g).sum().backward()
+                    (bam_apply(xr, mc.double(), ms.double(), combine=combine, backend="torch") * g.double()).sum() \
+                        .backward()
+                    ok, err = _close(xg.grad, xr.grad)
+                    results.append((f"apply-backward {combine:7s} {tag}", ok, err))
+    return results
+
+
+def run_check(device_name=None):
+    """Print the environment and self-test; return the process exit code (0 = pass)."""
+    device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for line in environment(device):
+        print(line)
+    status = runnable_backends(device)
+    for name, text in status.items():
+        print(f"backend {name:6s}: {text}")
+    print(f"default backend: {_backend.default_backend()} (set BAM_TRITON_BACKEND to change it)")
+    if not status["triton"].startswith("yes"):
+        if _backend.triton_installed() and device.type == "cpu" and "TRITON_INTERPRET" not in os.environ:
+            # triton was imported in compiled mode in this process: self-test in a fresh one under the interpreter.
+            env = dict(os.environ, TRITON_INTERPRET="1")
+            return subprocess.call([sys.executable, "-m", "bam_triton", "check", "--device", "cpu"], env=env)
+        print("check: SKIPPED kernel self-test (no runnable Triton backend here); the torch path is available")
+        return 0
+    results = kernel_self_test(device)
+    failed = [r for r in results if not r[1]]
+    for name, ok, err in results:
+        print(f"  {'ok  ' if ok else 'FAIL'} {name:55s} max|err| {err:.2e}")
+    verdict = "PASS" if not failed else "FAIL"
+    print(f"check: {verdict} ({len(results) - len(failed)}/{len(results)} kernel self-tests within tolerance "
+          f"on {device.type}{' via the interpreter' if device.type == 'cpu' else ''})")
+    return 0 if not failed else 1
