@@ -90,7 +90,8 @@ def _broadcast_maps(x, mc, ms):
 def _torch_logits(x, mc, ms, combine):
     """``mc ⊕ ms`` broadcast to a fresh full-size tensor in ``x``'s memory format."""
     mc4, ms4 = _broadcast_maps(x, mc, ms)
-    logits = torch.empty_like(x, dtype=torch.result_type(mc, ms), memory_format=_memory_format(x))
+    logits = torch.empty_like(x, dtype=torch.promote_types(mc.dtype, ms.dtype),
+                             memory_format=_memory_format(x))
     (torch.add if combine == "sum" else torch.mul)(mc4, ms4, out=logits)
     return logits
 
