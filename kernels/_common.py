@@ -52,6 +52,11 @@ def all_configs(kind):
     return [(dict(meta), warps) for meta, warps in _CONFIGS[kind]]
 
 
+def acc_dtype(dtype):
+    """Compute/accumulate dtype of the kernels: fp32, or fp64 for fp64 inputs (gradcheck runs in fp64)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """How a dense (N, C, H, W) tensor is laid out: memory order (n, MID, INNER)."""

@@ -1,4 +1,4 @@
-"""Channel pooling: ``pooled[n, c] = mean over (h, w) of x[n, c, h, w]``, accumulated in fp32.
+"""Channel pooling: ``pooled[n, c] = mean over (h, w) of x[n, c, h, w]``, accumulated in fp32 (fp64 for fp64 inputs).
 
 Each program owns ``BLOCK_C`` channels of one image and one chunk of H·W positions, and keeps a
 [BLOCK_C, BLOCK_HW] fp32 accumulator that it sums down to BLOCK_C values at the end. The tile is laid along the
@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import POOL_SPLIT_UNIT, autotune_configs
+from ._common import POOL_SPLIT_UNIT, acc_dtype, autotune_configs
 
 # Programs the pooling grid aims for before it splits H·W: a few waves on a large GPU.
 _TARGET_PROGRAMS = 1024
@@ -32,6 +32,7 @@ def channel_pool_kernel(
     hw_per_split,  # multiple of POOL_SPLIT_UNIT, hence of BLOCK_HW
     inv_hw,  # 1 / (H·W): each partial is pre-scaled, so the splits sum to the mean
     CHANNELS_LAST: tl.constexpr,
+    ACC: tl.constexpr,  # accumulation dtype: fp32 (fp64 for fp64 inputs)
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
 ):
@@ -46,19 +47,19 @@ def channel_pool_kernel(
     hw_start = split * hw_per_split
     hw_stop = tl.minimum(hw_start + hw_per_split, HW)
     if CHANNELS_LAST:
-        acc = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_HW, BLOCK_C], dtype=ACC)
         for hw0 in range(hw_start, hw_stop, BLOCK_HW):
             hw = hw0 + tl.arange(0, BLOCK_HW)
             # Blocks never straddle a split (hw_per_split is a multiple of BLOCK_HW): only the H·W tail is masked.
             mask = (hw[:, None] < HW) & c_mask[None, :]
-            acc += tl.load(image + hw[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc += tl.load(image + hw[:, None] * C + c[None, :], mask=mask, other=0.0).to(ACC)
         sums = tl.sum(acc, axis=0)
     else:
-        acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
         for hw0 in range(hw_start, hw_stop, BLOCK_HW):
             hw = hw0 + tl.arange(0, BLOCK_HW)
             mask = c_mask[:, None] & (hw[None, :] < HW)
-            acc += tl.load(image + c[:, None] * HW + hw[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc += tl.load(image + c[:, None] * HW + hw[None, :], mask=mask, other=0.0).to(ACC)
         sums = tl.sum(acc, axis=1)
     out = out_ptr + (n * n_splits + split) * C + c
     tl.store(out, (sums * inv_hw).to(out_ptr.dtype.element_ty), mask=c_mask)
@@ -81,10 +82,11 @@ def channel_pool_fwd(x, channels_last):
     n_splits = max(1, min(triton.cdiv(target, base_programs), triton.cdiv(hw, POOL_SPLIT_UNIT)))
     hw_per_split = triton.cdiv(triton.cdiv(hw, n_splits), POOL_SPLIT_UNIT) * POOL_SPLIT_UNIT
     n_splits = triton.cdiv(hw, hw_per_split)
-    out_dtype = x.dtype if n_splits == 1 else torch.float32
+    out_dtype = x.dtype if n_splits == 1 else torch.promote_types(x.dtype, torch.float32)
     partial = torch.empty((n, n_splits, c), device=x.device, dtype=out_dtype)
     grid = lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"]), n_splits)  # noqa: E731
-    channel_pool_kernel[grid](x, partial, c, hw, hw_per_split, 1.0 / hw, CHANNELS_LAST=channels_last)
+    channel_pool_kernel[grid](x, partial, c, hw, hw_per_split, 1.0 / hw, CHANNELS_LAST=channels_last,
+                              ACC=acc_dtype(x.dtype))
     if n_splits == 1:
         return partial.view(n, c)
     return partial.sum(dim=1).to(x.dtype)
