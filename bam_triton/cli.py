@@ -15,15 +15,49 @@ def _prefer_interpreter_on_cpu(device):
         os.environ["TRITON_INTERPRET"] = "1"
 
 
+def _add_bench_commands(commands):
+    """The benchmarking commands (``bam_triton.bench``, imported only when one of them runs)."""
+    from .bench import cli_args
+
+    sweep = commands.add_parser("sweep", help="time every provider of BAM's ops on a grid of shapes (CSV + JSON)")
+    cli_args.add_sweep_args(sweep)
+    plot = commands.add_parser("plot", help="speedup and bandwidth charts (PNG + SVG) from a sweep CSV")
+    cli_args.add_plot_args(plot)
+    traffic = commands.add_parser("traffic", help="bytes each provider moves, as multiples of |F|")
+    cli_args.add_traffic_args(traffic)
+    inspect = commands.add_parser("inspect", help="compile the kernels ahead of time for sm_80/sm_90 and report "
+                                                  "vector widths, registers, spills (no GPU needed)")
+    cli_args.add_inspect_args(inspect)
+    tune = commands.add_parser("tune", help="pre-tune the kernels' autotune configs on the sweep grid (CUDA only)")
+    cli_args.add_tune_args(tune)
+
+
+def _use_interpreter_now():
+    """``--interpret``: Triton reads TRITON_INTERPRET when it is imported, so it must be set before that."""
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        print("error: --interpret needs TRITON_INTERPRET=1 before triton is imported, and triton is already "
+              "imported; run `TRITON_INTERPRET=1 bam-triton sweep ...`", file=sys.stderr)
+        return False
+    os.environ["TRITON_INTERPRET"] = "1"
+    return True
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="bam-triton", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="versions, device, runnable backends, and a kernel self-test")
     check.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
+    _add_bench_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "check":
         _prefer_interpreter_on_cpu(args.device)
         from .selftest import run_check
 
         return run_check(args.device)
+    if args.command == "sweep" and args.interpret and not _use_interpreter_now():
+        return 2
+    if args.command in ("sweep", "plot", "traffic", "inspect", "tune"):
+        from .bench import cli_args
+
+        return cli_args.run(args.command, args)
     parser.error(f"unknown command {args.command!r}")

@@ -1,0 +1,73 @@
+"""Arguments and entry points of the benchmarking subcommands (``bam-triton sweep|plot|traffic|inspect|tune``).
+
+Importing this module imports torch but never triton: ``--interpret`` must be able to choose Triton's interpreter
+after the arguments are parsed.
+"""
+import argparse
+
+from .sweep import add_grid_args, add_sweep_args, parse_shape  # noqa: F401  (re-exported for the CLI)
+
+
+def add_plot_args(p):
+    p.add_argument("csv", metavar="RESULTS.csv", help="a CSV written by `bam-triton sweep`")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: the CSV's directory)")
+    p.add_argument("--timing-mode", default=None, metavar="MODE",
+                   help="which timings to plot (default: do_bench on CUDA, cpu-timer on CPU; interpreter rows are "
+                        "never plotted)")
+
+
+def _dtype_name(text):
+    from .sweep import DTYPES
+
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(f"invalid dtype {text!r}: choose from {', '.join(DTYPES)}")
+    return text
+
+
+def add_traffic_args(p):
+    p.add_argument("--shape", type=parse_shape, default=(32, 256, 56, 56), metavar="NxCxHxW",
+                   help="default 32x256x56x56 (ResNet-50's first BAM)")
+    p.add_argument("--dtype", type=_dtype_name, default="fp16", help="fp32, fp16, bf16 (default fp16)")
+    p.add_argument("--layout", choices=("nchw", "channels_last"), default="nchw")
+    p.add_argument("--combine", choices=("product", "sum"), default="product")
+    p.add_argument("--ops-detail", action="store_true", help="also list every aten op of each provider")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+
+
+def add_inspect_args(p):
+    p.add_argument("--arch", action="append", type=int, choices=(80, 90), metavar="SM",
+                   help="80 and/or 90 (default both)")
+    p.add_argument("--dtype", action="append", choices=("fp32", "fp16", "bf16"), metavar="DTYPE",
+                   help="default fp32, fp16, bf16")
+    p.add_argument("--kernels", default=None, metavar="NAMES",
+                   help="comma-separated kernel names (default: every kernel found)")
+    p.add_argument("--out", default="bench-results", metavar="DIR", help="where inspect.json goes")
+    p.add_argument("--quick", action="store_true", help="first config of each kernel only")
+
+
+def add_tune_args(p):
+    add_grid_args(p)
+
+
+def run(command, args):
+    if command == "sweep":
+        from .sweep import run_sweep
+
+        return run_sweep(args)
+    if command == "plot":
+        from .plot import run_plot
+
+        return run_plot(args)
+    if command == "traffic":
+        from .traffic import run_traffic
+
+        return run_traffic(args)
+    if command == "inspect":
+        from .inspect import run_inspect
+
+        return run_inspect(args)
+    if command == "tune":
+        from .tune import run_tune
+
+        return run_tune(args)
+    raise ValueError(command)

@@ -1,0 +1,77 @@
+"""The autotuned kernels' chosen configs, and their persistence across runs.
+
+Triton's ``Autotuner`` keeps ``.cache`` ({tuning key: Config}) and sets ``.best_config`` on every launch. Where the
+installed Triton supports it (``cache_results``, Triton >= 3.2), tuning results are also written to Triton's cache
+directory (``TRITON_CACHE_DIR``, default ``~/.triton/cache``) and reused by later processes: ``enable_persistence``
+switches that on for our kernels (the interpreter never tunes and never caches).
+"""
+import sys
+
+
+def autotuners():
+    """{kernel name: Autotuner} of every loaded bam_triton kernel module (imports nothing)."""
+    if "triton" not in sys.modules:
+        return {}
+    from triton.runtime.autotuner import Autotuner
+
+    found = {}
+    for mod_name, mod in list(sys.modules.items()):
+        if not mod_name.startswith("bam_triton.kernels") or mod is None:
+            continue
+        for attr, obj in vars(mod).items():
+            if isinstance(obj, Autotuner):
+                found[attr] = obj
+    return found
+
+
+def load_kernels():
+    """Import the kernel modules that exist (apply_bwd may not)."""
+    import importlib
+
+    for name in ("pool", "apply", "apply_bwd"):
+        try:
+            importlib.import_module(f"bam_triton.kernels.{name}")
+        except ImportError:
+            pass
+
+
+def enable_persistence():
+    """Ask each autotuner to cache its results on disk when this Triton can; returns a short status string."""
+    import triton
+
+    tuners = autotuners()
+    if not tuners:
+        return "no autotuned kernels loaded"
+    if not all(hasattr(t, "cache_results") for t in tuners.values()):
+        return f"triton {triton.__version__}: no on-disk autotune cache (needs triton >= 3.2); configs re-tuned per run"
+    from triton import knobs
+
+    if getattr(knobs.runtime, "interpret", False):
+        return "interpreter: nothing is tuned or cached"
+    for t in tuners.values():
+        t.cache_results = True
+    return f"on-disk autotune cache on (triton {triton.__version__}, dir {knobs.cache.dir})"
+
+
+def config_str(config):
+    if config is None:
+        return ""
+    kw = ",".join(f"{k}={v}" for k, v in config.kwargs.items())
+    return f"{kw},num_warps={config.num_warps},num_stages={config.num_stages}"
+
+
+def reset_marks():
+    for t in autotuners().values():
+        t.best_config = None
+
+
+def chosen_since_reset():
+    """{kernel: config string} of each kernel launched since :func:`reset_marks`."""
+    return {name: config_str(t.best_config) for name, t in sorted(autotuners().items())
+            if getattr(t, "best_config", None) is not None}
+
+
+def all_tuned():
+    """{kernel: {tuning key: config string}} of everything tuned in this process."""
+    return {name: {repr(key): config_str(cfg) for key, cfg in t.cache.items()}
+            for name, t in sorted(autotuners().items())}

@@ -1,0 +1,425 @@
+"""``bam-triton inspect``: compile every kernel ahead of time for sm_80 and sm_90 (no GPU needed) and read what the
+hardware would run: the width of each global load and store (from the PTX), registers, spills and shared memory
+(``ptxas -v`` on the PTX, with the ptxas Triton itself uses, and ``cuobjdump -res-usage`` on Triton's cubin), and a
+short PTX instruction mix.
+
+Each kernel is compiled with the specialisations real inputs get: pointer arguments 16-byte divisible, integer
+arguments marked divisible by 16 when their real value is, and the constexprs (INNER/MID, ...) of the ResNet-50 BAM
+shapes, including the 14x14 and 7x7 maps (H·W = 196, 49). Loads and stores are attributed to the kernel argument whose
+pointer their address derives from, by following register definitions back to ``ld.param`` in the PTX.
+
+Compilation needs Triton in compiled (not interpreter) mode, so it always runs in worker subprocesses started
+without ``TRITON_INTERPRET`` (tests run under the interpreter; this works from there too).
+"""
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+INSPECT_SHAPES = ((32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14), (32, 2048, 7, 7))
+ARCHS = (80, 90)
+DTYPES = ("fp32", "fp16", "bf16")
+LAYOUTS = ("nchw", "channels_last")
+_TRITON_DTYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+_ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
+# Pointer arguments that hold full (N, C, H, W) tensors of x's dtype; every other pointer is a small map.
+_FULL_TENSORS = ("x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dx_extra_ptr", "dx_conv_ptr", "extra_ptr", "rest_ptr")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Jobs: what to compile
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def kernel_names():
+    """The kernels that exist in this checkout, with their autotune config kind."""
+    names = [("apply_fwd_kernel", "elementwise"), ("channel_pool_kernel", "pool")]
+    here = os.path.dirname(os.path.abspath(__file__))
+    bwd = os.path.join(os.path.dirname(here), "kernels", "apply_bwd.py")
+    try:
+        import bam_triton.kernels as _k  # noqa: F401 - find the installed location without importing triton twice
+
+        bwd = os.path.join(os.path.dirname(_k.__file__), "apply_bwd.py")
+    except Exception:
+        pass
+    if os.path.exists(bwd):
+        with open(bwd) as f:
+            src = f.read()
+        for name in ("apply_bwd_reduce_kernel", "apply_bwd_dx_kernel"):
+            if f"def {name}(" in src:
+                kind = "elementwise" if name == "apply_bwd_dx_kernel" else _guess_kind(src, name)
+                names.append((name, kind))
+    return names
+
+
+def _guess_kind(src, name):
+    m = re.search(r"autotune_configs\(\"(\w+)\"\)[^\n]*\n(?:@[^\n]*\n)*def " + name, src)
+    return m.group(1) if m else "elementwise"
+
+
+def make_job(kernel, kind, config_index, arch, dtype, shape, layout):
+    return dict(kernel=kernel, kind=kind, config=config_index, arch=arch, dtype=dtype, shape=list(shape),
+                layout=layout)
+
+
+def all_jobs(kernels=None, archs=ARCHS, dtypes=DTYPES, shapes=INSPECT_SHAPES, layouts=LAYOUTS, first_config_only=False,
+             n_configs=None):
+    jobs = []
+    for kernel, kind in kernel_names():
+        if kernels and kernel not in kernels:
+            continue
+        count = 1 if first_config_only else (n_configs or {}).get(kind, _n_configs(kind))
+        for ci in range(count):
+            for arch in archs:
+                for dt in dtypes:
+                    for shape in shapes:
+                        for layout in layouts:
+                            jobs.append(make_job(kernel, kind, ci, arch, dt, shape, layout))
+    return jobs
+
+
+def _n_configs(kind):
+    """How many autotune configs ``kind`` has (imports triton in this process; harmless, the workers compile)."""
+    from bam_triton.kernels._common import all_configs
+
+    return len(all_configs(kind))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Worker side: compile and read the PTX (imports triton, must not be interpreted)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _is16(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v % 16 == 0
+
+
+def _pool_plan(shape, sm_count=132):
+    """The pooling launcher's split of H·W (kernels/pool.py), for a GPU with ``sm_count`` SMs."""
+    from bam_triton.kernels import pool
+
+    n, c, h, w = shape
+    hw = h * w
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    base = n * cdiv(c, 64)
+    target = max(pool._TARGET_PROGRAMS, 4 * sm_count)
+    splits = max(1, min(cdiv(target, base), cdiv(hw, pool.POOL_SPLIT_UNIT)))
+    per = cdiv(cdiv(hw, splits), pool.POOL_SPLIT_UNIT) * pool.POOL_SPLIT_UNIT
+    splits = cdiv(hw, per)
+    return splits, per
+
+
+def _arguments(job, fn, meta):
+    """(signature, constexprs, divisible-argument indices) for one job: the values a real launch would pass."""
+    n, c, h, w = job["shape"]
+    hw = h * w
+    dt = _TRITON_DTYPE[job["dtype"]]
+    channels_last = job["layout"] == "channels_last"
+    inner, mid = (c, hw) if channels_last else (hw, c)
+    numel = n * c * hw
+    splits, per_split = _pool_plan(job["shape"])
+    ints = {"n_elements": numel, "C": c, "HW": hw, "N": n, "hw_per_split": per_split, "n_hw": hw, "n_c": c,
+            "numel": numel, "n_rows": n * mid, "n_images": n}
+    floats = {"inv_hw": 1.0 / hw}
+    consts = {"INNER": inner, "MID": mid, "COMBINE": 0, "INDEX_64": False, "CHANNELS_LAST": channels_last,
+              "HAS_DPOOL": True, "HAS_EXTRA": True, "HAS_DX_EXTRA": True}
+    import triton.language as tl
+
+    consts["ACC"] = tl.float64 if job["dtype"] == "fp64" else tl.float32
+    consts.update(meta)
+    signature, constexprs, divisible = {}, {}, []
+    params = list(fn.params)
+    for i, p in enumerate(params):
+        name = p.name
+        if p.is_constexpr:
+            signature[name] = "constexpr"
+            if name in consts:
+                constexprs[name] = consts[name]
+            elif name.startswith("HAS_"):
+                constexprs[name] = True  # the fused paths: every optional input present
+            elif getattr(p, "has_default", False) or p.default not in (None, _empty()):
+                constexprs[name] = p.default
+            else:
+                raise KeyError(f"{job['kernel']}: no value for constexpr {name}")
+        elif name.endswith("_ptr"):
+            if name in _FULL_TENSORS:
+                signature[name] = "*" + dt
+            elif job["kernel"] == "channel_pool_kernel" and name == "out_ptr":
+                signature[name] = "*" + (dt if splits == 1 else "fp32")
+            elif job["kernel"] == "channel_pool_kernel":
+                signature[name] = "*" + dt
+            else:  # small maps: x's dtype in the module (mc/ms come out of its layers), fp32 partial sums
+                signature[name] = "*fp32" if any(k in name for k in ("partial", "acc", "sum")) else "*" + dt
+            divisible.append(i)
+        elif name in floats or name.startswith("inv"):
+            signature[name] = "fp32"
+        else:
+            value = ints.get(name)
+            signature[name] = "i64" if name.endswith("64") else "i32"
+            # Unknown integers are not assumed 16-divisible: a guess can only make the report more pessimistic.
+            if value is not None and _is16(value):
+                divisible.append(i)
+    return signature, constexprs, divisible
+
+
+def _empty():
+    import inspect as stdlib_inspect  # absolute import: the standard library's, not this module
+
+    return stdlib_inspect.Parameter.empty
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_fn(name):
+    import importlib
+
+    for mod in ("apply", "pool", "apply_bwd"):
+        try:
+            m = importlib.import_module(f"bam_triton.kernels.{mod}")
+        except ImportError:
+            continue
+        if hasattr(m, name):
+            obj = getattr(m, name)
+            return getattr(obj, "fn", obj)  # Autotuner -> JITFunction
+    raise KeyError(name)
+
+
+_LDST = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global((?:\.[\w:]+)*)\s+(.*?);", re.M)
+_PARAM = re.compile(r"ld\.param\.\w+\s+(%\w+),\s*\[\w+_param_(\d+)\]")
+_INSTR = re.compile(r"^\s*(?:@!?%p\d+\s+)?([a-z][\w]*)((?:\.[\w:]+)*)\s+([^;]*);", re.M)
+_REG = re.compile(r"%[a-z]+\d+")
+
+
+def _width_bits(suffix):
+    parts = suffix.strip(".").split(".")
+    vec, bits = 1, None
+    for p in parts:
+        if re.fullmatch(r"v[248]", p):
+            vec = int(p[1])
+        m = re.fullmatch(r"[bfsu](8|16|32|64)", p)
+        if m:
+            bits = int(m.group(1))
+    return vec * bits if bits else None
+
+
+def analyse_ptx(ptx, arg_names):
+    """Global loads/stores per pointer argument ({arg: {"load": {bits: count}, "store": {...}}}) and an opcode mix."""
+    # Register -> set of param indices it derives from (union over all definitions).
+    direct = {}
+    for reg, idx in _PARAM.findall(ptx):
+        direct.setdefault(reg, set()).add(int(idx))
+    deps = {}
+    mix = {}
+    for m in _INSTR.finditer(ptx):
+        op, suffix, operands = m.group(1), m.group(2), m.group(3)
+        mix[op] = mix.get(op, 0) + 1
+        if op in ("st", "bra", "ret", "bar") or op.startswith("ld") and ".global" in suffix:
+            continue
+        regs = _REG.findall(operands)
+        if len(regs) >= 2:
+            deps.setdefault(regs[0], set()).update(regs[1:])
+
+    @functools.lru_cache(maxsize=None)
+    def roots(reg):
+        seen, stack, out = set(), [reg], set()
+        while stack:
+            r = stack.pop()
+            if r in seen:
+                continue
+            seen.add(r)
+            out |= direct.get(r, set())
+            stack.extend(deps.get(r, ()))
+        return frozenset(out)
+
+    params = {}
+    for kind, suffix, operands in _LDST.findall(ptx):
+        bits = _width_bits(suffix)
+        addr = re.search(r"\[\s*(%\w+)", operands)
+        owners = sorted(roots(addr.group(1))) if addr else []
+        names = [arg_names[i] if i < len(arg_names) else f"param_{i}" for i in owners]
+        # Integer arguments (sizes, strides) feed offsets; the pointer arguments say which tensor is accessed.
+        names = [n for n in names if n.endswith("_ptr") or n.startswith("param_")] or ["?"]
+        key = "+".join(names)
+        slot = params.setdefault(key, {"load": {}, "store": {}})
+        d = slot["load" if kind == "ld" else "store"]
+        d[bits] = d.get(bits, 0) + 1
+    top = dict(sorted(mix.items(), key=lambda kv: -kv[1])[:12])
+    return params, top
+
+
+def _run(cmd):
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def _ptxas_info(ptx, arch):
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = _run([ptxas, "-v", f"--gpu-name={gpu}", src, "-o", out])
+    log = res.stdout + res.stderr
+    info = {"ptxas": os.path.basename(ptxas), "ptxas_ok": res.returncode == 0}
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if m:
+        info.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+    m = re.search(r"Used (\d+) registers", log)
+    if m:
+        info["ptxas_registers"] = int(m.group(1))
+    m = re.search(r"(\d+) bytes smem", log)
+    info["ptxas_smem"] = int(m.group(1)) if m else 0
+    if res.returncode != 0:
+        info["ptxas_log"] = log[-500:]
+    return info
+
+
+def _cuobjdump_info(cubin):
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = os.path.join(os.path.dirname(get_ptxas(90).path), "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        res = _run([tool, "-res-usage", path])
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res.stdout)
+    if not m:
+        return {}
+    return dict(registers=int(m.group(1)), cubin_stack=int(m.group(2)), cubin_shared=int(m.group(3)),
+                local=int(m.group(4)))
+
+
+def compile_job(job):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from bam_triton.kernels._common import all_configs
+
+    meta, warps = all_configs(job["kind"])[job["config"]]
+    fn = _kernel_fn(job["kernel"])
+    signature, constexprs, divisible = _arguments(job, fn, meta)
+    attrs = {(i,): [["tt.divisibility", 16]] for i in divisible}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options={"num_warps": warps})
+    ptx = compiled.asm["ptx"]
+    runtime_args = [p.name for p in fn.params if not p.is_constexpr]
+    access, mix = analyse_ptx(ptx, runtime_args)
+    out = dict(job, meta=meta, num_warps=warps, access=access, ptx_mix=mix,
+               shared=getattr(compiled.metadata, "shared", None),
+               elements_per_thread=_elements_per_thread(meta, warps))
+    out.update(_ptxas_info(ptx, job["arch"]))
+    if "cubin" in compiled.asm:
+        out.update(_cuobjdump_info(compiled.asm["cubin"]))
+    return out
+
+
+def _elements_per_thread(meta, warps):
+    block = meta.get("BLOCK") or meta.get("BLOCK_C", 1) * meta.get("BLOCK_HW", 1)
+    return block // (warps * 32)
+
+
+def _worker():
+    """Read a JSON list of jobs on stdin, write a JSON list of results on stdout."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    jobs = json.load(sys.stdin)
+    results = []
+    for job in jobs:
+        try:
+            results.append(compile_job(job))
+        except Exception as exc:  # report, never hide: the caller counts errors
+            results.append(dict(job, error=f"{type(exc).__name__}: {exc}"[:800]))
+    json.dump(results, sys.stdout)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Driver side: subprocess workers (no TRITON_INTERPRET)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def run_jobs(jobs, workers=None, progress=None):
+    """Compile ``jobs`` in ``workers`` subprocesses started without TRITON_INTERPRET; returns results in job order."""
+    if not jobs:
+        return []
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    chunks = [jobs[i::workers] for i in range(workers)]
+    procs = []
+    for chunk in chunks:
+        p = subprocess.Popen([sys.executable, "-c", "from bam_triton.bench.inspect import _worker; _worker()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        p.stdin.write(json.dumps(chunk))
+        p.stdin.close()
+        procs.append(p)
+    by_job = {}
+    for chunk, p in zip(chunks, procs):
+        out = p.stdout.read()
+        err = p.stderr.read()
+        p.wait()
+        if p.returncode != 0:
+            raise RuntimeError(f"inspect worker failed ({p.returncode}): {err[-2000:]}")
+        for job, res in zip(chunk, json.loads(out)):
+            by_job[json.dumps(job, sort_keys=True)] = res
+    return [by_job[json.dumps(j, sort_keys=True)] for j in jobs]
+
+
+def vector_bits(result, arg, kind):
+    """Widths (bits) of the global ``kind`` ("load"/"store") instructions whose address comes from ``arg`` only."""
+    slot = result.get("access", {}).get(arg, {})
+    return sorted(int(b) for b in slot.get(kind, {}))
+
+
+def full_tensor_args(result):
+    return [a for a in result.get("access", {}) if a in _FULL_TENSORS]
+
+
+def summarize(results):
+    """One line per result: kernel, config, arch, dtype, shape, layout, widths of full-tensor loads/stores, regs."""
+    lines = [f"{'kernel':<24}{'config':<30}{'sm':>3} {'dtype':<5}{'shape':<16}{'layout':<14}"
+             f"{'full-tensor loads/stores (bits)':<44}{'regs':>5}{'spill':>6}{'smem':>7}"]
+    for r in results:
+        cfg = ",".join(f"{k}={v}" for k, v in r.get("meta", {}).items()) + f",w={r.get('num_warps')}"
+        if "error" in r:
+            lines.append(f"{r['kernel']:<24}{cfg:<30}{r['arch']:>3} {r['dtype']:<5}ERROR {r['error'][:120]}")
+            continue
+        acc = []
+        for a in full_tensor_args(r):
+            ld, st = vector_bits(r, a, "load"), vector_bits(r, a, "store")
+            acc.append(f"{a[:-4]}:" + ("ld" + "/".join(map(str, ld)) if ld else "") + ("st" + "/".join(map(str, st))
+                                                                                        if st else ""))
+        spill = r.get("spill_stores", 0) + r.get("spill_loads", 0)
+        lines.append(f"{r['kernel']:<24}{cfg:<30}{r['arch']:>3} {r['dtype']:<5}{'x'.join(map(str, r['shape'])):<16}"
+                     f"{r['layout']:<14}{' '.join(acc):<44}{r.get('registers', r.get('ptxas_registers', '?')):>5}"
+                     f"{spill:>6}{r.get('shared') or 0:>7}")
+    return "\n".join(lines)
+
+
+def run_inspect(args):
+    archs = tuple(args.arch or ARCHS)
+    dtypes = tuple(args.dtype or DTYPES)
+    kernels = [k.strip() for k in args.kernels.split(",")] if args.kernels else None
+    jobs = all_jobs(kernels, archs, dtypes, first_config_only=args.quick)
+    print(f"compiling {len(jobs)} kernel variants for sm_{'/sm_'.join(map(str, archs))} "
+          f"({os.cpu_count()} worker processes, no GPU needed)...", file=sys.stderr)
+    results = run_jobs(jobs)
+    print(summarize(results))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "inspect.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    errors = [r for r in results if "error" in r]
+    spills = [r for r in results if r.get("spill_stores", 0) or r.get("spill_loads", 0)]
+    narrow = [r for r in results if r["kernel"] in ("apply_fwd_kernel", "apply_bwd_dx_kernel") and "error" not in r
+              and any(b != 128 for a in full_tensor_args(r) for k in ("load", "store") for b in vector_bits(r, a, k))]
+    print(f"\n{len(results)} variants: {len(errors)} errors, {len(spills)} with spills, "
+          f"{len(narrow)} elementwise variants with full-tensor accesses narrower than 128 bits. Wrote {path}")
+    return 1 if errors else 0

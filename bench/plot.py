@@ -1,0 +1,138 @@
+"""``bam-triton plot RESULTS.csv``: per op, grouped bars of speedup vs the authors' eager formulation and of the
+fraction of the device's copy bandwidth, one group per shape and one bar per provider; PNG and SVG.
+
+Interpreter rows (``timing_mode == "interpreter"``) are validation runs, not speed: they are never plotted.
+"""
+import csv
+import json
+import os
+import sys
+
+from .providers import PROVIDERS
+
+COLORS = {"authors-eager": "#8c8c8c", "torch-path": "#4c72b0", "authors-compiled": "#dd8452",
+          "triton": "#55a868", "triton-compiled": "#c44e52"}
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("N", "C", "H", "W"):
+            r[k] = int(r[k])
+        for k in ("median_ms", "p20_ms", "p80_ms", "gbps", "frac_copy_bw", "speedup_vs_authors_eager"):
+            r[k] = float(r[k]) if r.get(k) not in (None, "") else None
+    return rows
+
+
+def plottable(rows, timing_mode=None):
+    """Rows that may be plotted: never the interpreter's; one timing mode (default: do_bench, else cpu-timer)."""
+    rows = [r for r in rows if r["timing_mode"] != "interpreter" and r["median_ms"] is not None]
+    if timing_mode is None:
+        modes = {r["timing_mode"] for r in rows}
+        timing_mode = "do_bench" if "do_bench" in modes else ("cpu-timer" if "cpu-timer" in modes else None)
+    return [r for r in rows if timing_mode is None or r["timing_mode"] == timing_mode], timing_mode
+
+
+def _device_label(csv_path, rows):
+    meta = os.path.join(os.path.dirname(os.path.abspath(csv_path)), "sweep.json")
+    try:
+        with open(meta) as f:
+            env = json.load(f)["environment"]
+        if env.get("gpu"):
+            return env["gpu"], env.get("copy_bandwidth_gbps")
+        return f"CPU: {env['cpu']} ({env['cpu_cores']} cores, {env['torch_threads']} threads)", \
+            env.get("copy_bandwidth_gbps")
+    except (OSError, KeyError, ValueError):
+        return (rows[0]["device"] if rows else "?"), None
+
+
+def _bars(ax, groups, providers, values, fmt="{:.2f}"):
+    import numpy as np
+
+    width = 0.8 / max(len(providers), 1)
+    xs = np.arange(len(groups))
+    for i, p in enumerate(providers):
+        vals = [values.get((g, p), float("nan")) for g in groups]
+        bars = ax.bar(xs + (i - (len(providers) - 1) / 2) * width, vals, width, label=p, color=COLORS.get(p))
+        for b, v in zip(bars, vals):
+            if v == v:  # not NaN
+                ax.annotate(fmt.format(v), (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7,
+                            rotation=90 if len(providers) * len(groups) > 12 else 0, xytext=(0, 2),
+                            textcoords="offset points")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(groups, rotation=20 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
+
+
+def plot_results(csv_path, out_dir=None, timing_mode=None):
+    """Write one speedup chart and one bandwidth chart per (op, dtype, layout); returns the written paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matplotlib.rcParams["svg.fonttype"] = "none"  # SVG text stays text: smaller, searchable, selectable
+
+    rows, mode = plottable(read_rows(csv_path), timing_mode)
+    out_dir = out_dir or os.path.dirname(os.path.abspath(csv_path))
+    os.makedirs(out_dir, exist_ok=True)
+    device, copy_bw = _device_label(csv_path, rows)
+    written = []
+    keys = sorted({(r["op"], r["dtype"], r["layout"]) for r in rows})
+    for op, dtype, layout in keys:
+        sel = [r for r in rows if (r["op"], r["dtype"], r["layout"]) == (op, dtype, layout)]
+        groups = []
+        for r in sel:
+            g = f"{r['N']}x{r['C']}x{r['H']}x{r['W']}"
+            if g not in groups:
+                groups.append(g)
+        providers = [p for p in PROVIDERS if any(r["provider"] == p for r in sel)]
+        speed = {(f"{r['N']}x{r['C']}x{r['H']}x{r['W']}", r["provider"]): r["speedup_vs_authors_eager"]
+                 for r in sel if r["speedup_vs_authors_eager"] is not None}
+        frac = {(f"{r['N']}x{r['C']}x{r['H']}x{r['W']}", r["provider"]): 100 * r["frac_copy_bw"]
+                for r in sel if r["frac_copy_bw"] is not None}
+        stem = os.path.join(out_dir, f"{op}_{dtype}_{layout}")
+        layout_txt = "" if layout == "nchw" else f", {layout}"
+        fig, axes = plt.subplots(1, 2, figsize=(max(10, 2.2 * len(groups) * 2), 4.6))
+        ax = axes[0]
+        _bars(ax, groups, providers, speed, "{:.2f}x")
+        ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="authors-eager = 1")
+        ax.set_ylabel("speedup vs authors' eager (higher is better)")
+        ax.set_xlabel("shape N x C x H x W")
+        ax.set_title(f"{op}: speedup vs the authors' formulation")
+        ax.set_ylim(0, max([v for v in speed.values() if v == v] + [1.0]) * 1.25)
+        ax = axes[1]
+        _bars(ax, groups, providers, frac, "{:.0f}%")
+        ax.axhline(100.0, color="black", linewidth=1, linestyle="--", label="100% = device copy bandwidth")
+        ax.set_ylabel("% of the device's copy bandwidth (minimal bytes / time)")
+        ax.set_xlabel("shape N x C x H x W")
+        bw = f" = {copy_bw:.1f} GB/s" if copy_bw else ""
+        ax.set_title(f"{op}: effective bandwidth (copy bandwidth{bw})")
+        ax.set_ylim(0, max([v for v in frac.values() if v == v] + [100.0]) * 1.2)
+        handles, labels = [], []
+        for a in axes:
+            for h_, l_ in zip(*a.get_legend_handles_labels()):
+                if l_ not in labels:
+                    handles.append(h_)
+                    labels.append(l_)
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+        fig.suptitle(f"BAM {op} — {device} — {dtype}{layout_txt} — timing: {mode}", fontsize=11)
+        fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+        for ext in ("png", "svg"):
+            fig.savefig(f"{stem}.{ext}", dpi=130)
+            written.append(f"{stem}.{ext}")
+        plt.close(fig)
+    return written
+
+
+def run_plot(args):
+    if not os.path.exists(args.csv):
+        print(f"error: no such file: {args.csv}", file=sys.stderr)
+        return 2
+    written = plot_results(args.csv, args.out, args.timing_mode)
+    if not written:
+        print("nothing to plot: no timed (non-interpreter) rows in the CSV", file=sys.stderr)
+        return 1
+    for w in written:
+        print(f"wrote {w}")
+    return 0

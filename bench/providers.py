@@ -1,0 +1,148 @@
+"""The benchmark's providers: the authors' formulation (eager and compiled), our torch path, our Triton kernels (eager
+and compiled), and, for each op, a callable that runs one iteration on tensors shared by every provider.
+
+``authors-*`` follow the authors' public BAM code as it is written: the channel branch's output is unsqueezed and
+``expand_as(x)``, the spatial branch's output ``expand_as(x)``, the two expanded maps are multiplied (or added), then
+``1 + sigmoid(...)`` and ``att * x`` — each step a full (N, C, H, W) tensor. Pooling is ``F.avg_pool2d(x, (H, W))``
+(their code passes ``H`` only, which is the same for the square maps benchmarked here and wrong for others).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PROVIDERS = ("authors-eager", "torch-path", "authors-compiled", "triton", "triton-compiled")
+BASELINE = "authors-eager"
+CUDA_ONLY = ("triton", "triton-compiled")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The authors' formulation
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def authors_pool(x):
+    return F.avg_pool2d(x, (x.shape[2], x.shape[3]))
+
+
+def authors_apply(x, mc, ms, combine="product"):
+    """``att = 1 + sigmoid(Mc ⊕ Ms)`` on expanded (N, C, H, W) views, then ``att * x``, as the authors write it."""
+    n, c, h, w = x.shape
+    mc_e = mc.view(n, c, 1, 1).expand_as(x)
+    ms_e = ms.view(n, 1, h, w).expand_as(x)
+    att = 1 + torch.sigmoid(mc_e * ms_e if combine == "product" else mc_e + ms_e)
+    return att * x
+
+
+class AuthorsBAM(nn.Module):
+    """The authors' BAM forward around the weights of one of our :class:`bam_triton.BAM` modules (its submodules are
+    shared, not copied): Flatten -> gate_c -> unsqueeze/expand; gate_s -> expand; ``1 + sigmoid(·)``; ``att * x``."""
+
+    def __init__(self, bam, combine="product"):
+        super().__init__()
+        self.gate_c = bam.channel_att.gate_c
+        self.gate_s = bam.spatial_att.gate_s
+        self.combine = combine
+
+    def forward(self, x):
+        pooled = F.avg_pool2d(x, (x.size(2), x.size(3)), stride=(x.size(2), x.size(3)))
+        channel = self.gate_c(pooled.view(pooled.size(0), -1)).unsqueeze(2).unsqueeze(3).expand_as(x)
+        spatial = self.gate_s(x).expand_as(x)
+        att = 1 + torch.sigmoid(channel * spatial if self.combine == "product" else channel + spatial)
+        return att * x
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One op, all providers, same tensors
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _compile(fn):
+    import torch._dynamo
+
+    torch._dynamo.reset()  # one graph per (shape, op): no recompilation limits, no stale guards
+    return torch.compile(fn, dynamic=False)
+
+
+class OpCase:
+    """Inputs of one (op, shape, dtype, layout) and a factory of per-provider callables on them.
+
+    ``make(provider)`` returns ``(fn, result)``: ``fn()`` runs one iteration, ``result(out)`` maps its return value to
+    the tensor compared against the torch path.
+    """
+
+    def __init__(self, op, shape, dtype, channels_last, device, combine="product", seed=0):
+        from bam_triton import BAM
+
+        self.op, self.shape, self.dtype, self.device, self.combine = op, shape, dtype, device, combine
+        n, c, h, w = shape
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.x = x
+        self.mc = torch.randn(n, c, generator=gen).to(device=device, dtype=dtype)
+        self.ms = torch.randn(n, h, w, generator=gen).to(device=device, dtype=dtype)
+        self.g = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+        if channels_last:
+            self.g = self.g.contiguous(memory_format=torch.channels_last)
+        if op.startswith("bam"):
+            torch.manual_seed(seed)
+            base = BAM(c, combine=combine, backend="torch").to(device=device, dtype=dtype)
+            if channels_last:
+                base = base.to(memory_format=torch.channels_last)
+            self.modules = {"torch": base}
+            triton_mod = BAM(c, combine=combine, backend="triton").to(device=device, dtype=dtype)
+            triton_mod.load_state_dict(base.state_dict())
+            self.modules["triton"] = triton_mod
+            self.modules["authors"] = AuthorsBAM(base, combine=combine)
+            train = op == "bam-fwd-bwd"
+            for m in self.modules.values():
+                m.train(train)
+
+    # -- per op ------------------------------------------------------------------------------------------------------
+
+    def make(self, provider):
+        from bam_triton import bam_apply, channel_pool
+
+        op, combine = self.op, self.combine
+        compiled = provider.endswith("-compiled")
+        backend = "triton" if provider.startswith("triton") else "torch"
+        if op == "pool":
+            f = authors_pool if provider.startswith("authors") else (lambda x: channel_pool(x, backend=backend))
+            f = _compile(f) if compiled else f
+            x = self.x
+            return (lambda: f(x)), (lambda out: out.reshape(out.shape[0], -1))
+        if op in ("apply-fwd", "apply-bwd"):
+            if provider.startswith("authors"):
+                f = lambda x, mc, ms: authors_apply(x, mc, ms, combine)  # noqa: E731
+            else:
+                f = lambda x, mc, ms: bam_apply(x, mc, ms, combine=combine, backend=backend)  # noqa: E731
+            f = _compile(f) if compiled else f
+            if op == "apply-fwd":
+                x, mc, ms = self.x, self.mc, self.ms
+                return (lambda: f(x, mc, ms)), (lambda out: out)
+            x, mc, ms = (t.detach().requires_grad_() for t in (self.x, self.mc, self.ms))
+            out = f(x, mc, ms)
+            g = self.g
+            return (lambda: torch.autograd.grad(out, (x, mc, ms), g, retain_graph=True)), (lambda grads: grads[0])
+        if op in ("bam-fwd", "bam-fwd-bwd"):
+            module = self.modules["authors" if provider.startswith("authors") else backend]
+            m = _compile(module) if compiled else module
+            if op == "bam-fwd":
+                x = self.x
+
+                def fwd():
+                    with torch.no_grad():
+                        return m(x)
+
+                return fwd, (lambda out: out)
+            x = self.x.detach().requires_grad_()
+            params = [p for p in module.parameters() if p.requires_grad]
+            g = self.g
+
+            def fwd_bwd():
+                out = m(x)
+                return torch.autograd.grad(out, [x] + params, g)
+
+            return fwd_bwd, (lambda grads: grads[0])
+        raise ValueError(f"unknown op {op!r}")

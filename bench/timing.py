@@ -1,0 +1,102 @@
+"""Timers: ``triton.testing.do_bench`` (and CUDA-graph replay) on CUDA, a warm-up-and-repeat wall-clock timer on CPU,
+and the device's copy bandwidth (a large ``clone``), all returning milliseconds as (median, p20, p80)."""
+import time
+
+import torch
+
+QUANTILES = (0.5, 0.2, 0.8)
+
+
+def _quantile(sorted_values, q):
+    """Linear-interpolation quantile of an already sorted list (numpy's default)."""
+    if not sorted_values:
+        return float("nan")
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def summarize(times_ms):
+    s = sorted(times_ms)
+    return tuple(_quantile(s, q) for q in QUANTILES)
+
+
+_FLUSH = {}
+
+
+def _flush_buffer(nbytes):
+    buf = _FLUSH.get(nbytes)
+    if buf is None:
+        buf = _FLUSH[nbytes] = torch.empty(nbytes, dtype=torch.int8)
+    return buf
+
+
+def cpu_timer(fn, min_time=0.5, min_reps=5, max_reps=200, warmup_time=0.1, min_warmup=2, flush_bytes=64 * 2**20):
+    """Time ``fn()`` on CPU: ``min_warmup`` calls (and at least ``warmup_time`` seconds) of warm-up, then timed calls
+    until ``min_time`` seconds of them and ``min_reps`` calls have passed (at most ``max_reps``). Before each timed
+    call a ``flush_bytes`` buffer is overwritten (outside the timed region) so the inputs come from DRAM, not from the
+    last-level cache -- as ``triton.testing.do_bench`` flushes L2 on GPUs (0 disables). Returns
+    ((median, p20, p80) in ms, number of timed calls)."""
+    buf = _flush_buffer(flush_bytes) if flush_bytes else None
+    start = time.perf_counter()
+    done = 0
+    while done < min_warmup or time.perf_counter() - start < warmup_time:
+        fn()
+        done += 1
+    times = []
+    spent = 0.0
+    wall = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or spent < min_time):
+        if buf is not None:
+            buf.zero_()
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        times.append(dt * 1e3)
+        spent += dt
+        if time.perf_counter() - wall > 20 * max(min_time, 0.05) and len(times) >= min_reps:
+            break  # flushing dominates: enough samples
+    return summarize(times), len(times)
+
+
+def cuda_do_bench(fn):
+    import triton.testing
+
+    med, p20, p80 = triton.testing.do_bench(fn, quantiles=list(QUANTILES))
+    return (med, p20, p80), None
+
+
+def cuda_graph_bench(fn):
+    import triton.testing
+
+    # The capture runs on a side stream: warm it there first (lazy allocations, cuBLAS/cuDNN handles).
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.synchronize()
+    med, p20, p80 = triton.testing.do_bench_cudagraph(fn, quantiles=list(QUANTILES))
+    return (med, p20, p80), None
+
+
+def copy_bandwidth(device, mib=256, min_time=0.5):
+    """Copy bandwidth of ``device`` in GB/s (read + write counted), the reference of the sweep's "fraction of copy
+    bandwidth", from a ``mib`` MiB copy. Returns {"gbps", "clone_gbps", "copy_into_gbps", "method"}.
+
+    CUDA: ``clone`` (the caching allocator hands back the same block, so it is a pure device copy). CPU: a ``clone``
+    also pays the OS's first-touch page faults on freshly mapped memory (about 4x slower here), so the reference is
+    ``dst.copy_(src)`` into a preallocated tensor -- the same bytes moved; the clone's figure is recorded too."""
+    device = torch.device(device)
+    n = mib * 2**20 // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    out = {}
+    for name, fn in (("clone_gbps", lambda: src.clone()), ("copy_into_gbps", lambda: dst.copy_(src))):
+        if device.type == "cuda":
+            (med, _, _), _ = cuda_do_bench(fn)
+        else:
+            (med, _, _), _ = cpu_timer(fn, min_time=min_time, min_reps=5, max_reps=50, flush_bytes=0)
+        out[name] = 2 * n * 4 / (med * 1e-3) / 1e9
+    out["method"] = "clone" if device.type == "cuda" else "copy_ into a preallocated tensor"
+    out["gbps"] = out["clone_gbps"] if device.type == "cuda" else out["copy_into_gbps"]
+    return out

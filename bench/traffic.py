@@ -1,0 +1,400 @@
+"""Memory traffic of BAM, in one place: the *minimal* bytes of each benchmarked op (the denominator of every GB/s in
+the sweep), the bytes each provider actually moves (counted op by op), and the fused kernels' own load/store formulas.
+
+Counting rules (``count_bytes``): every aten op is charged the storage bytes of its tensor inputs (reads) and outputs
+(writes); views (``view``, ``expand``, ``unsqueeze``, ``permute``, ...) cost nothing, and an expanded input is charged
+its real, un-expanded storage. In-place ops are charged a read and a write of their buffer. The eager providers run on
+the META device, so the full ResNet-50 shapes cost no memory and no time. The Triton custom ops
+(``bam_triton::channel_pool`` / ``apply`` / ``apply_backward``) are intercepted and charged their kernels' formulas
+(``KERNEL_BYTES``), because a kernel's traffic is what it loads and stores, not what its signature shows: the fused
+backward, for example, reads ``g`` and ``x`` twice (a reduction pass, then the dx pass).
+
+|F| is the size in bytes of the feature map ``x`` (N·C·H·W·itemsize).
+"""
+import contextlib
+from dataclasses import dataclass, field
+from unittest import mock
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Minimal bytes per benchmarked op (the GB/s denominator)
+# ----------------------------------------------------------------------------------------------------------------------
+
+OPS = ("pool", "apply-fwd", "apply-bwd", "bam-fwd", "bam-fwd-bwd")
+
+MINIMAL_BYTES_DOC = {
+    "pool": "read x once; write the (N, C) means",
+    "apply-fwd": "read x once, write out once, read mc (N, C) and ms (N, H·W)",
+    "apply-bwd": "read g and x once, write dx once, read mc/ms, write dmc/dms",
+    "bam-fwd": "read x twice (pool + 1x1 conv in one pass; the apply pass needs the global pool first), write out once, "
+               "plus the small maps",
+    "bam-fwd-bwd": "forward 3|F|; backward 5|F| (a pass reading g and x for the global reductions dx depends on, "
+                   "then a pass reading g and x and writing dx), plus the small maps",
+}
+
+
+def minimal_bytes(op, n, c, h, w, itemsize, map_itemsize=None):
+    """Bytes an ideal implementation of ``op`` must move at this shape (ignores weights and the tiny hidden maps)."""
+    map_itemsize = itemsize if map_itemsize is None else map_itemsize
+    f = n * c * h * w * itemsize
+    maps = (n * c + n * h * w) * map_itemsize
+    if op == "pool":
+        return f + n * c * itemsize
+    if op == "apply-fwd":
+        return 2 * f + maps
+    if op == "apply-bwd":
+        return 3 * f + 2 * maps
+    if op == "bam-fwd":
+        return 3 * f + maps
+    if op == "bam-fwd-bwd":
+        return 8 * f + 3 * maps
+    raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fused kernels: their own loads and stores
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _numel(shape):
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+def kernel_pool_bytes(x_shape, itemsize):
+    """channel_pool_kernel: x read once, (N, C) written (the split partials are fp32 (N, splits, C): negligible)."""
+    n, c, h, w = x_shape
+    return {"read": _numel(x_shape) * itemsize, "write": n * c * itemsize, "passes": 1}
+
+
+def kernel_apply_fwd_bytes(x_shape, itemsize, map_itemsize):
+    """apply_fwd_kernel: x read once, out written once, mc and ms gathered (they stay in cache: read once)."""
+    n, c, h, w = x_shape
+    f = _numel(x_shape) * itemsize
+    return {"read": f + (n * c + n * h * w) * map_itemsize, "write": f, "passes": 1}
+
+
+def kernel_apply_bwd_bytes(x_shape, itemsize, map_itemsize, with_dx_conv=False):
+    """The fused backward (kernels/apply_bwd.py): ``apply_bwd_reduce_kernel`` reads g and x (and the maps) and writes
+    the dmc/dms partial sums; ``apply_bwd_dx_kernel`` reads g and x (and ``dx_conv``, the gradient that the spatial
+    branch's 1x1 conv sends back, when the whole module's backward is fused) and writes dx. Two passes over g and x."""
+    n, c, h, w = x_shape
+    f = _numel(x_shape) * itemsize
+    maps = (n * c + n * h * w) * map_itemsize
+    reduce_pass = {"read": 2 * f + maps, "write": maps}
+    dx_pass = {"read": 2 * f + maps + (f if with_dx_conv else 0), "write": f}
+    return {"read": reduce_pass["read"] + dx_pass["read"], "write": reduce_pass["write"] + dx_pass["write"],
+            "passes": 2, "reduce_pass": reduce_pass, "dx_pass": dx_pass}
+
+
+KERNEL_BYTES = {
+    "channel_pool_kernel": kernel_pool_bytes,
+    "apply_fwd_kernel": kernel_apply_fwd_bytes,
+    "apply_bwd_reduce_kernel+apply_bwd_dx_kernel": kernel_apply_bwd_bytes,
+}
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Counting aten traffic
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, (list, tuple)):
+        for t in tree:
+            yield from _tensors(t)
+    elif isinstance(tree, dict):
+        for t in tree.values():
+            yield from _tensors(t)
+
+
+def _storage_bytes(t):
+    try:
+        return t.untyped_storage().nbytes()
+    except Exception:  # pragma: no cover - tensors without storage (sparse, ...)
+        return t.numel() * t.element_size()
+
+
+@dataclass
+class TrafficLog:
+    read: int = 0
+    write: int = 0
+    ops: list = field(default_factory=list)  # (name, read, write)
+
+    @property
+    def total(self):
+        return self.read + self.write
+
+    def add(self, name, read, write):
+        self.read += read
+        self.write += write
+        self.ops.append((name, read, write))
+
+
+class CountBytes(TorchDispatchMode):
+    """Charge each aten op its tensor inputs' and outputs' storage bytes; views are free. The bam_triton custom ops
+    are passed through uncharged: their Triton launchers are replaced by :class:`FakeKernels`, which charges each
+    kernel its formula."""
+
+    def __init__(self, log, fake=None):
+        super().__init__()
+        self.log = log
+        self.fake = fake
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket") else str(func)
+        if getattr(func, "namespace", None) == "bam_triton":
+            # On META tensors the custom ops would run their fake implementations: charge the kernels instead.
+            if self.fake is None:
+                raise RuntimeError(f"bam_triton::{name} reached the byte counter outside a fused count")
+            if name == "channel_pool":
+                return self.fake.channel_pool_fwd(args[0], None)
+            if name == "apply":
+                return self.fake.apply_fwd(*args[:4])
+            if name == "apply_backward":
+                return self.fake.apply_bwd(*args[:5])
+            raise NotImplementedError(f"no byte formula for bam_triton::{name}")
+        out = func(*args, **kwargs)
+        if getattr(func, "is_view", False) or name in ("detach", "alias", "lift_fresh"):
+            return out
+        # An ``out=`` argument is written, not read.
+        ins = list(_tensors(args)) + list(_tensors({k: v for k, v in kwargs.items() if k != "out"}))
+        outs = list(_tensors(out))
+        # Distinct storages only (an in-place op reads and writes its buffer: both are charged).
+        read = sum(_storage_bytes(t) for t in _unique(ins))
+        write = sum(_storage_bytes(t) for t in _unique(outs))
+        if name in ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"):
+            read = write = 0  # allocation moves no data
+        self.log.add(name, read, write)
+        return out
+
+
+class FakeKernels:
+    """Stands in for ``bam_triton.kernels`` while counting: each launcher charges its kernel's loads and stores to
+    the log and returns empty (META) results of the right shape."""
+
+    def __init__(self, log):
+        self.log = log
+        self.INTERPRETED = False
+
+    @staticmethod
+    def memory_plan(x):
+        from bam_triton.kernels._common import memory_plan
+
+        return memory_plan(x)
+
+    def channel_pool_fwd(self, x, channels_last):
+        b = kernel_pool_bytes(tuple(x.shape), x.element_size())
+        self.log.add("triton:channel_pool_kernel", b["read"], b["write"])
+        return x.new_empty(x.shape[:2])
+
+    def apply_fwd(self, x, mc, ms, combine):
+        b = kernel_apply_fwd_bytes(tuple(x.shape), x.element_size(), mc.element_size())
+        self.log.add("triton:apply_fwd_kernel", b["read"], b["write"])
+        return torch.empty_like(x)
+
+    def apply_bwd_reduce(self, g, x, mc, ms, combine):
+        b = kernel_apply_bwd_bytes(tuple(x.shape), x.element_size(), mc.element_size())
+        self.log.add("triton:apply_bwd_reduce_kernel", b["reduce_pass"]["read"], b["reduce_pass"]["write"])
+        return torch.empty_like(mc, dtype=torch.float32), torch.empty_like(ms, dtype=torch.float32)
+
+    def apply_bwd_dx(self, g, x, mc, ms, combine, dpool=None, dx_extra=None):
+        b = kernel_apply_bwd_bytes(tuple(x.shape), x.element_size(), mc.element_size(), dx_extra is not None)
+        small = dpool.numel() * dpool.element_size() if dpool is not None else 0
+        self.log.add("triton:apply_bwd_dx_kernel", b["dx_pass"]["read"] + small, b["dx_pass"]["write"])
+        return torch.empty_like(x)
+
+    def apply_bwd(self, g, x, mc, ms, combine):
+        dmc, dms = self.apply_bwd_reduce(g, x, mc, ms, combine)
+        return self.apply_bwd_dx(g, x, mc, ms, combine), dmc, dms
+
+
+def _unique(tensors):
+    seen, out = set(), []
+    for t in tensors:
+        key = (t.device.type, _storage_key(t))
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
+
+
+def _storage_key(t):
+    try:
+        return t.untyped_storage()._cdata
+    except Exception:  # pragma: no cover
+        return id(t)
+
+
+@contextlib.contextmanager
+def _fake_triton(log):
+    """Let the op layer choose the Triton path for META tensors, with :class:`FakeKernels` as the launchers."""
+    from bam_triton import _backend
+
+    fake = FakeKernels(log)
+    with CountBytes(log, fake), mock.patch.object(_backend, "resolve", lambda backend, device: "torch" if backend == "torch" else "triton"), \
+            mock.patch.object(_backend, "kernels", lambda: fake):
+        yield
+
+
+def count_bytes(fn, fused=False):
+    """Run ``fn()`` under :class:`CountBytes`; returns the :class:`TrafficLog`."""
+    log = TrafficLog()
+    ctx = _fake_triton(log) if fused else CountBytes(log)
+    with ctx:
+        fn()
+    return log
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Providers, on meta
+# ----------------------------------------------------------------------------------------------------------------------
+
+TRAFFIC_PROVIDERS = ("authors-eager", "torch-path", "fused")
+
+
+def _meta_inputs(shape, dtype, channels_last=False, grad=False):
+    n, c, h, w = shape
+    x = torch.empty(shape, device="meta", dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    mc = torch.empty(n, c, device="meta", dtype=dtype)
+    ms = torch.empty(n, h, w, device="meta", dtype=dtype)
+    if grad:
+        for t in (x, mc, ms):
+            t.requires_grad_()
+    return x, mc, ms
+
+
+def provider_traffic(provider, op, shape, dtype=torch.float16, channels_last=False, combine="product"):
+    """Bytes ``provider`` moves for ``op`` ("apply-fwd", "apply-fwd-bwd", "bam-fwd", "bam-fwd-bwd", "pool") at
+    ``shape``: a :class:`TrafficLog` (forward and backward together for the *-bwd ops)."""
+    from bam_triton import BAM, bam_apply, channel_pool
+
+    from .providers import AuthorsBAM, authors_apply, authors_pool
+
+    n, c, h, w = shape
+    backward = op.endswith("bwd")
+    if provider == "authors-eager":
+        backend = None
+    elif provider == "torch-path":
+        backend = "torch"
+    elif provider == "fused":
+        backend = "triton"
+    else:
+        raise ValueError(f"unknown provider {provider!r}; expected one of {TRAFFIC_PROVIDERS}")
+
+    if op.startswith("bam"):
+        module = BAM(c, combine=combine, backend=backend or "torch").to(device="meta", dtype=dtype)
+        if provider == "authors-eager":
+            module = AuthorsBAM(module, combine=combine)
+        module.train(backward)
+        x, _, _ = _meta_inputs(shape, dtype, channels_last, grad=backward)
+
+        def run():
+            y = module(x)
+            if backward:
+                y.backward(torch.empty_like(y))
+    elif op == "pool":
+        x, _, _ = _meta_inputs(shape, dtype, channels_last)
+
+        def run():
+            authors_pool(x) if provider == "authors-eager" else channel_pool(x, backend=backend)
+    elif op in ("apply-fwd", "apply-bwd", "apply-fwd-bwd"):
+        x, mc, ms = _meta_inputs(shape, dtype, channels_last, grad=backward)
+
+        def run():
+            if provider == "authors-eager":
+                y = authors_apply(x, mc, ms, combine)
+            else:
+                y = bam_apply(x, mc, ms, combine=combine, backend=backend)
+            if backward:
+                y.backward(torch.empty_like(y))
+    else:
+        raise ValueError(f"unknown op {op!r}")
+    return count_bytes(run, fused=provider == "fused")
+
+
+def traffic_report(shape, dtype=torch.float16, channels_last=False, combine="product"):
+    """{(op, provider): {"bytes", "x_F", "ops"}} for the module and the apply step, forward and forward+backward."""
+    n, c, h, w = shape
+    f = n * c * h * w * torch.empty((), dtype=dtype).element_size()
+    report = {"shape": shape, "dtype": str(dtype).replace("torch.", ""), "F_bytes": f, "rows": []}
+    for op in ("pool", "apply-fwd", "apply-fwd-bwd", "bam-fwd", "bam-fwd-bwd"):
+        base = None
+        for provider in TRAFFIC_PROVIDERS:
+            log = provider_traffic(provider, op, shape, dtype, channels_last, combine)
+            base = log.total if base is None else base
+            report["rows"].append({
+                "op": op, "provider": provider, "read_bytes": log.read, "write_bytes": log.write,
+                "bytes": log.total, "x_F": log.total / f, "speedup_bound_vs_authors": base / log.total,
+                "n_aten_ops": len(log.ops),
+                "full_passes": sum(1 for _, r, wr in log.ops if r + wr >= f),
+                "ops": log.ops,
+            })
+    return report
+
+
+def fused_backward_passes(shape, dtype=torch.float16):
+    """The fused Triton backward's full passes over memory, from the kernels' formulas."""
+    b = kernel_apply_bwd_bytes(shape, torch.empty((), dtype=dtype).element_size(), 4, with_dx_conv=True)
+    return [
+        ("apply_bwd_reduce_kernel", "reads g, x (+ mc, ms); writes dmc/dms partials", b["reduce_pass"]),
+        ("apply_bwd_dx_kernel", "reads g, x, dx_conv (+ mc, ms); writes dx", b["dx_pass"]),
+    ]
+
+
+def format_report(report):
+    f = report["F_bytes"]
+    lines = [f"Traffic at shape {'x'.join(map(str, report['shape']))} {report['dtype']}: |F| = {f / 2**20:.2f} MiB",
+             f"{'op':<14}{'provider':<15}{'read MiB':>10}{'write MiB':>10}{'total':>10}{'x |F|':>8}"
+             f"{'bound vs authors':>18}{'aten ops':>10}{'passes>=|F|':>12}"]
+    for r in report["rows"]:
+        lines.append(f"{r['op']:<14}{r['provider']:<15}{r['read_bytes'] / 2**20:>10.1f}{r['write_bytes'] / 2**20:>10.1f}"
+                     f"{r['bytes'] / 2**20:>10.1f}{r['x_F']:>8.2f}{r['speedup_bound_vs_authors']:>17.2f}x"
+                     f"{r['n_aten_ops']:>10}{r['full_passes']:>12}")
+    lines.append("bound vs authors = authors-eager bytes / provider bytes: the speedup at equal bandwidth.")
+    return "\n".join(lines)
+
+
+def run_traffic(args):
+    """``bam-triton traffic``: the table, the orientation numbers and the fused backward's passes."""
+    import json
+
+    from .sweep import DTYPES
+
+    dtype = DTYPES[args.dtype]
+    report = traffic_report(tuple(args.shape), dtype, args.layout == "channels_last", args.combine)
+    print(format_report(report))
+    rows = {(r["op"], r["provider"]): r for r in report["rows"]}
+    print("\nForward of the whole module: authors-eager {:.2f} |F|, torch-path {:.2f} |F|, fused {:.2f} |F| "
+          "-> fused bound {:.2f}x vs the authors at equal bandwidth.".format(
+              rows["bam-fwd", "authors-eager"]["x_F"], rows["bam-fwd", "torch-path"]["x_F"],
+              rows["bam-fwd", "fused"]["x_F"], rows["bam-fwd", "fused"]["speedup_bound_vs_authors"]))
+    print("Forward+backward: authors-eager {:.2f} |F|, torch-path {:.2f} |F|, fused {:.2f} |F| -> bound {:.2f}x.".format(
+        rows["bam-fwd-bwd", "authors-eager"]["x_F"], rows["bam-fwd-bwd", "torch-path"]["x_F"],
+        rows["bam-fwd-bwd", "fused"]["x_F"], rows["bam-fwd-bwd", "fused"]["speedup_bound_vs_authors"]))
+    f = report["F_bytes"]
+    print("\nFused Triton backward, full passes over (N, C, H, W) memory (one pass = |F| read or written):")
+    total = 0.0
+    for name, what, b in fused_backward_passes(tuple(args.shape), dtype):
+        passes = (b["read"] + b["write"]) / f
+        total += passes
+        print(f"  {name:<26}{what:<52}{passes:5.2f} passes")
+    print(f"  {'total':<78}{total:5.2f} passes (+ 1 for the spatial branch's 1x1-conv input gradient dx_conv, "
+          f"written by torch)")
+    if args.ops_detail:
+        for r in report["rows"]:
+            print(f"\n{r['op']} / {r['provider']}:")
+            for name, rd, wr in r["ops"]:
+                print(f"  {name:<32}{rd / f:7.3f} |F| read {wr / f:7.3f} |F| written")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=1, default=str)
+    return 0

@@ -1,0 +1,262 @@
+"""The benchmarking tools (``bam_triton.bench``): sweep, plot, traffic, inspect (AOT compile for sm_80/sm_90), tune.
+
+Everything here runs on a CPU-only machine. The AOT part compiles only the variants it asserts on, once per session,
+in two worker processes started without TRITON_INTERPRET (about 100 compiles, ~20-40 s on 2 cores).
+"""
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+from bam_triton.bench import inspect as aot
+from bam_triton.bench.sweep import COLUMNS
+from bam_triton.bench.traffic import minimal_bytes, provider_traffic
+from bam_triton.cli import main
+
+RESNET50 = [(256, 56, 56), (512, 28, 28), (1024, 14, 14)]
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# sweep
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quick_sweep(tmp_path_factory):
+    """``sweep --quick --interpret`` on CPU with the fast providers (interpreter rows included)."""
+    out = tmp_path_factory.mktemp("sweep")
+    code = main(["sweep", "--quick", "--interpret", "--ops", "pool,apply-fwd,bam-fwd",
+                 "--providers", "authors-eager,torch-path,triton,triton-compiled", "--out", str(out),
+                 "--min-time", "0.01", "--max-reps", "5", "--copy-mib", "16"])
+    assert code == 0
+    return out
+
+
+def test_sweep_quick_writes_csv_and_json(quick_sweep):
+    fields, rows = _read_csv(quick_sweep / "sweep.csv")
+    assert fields == COLUMNS
+    for col in ("device", "provider", "op", "N", "C", "H", "W", "dtype", "layout", "median_ms", "p20_ms", "p80_ms",
+                "gbps", "frac_copy_bw", "speedup_vs_authors_eager", "timing_mode", "config"):
+        assert col in fields
+    # 3 quick shapes x 3 ops x (2 timed providers + 1 interpreter row)
+    assert len(rows) == 3 * 3 * 3
+    timed = [r for r in rows if r["timing_mode"] == "cpu-timer"]
+    assert {r["provider"] for r in timed} == {"authors-eager", "torch-path"}
+    for r in timed:
+        assert float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+        assert float(r["gbps"]) > 0 and float(r["frac_copy_bw"]) > 0
+        assert float(r["speedup_vs_authors_eager"]) > 0
+        assert r["device"] == "cpu" and r["dtype"] == "fp32" and r["layout"] == "nchw"
+    base = [r for r in timed if r["provider"] == "authors-eager"]
+    assert all(abs(float(r["speedup_vs_authors_eager"]) - 1) < 1e-9 for r in base)
+    meta = json.loads((quick_sweep / "sweep.json").read_text())
+    env = meta["environment"]
+    for key in ("date", "torch", "triton", "cpu", "copy_bandwidth_gbps", "driver", "cuda"):
+        assert key in env
+    assert env["copy_bandwidth_gbps"] > 0
+    assert "triton-compiled" in meta["skipped_providers"]
+    assert meta["chosen_configs"]["triton"]  # the (pinned) config of each kernel the interpreter ran
+
+
+def test_sweep_interpreter_rows_are_validated_and_not_speed(quick_sweep):
+    _, rows = _read_csv(quick_sweep / "sweep.csv")
+    interp = [r for r in rows if r["timing_mode"] == "interpreter"]
+    assert len(interp) == 9 and {r["provider"] for r in interp} == {"triton"}
+    for r in interp:
+        assert r["valid"] == "True", r
+        assert r["speedup_vs_authors_eager"] == "" and r["gbps"] == "" and r["frac_copy_bw"] == ""
+        assert "BLOCK" in r["config"]
+
+
+def test_sweep_with_compiled_provider(tmp_path):
+    code = main(["sweep", "--shapes", "2x16x8x8", "--ops", "apply-fwd", "--providers", "authors-compiled",
+                 "--out", str(tmp_path), "--min-time", "0.01", "--max-reps", "5", "--copy-mib", "16"])
+    assert code == 0
+    _, rows = _read_csv(tmp_path / "sweep.csv")
+    assert [r["provider"] for r in rows] == ["authors-eager", "authors-compiled"]  # the baseline is always added
+    assert float(rows[1]["max_abs_err"]) < 1e-5
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["sweep", "--ops", "apply-fwd,softmax"], "--ops"),
+    (["sweep", "--shapes", "8x256x56"], "--shapes"),
+    (["sweep", "--shapes", "8x256xfoox56"], "--shapes"),
+    (["sweep", "--dtype", "fp8"], "--dtype"),
+    (["sweep", "--layout", "nhwc"], "--layout"),
+    (["sweep", "--providers", "cudnn"], "--providers"),
+    (["traffic", "--shape", "8x256"], "--shape"),
+])
+def test_bad_arguments_name_the_option(argv, option, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and "invalid" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# plot
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_plot_writes_png_and_svg_without_interpreter_rows(quick_sweep, tmp_path):
+    pytest.importorskip("matplotlib")
+    from bam_triton.bench.plot import plottable, read_rows
+
+    rows, mode = plottable(read_rows(quick_sweep / "sweep.csv"))
+    assert mode == "cpu-timer" and rows
+    assert all(r["timing_mode"] != "interpreter" and r["provider"] != "triton" for r in rows)
+    assert main(["plot", str(quick_sweep / "sweep.csv"), "--out", str(tmp_path)]) == 0
+    for op in ("pool", "apply-fwd", "bam-fwd"):
+        for ext in ("png", "svg"):
+            path = tmp_path / f"{op}_fp32_nchw.{ext}"
+            assert path.exists() and path.stat().st_size > 1000
+    svg = (tmp_path / "apply-fwd_fp32_nchw.svg").read_text()
+    assert "torch-path" in svg and "authors-eager" in svg and ">triton<" not in svg
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# traffic
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chw", RESNET50)
+def test_traffic_forward_orientation(chw):
+    # Authors' forward, in |F|: pool 1 + 1x1 conv read 1 + spatial-branch intermediates ~0.6-1.2 (C/16 channels)
+    # + Mc*Ms write 1 + sigmoid 2 + (1 + .) 2 + att*x 3  ~= 11. Fused: pool 1 + conv read 1 + branch + apply 2 ~= 5.
+    shape = (32,) + chw
+    f = 32 * chw[0] * chw[1] * chw[2] * 2
+    authors = provider_traffic("authors-eager", "bam-fwd", shape, torch.float16)
+    fused = provider_traffic("fused", "bam-fwd", shape, torch.float16)
+    assert 9 <= authors.total / f <= 13
+    assert 4 <= fused.total / f <= 5.5
+    # the apply step alone: 8|F| for the authors' four full-size ops, exactly 2|F| (+ small maps) fused
+    assert provider_traffic("authors-eager", "apply-fwd", shape, torch.float16).total / f == pytest.approx(8, abs=0.02)
+    assert provider_traffic("fused", "apply-fwd", shape, torch.float16).total / f == pytest.approx(2, abs=0.02)
+
+
+def test_traffic_backward_counts_two_passes_over_g_and_x():
+    shape = (8, 256, 56, 56)
+    f = 8 * 256 * 56 * 56 * 4
+    log = provider_traffic("fused", "apply-fwd-bwd", shape, torch.float32)
+    names = [name for name, _, _ in log.ops]
+    assert "triton:apply_fwd_kernel" in names
+    assert "triton:apply_bwd_reduce_kernel" in names and "triton:apply_bwd_dx_kernel" in names
+    # forward 2|F|; backward: reduce pass reads g, x (2|F|), dx pass reads g, x, writes dx (3|F|)
+    assert log.total / f == pytest.approx(7, abs=0.05)
+
+
+def test_traffic_cli(capsys):
+    assert main(["traffic", "--shape", "4x256x56x56", "--dtype", "fp16"]) == 0
+    out = capsys.readouterr().out
+    assert "authors-eager" in out and "fused" in out and "apply_bwd_dx_kernel" in out
+
+
+def test_minimal_bytes():
+    n, c, h, w = 2, 8, 4, 4
+    f = n * c * h * w * 2
+    maps = (n * c + n * h * w) * 2
+    assert minimal_bytes("pool", n, c, h, w, 2) == f + n * c * 2
+    assert minimal_bytes("apply-fwd", n, c, h, w, 2) == 2 * f + maps
+    assert minimal_bytes("apply-bwd", n, c, h, w, 2) == 3 * f + 2 * maps
+    with pytest.raises(ValueError, match="unknown op"):
+        minimal_bytes("softmax", n, c, h, w, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# tune
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_tune_without_gpu_says_so(capsys):
+    assert main(["tune", "--quick"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# inspect: AOT compilation for sm_80 / sm_90, no GPU
+# ----------------------------------------------------------------------------------------------------------------------
+
+AOT_SHAPES = [(32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14), (32, 2048, 7, 7)]
+AOT_DTYPES = ["fp16", "bf16", "fp32"]
+_VECTOR_KERNELS = {"apply_fwd_kernel": (("x_ptr", "load"), ("out_ptr", "store")),
+                   "apply_bwd_dx_kernel": (("g_ptr", "load"), ("dx_ptr", "store"))}
+
+
+def _aot_jobs():
+    names = dict(aot.kernel_names())
+    jobs = []
+    # Vector widths: the elementwise kernels at every ResNet-50 BAM shape, dtype and layout (first config, sm_90).
+    for kernel in _VECTOR_KERNELS:
+        if kernel in names:
+            for dt in AOT_DTYPES:
+                for shape in AOT_SHAPES:
+                    for layout in aot.LAYOUTS:
+                        jobs.append(aot.make_job(kernel, names[kernel], 0, 90, dt, shape, layout))
+    # Spills: every kernel and every config, for sm_80 and sm_90, at a large and a 7x7 map.
+    for kernel, kind in names.items():
+        for ci in range(aot._n_configs(kind)):
+            for arch in aot.ARCHS:
+                for dt, shape in (("fp16", AOT_SHAPES[0]), ("fp32", AOT_SHAPES[3])):
+                    jobs.append(aot.make_job(kernel, kind, ci, arch, dt, shape, "nchw"))
+    unique = {json.dumps(j, sort_keys=True): j for j in jobs}
+    return list(unique.values())
+
+
+@pytest.fixture(scope="session")
+def aot_results():
+    results = aot.run_jobs(_aot_jobs())
+    errors = [r for r in results if "error" in r]
+    assert not errors, errors[:2]
+    return results
+
+
+def test_aot_covers_every_kernel_and_config(aot_results):
+    names = dict(aot.kernel_names())
+    assert {"apply_fwd_kernel", "channel_pool_kernel"} <= set(names)
+    for kernel, kind in names.items():
+        seen = {(r["config"], r["arch"]) for r in aot_results if r["kernel"] == kernel}
+        assert seen == {(ci, a) for ci in range(aot._n_configs(kind)) for a in aot.ARCHS}
+
+
+def test_aot_128_bit_vectors_in_elementwise_kernels(aot_results):
+    checked = 0
+    for r in aot_results:
+        if r["kernel"] not in _VECTOR_KERNELS:
+            continue
+        for arg, kind in _VECTOR_KERNELS[r["kernel"]]:
+            bits = aot.vector_bits(r, arg, kind)
+            where = f"{r['kernel']} {arg} {kind} {r['dtype']} {r['shape']} {r['layout']} sm_{r['arch']} cfg{r['config']}"
+            assert bits == [128], f"{where}: global {kind} widths {bits}, expected only 128-bit"
+            # the whole per-thread slice moves in 128-bit vectors: elements/thread x itemsize / 16 instructions
+            count = r["access"][arg][kind]["128"]
+            assert count == r["elements_per_thread"] * aot._ITEMSIZE[r["dtype"]] // 16, where
+            checked += 1
+    assert checked >= 2 * 3 * 4 * 2
+
+
+def test_aot_no_spills(aot_results):
+    for r in aot_results:
+        assert r["ptxas_ok"], r.get("ptxas_log")
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (r["kernel"], r["meta"], r["arch"], r["dtype"])
+        assert r.get("local", 0) == 0
+        assert r["registers"] > 0
+
+
+def test_inspect_cli_quick(tmp_path, capsys):
+    assert main(["inspect", "--quick", "--arch", "90", "--dtype", "fp16", "--kernels", "apply_fwd_kernel",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "x:ld128" in out and "out:st128" in out
+    data = json.loads((tmp_path / "inspect.json").read_text())
+    assert len(data) == len(aot.INSPECT_SHAPES) * len(aot.LAYOUTS)
+    assert os.path.exists(tmp_path / "inspect.json")
