@@ -104,12 +104,22 @@ def _torch_apply_forward(x, mc, ms, combine):
 
 
 def _torch_apply_backward(g, x, mc, ms, combine):
+    """dx = g·(1+s); da = g·x·s·(1-s); dmc, dms = the sums of da (weighted by the other map for a product).
+    About 14 passes over (N, C, H, W) memory; the weighted sums are batched matrix products, not temporaries."""
+    n, c, h, w = x.shape
     s = _torch_logits(x, mc, ms, combine).sigmoid_()
     dx = torch.addcmul(g, g, s).to(x.dtype)
-    da = s.mul_(1 - s).mul_(g).mul_(x)  # s·(1-s)·g·x, reusing the buffer of s
-    mc4, ms4 = _broadcast_maps(x, mc, ms)
-    dmc = (da * ms4 if combine == "product" else da).sum(dim=(2, 3))
-    dms = (da * mc4 if combine == "product" else da).sum(dim=1)
+    da = torch.ops.aten.sigmoid_backward(torch.mul(g, x), s)
+    if combine == "sum":
+        dmc, dms = da.sum(dim=(2, 3)), da.sum(dim=1)
+    else:
+        mc3, ms3 = mc.to(da.dtype).reshape(n, c, 1), ms.to(da.dtype).reshape(n, 1, h * w)
+        if _memory_format(da) == torch.channels_last:
+            da_rows = da.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view: (n, hw, c) is its memory order
+            dmc, dms = torch.bmm(ms3, da_rows), torch.bmm(da_rows, mc3)
+        else:
+            da_rows = da.reshape(n, c, h * w)
+            dmc, dms = torch.bmm(da_rows, ms3.transpose(1, 2)), torch.bmm(mc3.transpose(1, 2), da_rows)
     return dx, dmc.to(mc.dtype).reshape(mc.shape), dms.to(ms.dtype).reshape(ms.shape)
 
 
@@ -247,3 +257,107 @@ def bam_apply(x, mc, ms, *, combine="sum", backend=None):
         return _torch_apply_forward(x, mc2, ms2, combine)
     _check_kernel_limits(x)
     return _triton_apply(_dense(x), mc2.contiguous(), ms2.contiguous(), combine)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The whole block, with one fused write of dx in training
+# ----------------------------------------------------------------------------------------------------------------------
+# Three gradients of x meet in BAM's backward: the apply step's g·(1+s), the pooling's dpool/(H·W) (a broadcast) and
+# the spatial branch's 1x1-conv input gradient dx_conv. Plain autograd writes the first, adds the broadcast into it
+# and adds dx_conv: with the conv's own write that is 3 + 2 + 1 + 3 = 9 full passes over (N, C, H, W) memory.
+# The fused wiring below routes x through a junction whose backward runs last and writes dx once:
+#   apply backward   reads g, x             -> dmc, dms (reductions only)        2 passes
+#   conv backward    writes dx_conv          (torch)                              1 pass
+#   junction         reads g, x, dx_conv, writes dx = g·(1+s) + dpool/(H·W) + dx_conv, in place over dx_conv
+#                                                                                 4 passes
+# 7 passes in all. dx_conv cannot be avoided (torch owns the convs) and the reductions must finish before the
+# branches' backward can start, so g and x are read twice: this is the floor for that dependency order.
+
+
+class _GradHandoff:
+    """What the apply step's backward hands to the junction's backward (same autograd graph, later in time)."""
+
+    __slots__ = ("g", "x", "mc", "ms")
+
+    def __init__(self):
+        self.g = self.x = self.mc = self.ms = None
+
+
+class _Junction(torch.autograd.Function):
+    """Forward: three aliases of x (for the pooling, the spatial branch and the apply step). Backward: dx in one
+    kernel from the handoff and the branch gradients."""
+
+    @staticmethod
+    def forward(ctx, x, handoff, combine):
+        ctx.handoff, ctx.combine = handoff, combine
+        ctx.set_materialize_grads(False)  # the apply step sends None for x: never build a zero tensor for it
+        return x.view_as(x), x.view_as(x), x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, d_pool, d_conv, d_apply):
+        h = ctx.handoff
+        if h.g is None:  # the apply step was not part of this backward: plain sum
+            parts = [t for t in (d_pool, d_conv, d_apply) if t is not None]
+            return (sum(parts) if parts else None), None, None
+        dpool, rest = None, d_apply
+        if d_pool is not None:
+            if d_pool.stride(2) == 0 and d_pool.stride(3) == 0:  # the pooling's broadcast view: fold it
+                dpool = d_pool[:, :, 0, 0]
+            else:
+                rest = d_pool if rest is None else rest + d_pool
+        if d_conv is not None:
+            rest = d_conv if rest is None else rest + d_conv
+        if rest is not None and (rest.stride() != h.x.stride() or rest.dtype != h.x.dtype):
+            rest = rest.contiguous(memory_format=_memory_format(h.x)).to(h.x.dtype)
+        dx = _backend.kernels().apply_bwd_dx(h.g, h.x, h.mc, h.ms, ctx.combine, dpool=dpool, dx_extra=rest)
+        h.g = h.x = h.mc = h.ms = None
+        return dx, None, None
+
+
+class _ApplyIntoJunction(torch.autograd.Function):
+    """The apply step inside the fused block: its backward computes only the reductions (dmc, dms) and hands g to
+    the junction, which writes dx."""
+
+    @staticmethod
+    def forward(ctx, x, mc, ms, combine, handoff):
+        ctx.combine, ctx.handoff = combine, handoff
+        ctx.save_for_backward(x, mc, ms)
+        return _backend.kernels().apply_fwd(x, mc, ms, combine)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, mc, ms = ctx.saved_tensors
+        if g.stride() != x.stride():
+            g = g.contiguous(memory_format=_memory_format(x))
+        dmc, dms = _backend.kernels().apply_bwd_reduce(g, x, mc, ms, ctx.combine)
+        h = ctx.handoff
+        h.g, h.x, h.mc, h.ms = g, x, mc, ms
+        return None, dmc.to(mc.dtype), dms.to(ms.dtype), None, None
+
+
+def bam_block(x, channel_branch, spatial_branch, *, combine="sum", backend=None):
+    """BAM's forward given its two branches: ``bam_apply(x, channel_branch(channel_pool(x)), spatial_branch(x))``.
+
+    ``channel_branch`` maps (N, C) pooled features to (N, C) logits; ``spatial_branch`` maps ``x`` to (N, 1, H, W)
+    logits. When the Triton path runs eagerly with autograd on, the backward writes dx in one fused pass (see above);
+    under ``torch.compile`` the ops stay separate custom ops and inductor plans the gradient sums itself.
+    """
+    check_feature_map(x)
+    check_combine(combine)
+    _backend.check_backend(backend)
+    path = _backend.resolve(backend, x.device)
+    fused = (path == "triton" and x.numel() > 0 and torch.is_grad_enabled() and x.requires_grad
+             and not torch.compiler.is_compiling())
+    if not fused:
+        mc = channel_branch(channel_pool(x, backend=backend))
+        return bam_apply(x, mc, spatial_branch(x), combine=combine, backend=backend)
+    _check_kernel_limits(x)
+    x = _dense(x)
+    n, c, h, w = x.shape
+    handoff = _GradHandoff()
+    x_pool, x_conv, x_apply = _Junction.apply(x, handoff, combine)
+    mc = channel_branch(_triton_channel_pool(x_pool))
+    ms = spatial_branch(x_conv)
+    _check_maps(x, mc, ms)
+    return _ApplyIntoJunction.apply(x_apply, mc.reshape(n, c).contiguous(), ms.reshape(n, h * w).contiguous(),
+                                    combine, handoff)
