@@ -1,5 +1,6 @@
 """What the kernels share: interpreter detection, autotune config lists, the memory plan of an input, flat indexing."""
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -82,3 +83,15 @@ def flat_index(pid, BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
     else:
         start = pid * BLOCK
     return start + tl.arange(0, BLOCK)
+
+
+# Launches are serialised: the interpreter patches triton.language while a kernel runs, and the autotuner keeps
+# per-kernel state (the arguments and timings of the config search) while it tunes; neither is thread-safe. Holding
+# a lock for the host side of a launch costs well under a microsecond; GPU execution is not serialised by it.
+_LAUNCH_LOCK = threading.Lock()
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, one thread at a time."""
+    with _LAUNCH_LOCK:
+        return kernel[grid](*args, **kwargs)

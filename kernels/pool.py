@@ -10,19 +10,28 @@ contiguous axis of the memory format so its loads coalesce and vectorise:
 Splitting H·W over ``grid[1]`` gives channels_last inputs with few channels blocks enough programs to fill the GPU;
 the split partial sums land in an (N, n_splits, C) fp32 buffer that a tiny second pass adds up in a fixed order,
 so results are deterministic (no atomics). With one split the kernel writes the pooled (N, C) result directly.
-Per-image offsets are int32 (the launcher checks C·H·W < 2**31); the image base is int64.
+Per-image offsets are int32 (the op layer checks C·H·W < 2**31); the image base is int64.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._common import POOL_SPLIT_UNIT, acc_dtype, autotune_configs
+from ._common import POOL_SPLIT_UNIT, acc_dtype, autotune_configs, launch
 
 # Programs the pooling grid aims for before it splits H·W: a few waves on a large GPU.
 _TARGET_PROGRAMS = 1024
 
 
-@triton.autotune(configs=autotune_configs("pool"), key=["C", "HW", "CHANNELS_LAST"])
+def _keep_contiguous_configs(configs, named_args, **kwargs):
+    """Drop configs whose block along the contiguous axis is under 32 elements (short vectors, partial sectors):
+    that axis is H·W for NCHW and C for channels_last. Keeps everything if nothing would remain."""
+    axis = "BLOCK_C" if kwargs.get("CHANNELS_LAST", named_args.get("CHANNELS_LAST")) else "BLOCK_HW"
+    kept = [config for config in configs if config.kwargs[axis] >= 32]
+    return kept or configs
+
+
+@triton.autotune(configs=autotune_configs("pool"), key=["C", "HW", "CHANNELS_LAST"],
+                 prune_configs_by={"early_config_prune": _keep_contiguous_configs})
 @triton.jit
 def channel_pool_kernel(
     x_ptr,  # (N, C, H, W), dense NCHW or NHWC
@@ -85,8 +94,8 @@ def channel_pool_fwd(x, channels_last):
     out_dtype = x.dtype if n_splits == 1 else torch.promote_types(x.dtype, torch.float32)
     partial = torch.empty((n, n_splits, c), device=x.device, dtype=out_dtype)
     grid = lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"]), n_splits)  # noqa: E731
-    channel_pool_kernel[grid](x, partial, c, hw, hw_per_split, 1.0 / hw, CHANNELS_LAST=channels_last,
-                              ACC=acc_dtype(x.dtype))
+    launch(channel_pool_kernel, grid, x, partial, c, hw, hw_per_split, 1.0 / hw, CHANNELS_LAST=channels_last,
+           ACC=acc_dtype(x.dtype))
     if n_splits == 1:
         return partial.view(n, c)
     return partial.sum(dim=1).to(x.dtype)
