@@ -29,13 +29,19 @@ def default_backend():
 
 @functools.lru_cache(maxsize=None)
 def triton_installed():
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a finder that refuses triton, or a broken half-imported triton module
+        return False
 
 
 def kernels():
     """Import the kernel package on first use: ``import bam_triton`` never imports triton."""
-    from . import kernels as kernel_package
-
+    try:
+        from . import kernels as kernel_package
+    except ImportError as e:  # triton found but not importable (broken install, missing shared library, ...)
+        raise RuntimeError(f"the Triton kernels could not be imported ({type(e).__name__}: {e}); "
+                           f"use backend='torch' or 'auto'") from e
     return kernel_package
 
 

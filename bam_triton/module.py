@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import _backend
-from .ops import bam_apply, channel_pool, check_combine, check_feature_map
+from .ops import bam_apply, bam_block, check_combine, check_feature_map
 
 
 def _check_positive_int(value, name, minimum=1):
@@ -127,9 +127,7 @@ class BAM(nn.Module):
         if x.numel() == 0:
             return bam_apply(x, x.new_zeros(x.shape[:2]), x.new_zeros(x.shape[0], *x.shape[2:]),
                              combine=self.combine, backend="torch")
-        mc = self.channel_att(channel_pool(x, backend=self.backend))
-        ms = self.spatial_att(x)
-        return bam_apply(x, mc, ms, combine=self.combine, backend=self.backend)
+        return bam_block(x, self.channel_att, self.spatial_att, combine=self.combine, backend=self.backend)
 
     def extra_repr(self):
         return (f"channels={self.channels}, reduction={self.reduction}, dilation={self.dilation}, "

@@ -263,15 +263,14 @@ def bam_apply(x, mc, ms, *, combine="sum", backend=None):
 # The whole block, with one fused write of dx in training
 # ----------------------------------------------------------------------------------------------------------------------
 # Three gradients of x meet in BAM's backward: the apply step's g·(1+s), the pooling's dpool/(H·W) (a broadcast) and
-# the spatial branch's 1x1-conv input gradient dx_conv. Plain autograd writes the first, adds the broadcast into it
-# and adds dx_conv: with the conv's own write that is 3 + 2 + 1 + 3 = 9 full passes over (N, C, H, W) memory.
+# the spatial branch's 1x1-conv input gradient dx_conv. Plain autograd writes the first (reading g and x), adds the
+# broadcast into it and adds dx_conv: with the conv's own write, 3 + 2 + 1 + 3 = 9 full passes over (N, C, H, W).
 # The fused wiring below routes x through a junction whose backward runs last and writes dx once:
-#   apply backward   reads g, x             -> dmc, dms (reductions only)        2 passes
-#   conv backward    writes dx_conv          (torch)                              1 pass
-#   junction         reads g, x, dx_conv, writes dx = g·(1+s) + dpool/(H·W) + dx_conv, in place over dx_conv
-#                                                                                 4 passes
-# 7 passes in all. dx_conv cannot be avoided (torch owns the convs) and the reductions must finish before the
-# branches' backward can start, so g and x are read twice: this is the floor for that dependency order.
+#   apply backward   reads g, x -> dmc, dms (reductions only)                                  2 passes
+#   conv backward    writes dx_conv (torch)                                                     1 pass
+#   junction         reads g, dx_conv; writes dx = g·(1+s) + dpool/(H·W) + dx_conv over dx_conv  3 passes
+# 6 passes in all (s comes from the small maps, so the last step needs no x). The reductions must finish before the
+# branches' backward can start and torch writes dx_conv, so g is read twice: the floor for this dependency order.
 
 
 class _GradHandoff:
@@ -302,7 +301,8 @@ class _Junction(torch.autograd.Function):
         dpool, rest = None, d_apply
         if d_pool is not None:
             if d_pool.stride(2) == 0 and d_pool.stride(3) == 0:  # the pooling's broadcast view: fold it
-                dpool = d_pool[:, :, 0, 0]
+                # The view holds dpool / (H·W); the kernel takes the pooling output's gradient and scales it itself.
+                dpool = d_pool[:, :, 0, 0] * (d_pool.shape[2] * d_pool.shape[3])
             else:
                 rest = d_pool if rest is None else rest + d_pool
         if d_conv is not None:

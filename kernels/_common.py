@@ -38,6 +38,18 @@ _CONFIGS = {
         (dict(BLOCK_C=128, BLOCK_HW=16), 8),
         (dict(BLOCK_C=256, BLOCK_HW=16), 8),
     ],
+    # Backward reductions over both axes of a [C, HW] tile (apply_bwd.py): 1-4K elements per step, two streams (g, x)
+    # and a same-size accumulator, so ~8-16 elements per thread. BLOCK_HW >= 32 keeps the per-hw-block dmc partials
+    # under 1/8 byte per element; the first config is wide enough on both axes for either memory format.
+    "reduce2d": [
+        (dict(BLOCK_C=32, BLOCK_HW=64), 4),
+        (dict(BLOCK_C=16, BLOCK_HW=128), 4),
+        (dict(BLOCK_C=8, BLOCK_HW=256), 4),
+        (dict(BLOCK_C=16, BLOCK_HW=256), 8),
+        (dict(BLOCK_C=64, BLOCK_HW=32), 4),
+        (dict(BLOCK_C=128, BLOCK_HW=32), 8),
+        (dict(BLOCK_C=64, BLOCK_HW=64), 8),
+    ],
 }
 # The interpreter cannot time configs, so one pinned config runs there (the first of each list).
 

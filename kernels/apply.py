@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune_configs, flat_index, memory_plan
+from ._common import acc_dtype, autotune_configs, flat_index, launch, memory_plan
 
 COMBINE_SUM = 0
 COMBINE_PRODUCT = 1
@@ -29,7 +29,8 @@ COMBINE_CODES = {"sum": COMBINE_SUM, "product": COMBINE_PRODUCT}
 
 @triton.jit
 def attention_logit(row_val, col_val, COMBINE: tl.constexpr):
-    """``mc ⊕ ms`` in fp32; shared by the forward and backward kernels."""
+    """``mc ⊕ ms`` in the dtype of its operands (fp32, fp64 for fp64 inputs); shared by the forward and backward
+    kernels."""
     if COMBINE == 0:
         return row_val + col_val
     else:
@@ -37,10 +38,24 @@ def attention_logit(row_val, col_val, COMBINE: tl.constexpr):
 
 
 @triton.jit
-def gather_maps(row_map_ptr, col_map_ptr, idx, mask, INNER: tl.constexpr, MID: tl.constexpr):
-    """Load the two small-map values that belong to flat indices ``idx`` of ``x`` (see the module docstring)."""
-    row = tl.load(row_map_ptr + idx // INNER, mask=mask, other=0.0).to(tl.float32)
-    col = tl.load(col_map_ptr + (idx // (MID * INNER)) * INNER + idx % INNER, mask=mask, other=0.0).to(tl.float32)
+def row_map_index(idx, INNER: tl.constexpr):
+    """Index into ``row_map`` of flat indices ``idx`` of ``x``: n·MID + mid (see the module docstring)."""
+    return idx // INNER
+
+
+@triton.jit
+def col_map_index(idx, INNER: tl.constexpr, MID: tl.constexpr):
+    """Index into ``col_map`` of flat indices ``idx`` of ``x``: n·INNER + inner (see the module docstring)."""
+    return (idx // (MID * INNER)) * INNER + idx % INNER
+
+
+@triton.jit
+def gather_maps(row_map_ptr, col_map_ptr, idx, mask, INNER: tl.constexpr, MID: tl.constexpr,
+                ACC: tl.constexpr = tl.float32):
+    """Load the two small-map values that belong to flat indices ``idx`` of ``x`` (see the module docstring), as
+    ``ACC`` (fp32; fp64 for fp64 inputs)."""
+    row = tl.load(row_map_ptr + row_map_index(idx, INNER), mask=mask, other=0.0).to(ACC)
+    col = tl.load(col_map_ptr + col_map_index(idx, INNER, MID), mask=mask, other=0.0).to(ACC)
     return row, col
 
 
@@ -57,11 +72,12 @@ def apply_fwd_kernel(
     COMBINE: tl.constexpr,
     INDEX_64: tl.constexpr,
     BLOCK: tl.constexpr,
+    ACC: tl.constexpr = tl.float32,  # compute dtype: fp32, fp64 for fp64 inputs (the launcher passes acc_dtype)
 ):
     idx = flat_index(tl.program_id(0), BLOCK, INDEX_64)
     mask = idx < n_elements
-    x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    row, col = gather_maps(row_map_ptr, col_map_ptr, idx, mask, INNER, MID)
+    x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(ACC)
+    row, col = gather_maps(row_map_ptr, col_map_ptr, idx, mask, INNER, MID, ACC)
     s = tl.sigmoid(attention_logit(row, col, COMBINE))
     tl.store(out_ptr + idx, (x * (1.0 + s)).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -74,8 +90,6 @@ def apply_fwd(x, mc, ms, combine):
     row_map, col_map = (ms, mc) if plan.channels_last else (mc, ms)
     n_elements = x.numel()
     grid = lambda meta: (triton.cdiv(n_elements, meta["BLOCK"]),)  # noqa: E731
-    apply_fwd_kernel[grid](
-        x, row_map, col_map, out, n_elements,
-        INNER=plan.inner, MID=plan.mid, COMBINE=COMBINE_CODES[combine], INDEX_64=plan.index_64,
-    )
+    launch(apply_fwd_kernel, grid, x, row_map, col_map, out, n_elements, INNER=plan.inner, MID=plan.mid,
+           COMBINE=COMBINE_CODES[combine], INDEX_64=plan.index_64, ACC=acc_dtype(x.dtype))
     return out
