@@ -34,30 +34,18 @@ _FULL_TENSORS = ("x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dx_extra_ptr", "dx_conv
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+# Every kernel and the autotune config list it is launched with (kernels/_common.py).
+KERNELS = (
+    ("apply_fwd_kernel", "elementwise"),
+    ("channel_pool_kernel", "pool"),
+    ("apply_bwd_reduce_kernel", "reduce2d"),
+    ("apply_bwd_dx_kernel", "elementwise"),
+)
+
+
 def kernel_names():
-    """The kernels that exist in this checkout, with their autotune config kind."""
-    names = [("apply_fwd_kernel", "elementwise"), ("channel_pool_kernel", "pool")]
-    here = os.path.dirname(os.path.abspath(__file__))
-    bwd = os.path.join(os.path.dirname(here), "kernels", "apply_bwd.py")
-    try:
-        import bam_triton.kernels as _k  # noqa: F401 - find the installed location without importing triton twice
-
-        bwd = os.path.join(os.path.dirname(_k.__file__), "apply_bwd.py")
-    except Exception:
-        pass
-    if os.path.exists(bwd):
-        with open(bwd) as f:
-            src = f.read()
-        for name in ("apply_bwd_reduce_kernel", "apply_bwd_dx_kernel"):
-            if f"def {name}(" in src:
-                kind = "elementwise" if name == "apply_bwd_dx_kernel" else _guess_kind(src, name)
-                names.append((name, kind))
-    return names
-
-
-def _guess_kind(src, name):
-    m = re.search(r"autotune_configs\(\"(\w+)\"\)[^\n]*\n(?:@[^\n]*\n)*def " + name, src)
-    return m.group(1) if m else "elementwise"
+    """The kernels to inspect, with their autotune config kind."""
+    return list(KERNELS)
 
 
 def make_job(kernel, kind, config_index, arch, dtype, shape, layout):

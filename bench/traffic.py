@@ -6,8 +6,8 @@ Counting rules (``count_bytes``): every aten op is charged the storage bytes of 
 its real, un-expanded storage. In-place ops are charged a read and a write of their buffer. The eager providers run on
 the META device, so the full ResNet-50 shapes cost no memory and no time. The Triton custom ops
 (``bam_triton::channel_pool`` / ``apply`` / ``apply_backward``) are intercepted and charged their kernels' formulas
-(``KERNEL_BYTES``), because a kernel's traffic is what it loads and stores, not what its signature shows: the fused
-backward, for example, reads ``g`` and ``x`` twice (a reduction pass, then the dx pass).
+(``KERNEL_BYTES``), because a kernel's traffic is what it loads and stores, not what its signature shows: inside the
+BAM block, for example, the backward reads ``g`` twice (a reduction pass over g and x, then the dx pass).
 
 |F| is the size in bytes of the feature map ``x`` (N·C·H·W·itemsize).
 """
@@ -30,8 +30,8 @@ MINIMAL_BYTES_DOC = {
     "apply-bwd": "read g and x once, write dx once, read mc/ms, write dmc/dms",
     "bam-fwd": "read x twice (pool + 1x1 conv in one pass; the apply pass needs the global pool first), write out once, "
                "plus the small maps",
-    "bam-fwd-bwd": "forward 3|F|; backward 5|F| (a pass reading g and x for the global reductions dx depends on, "
-                   "then a pass reading g and x and writing dx), plus the small maps",
+    "bam-fwd-bwd": "forward 3|F|; backward 4|F| (a pass reading g and x for the global reductions dx depends on, "
+                   "then a pass reading g and writing dx), plus the small maps",
 }
 
 
@@ -49,7 +49,7 @@ def minimal_bytes(op, n, c, h, w, itemsize, map_itemsize=None):
     if op == "bam-fwd":
         return 3 * f + maps
     if op == "bam-fwd-bwd":
-        return 8 * f + 3 * maps
+        return 7 * f + 3 * maps
     raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
 
 
@@ -79,22 +79,26 @@ def kernel_apply_fwd_bytes(x_shape, itemsize, map_itemsize):
 
 
 def kernel_apply_bwd_bytes(x_shape, itemsize, map_itemsize, with_dx_conv=False):
-    """The fused backward (kernels/apply_bwd.py): ``apply_bwd_reduce_kernel`` reads g and x (and the maps) and writes
-    the dmc/dms partial sums; ``apply_bwd_dx_kernel`` reads g and x (and ``dx_conv``, the gradient that the spatial
-    branch's 1x1 conv sends back, when the whole module's backward is fused) and writes dx. Two passes over g and x."""
+    """The fused backward (kernels/apply_bwd.py), per kernel.
+
+    - ``single_pass`` (``apply_bwd``, the functional op's backward): reads g and x, writes dx and the partial sums.
+    - ``reduce_pass`` (``apply_bwd_reduce``, inside the BAM block): reads g and x, writes the partial sums only.
+    - ``dx_pass`` (``apply_bwd_dx``, inside the BAM block): reads g (s comes from the small maps: no x) and, when the
+      whole module's backward is fused, ``dx_conv`` (the spatial branch's 1x1-conv input gradient); writes dx.
+    """
     n, c, h, w = x_shape
     f = _numel(x_shape) * itemsize
     maps = (n * c + n * h * w) * map_itemsize
+    single_pass = {"read": 2 * f + maps, "write": f + maps}
     reduce_pass = {"read": 2 * f + maps, "write": maps}
-    dx_pass = {"read": 2 * f + maps + (f if with_dx_conv else 0), "write": f}
-    return {"read": reduce_pass["read"] + dx_pass["read"], "write": reduce_pass["write"] + dx_pass["write"],
-            "passes": 2, "reduce_pass": reduce_pass, "dx_pass": dx_pass}
+    dx_pass = {"read": f + maps + (f if with_dx_conv else 0), "write": f}
+    return {"single_pass": single_pass, "reduce_pass": reduce_pass, "dx_pass": dx_pass}
 
 
 KERNEL_BYTES = {
     "channel_pool_kernel": kernel_pool_bytes,
     "apply_fwd_kernel": kernel_apply_fwd_bytes,
-    "apply_bwd_reduce_kernel+apply_bwd_dx_kernel": kernel_apply_bwd_bytes,
+    "apply_bwd_reduce_kernel / apply_bwd_dx_kernel": kernel_apply_bwd_bytes,
 }
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -211,8 +215,10 @@ class FakeKernels:
         return torch.empty_like(x)
 
     def apply_bwd(self, g, x, mc, ms, combine):
-        dmc, dms = self.apply_bwd_reduce(g, x, mc, ms, combine)
-        return self.apply_bwd_dx(g, x, mc, ms, combine), dmc, dms
+        b = kernel_apply_bwd_bytes(tuple(x.shape), x.element_size(), mc.element_size())
+        self.log.add("triton:apply_bwd_reduce_kernel[WRITE_DX]", b["single_pass"]["read"], b["single_pass"]["write"])
+        return (torch.empty_like(x), torch.empty_like(mc, dtype=torch.float32),
+                torch.empty_like(ms, dtype=torch.float32))
 
 
 def _unique(tensors):
@@ -346,7 +352,7 @@ def fused_backward_passes(shape, dtype=torch.float16):
     b = kernel_apply_bwd_bytes(shape, torch.empty((), dtype=dtype).element_size(), 4, with_dx_conv=True)
     return [
         ("apply_bwd_reduce_kernel", "reads g, x (+ mc, ms); writes dmc/dms partials", b["reduce_pass"]),
-        ("apply_bwd_dx_kernel", "reads g, x, dx_conv (+ mc, ms); writes dx", b["dx_pass"]),
+        ("apply_bwd_dx_kernel", "reads g, dx_conv (+ mc, ms, dpool); writes dx", b["dx_pass"]),
     ]
 
 
