@@ -19,8 +19,16 @@ $(BIN)/.installed: pyproject.toml
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest tests
 
+# On a GPU: the full ResNet-50 grid (batch 32/64/128) in fp16. On a CPU: batch 8 (the CPU providers only; the
+# Triton kernels need CUDA, and `check` has already validated them through the interpreter).
 demo: $(BIN)/.installed
 	$(BIN)/bam-triton check
+	if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		$(BIN)/bam-triton sweep --out results; \
+	else \
+		$(BIN)/bam-triton sweep --out results --batch 8; \
+	fi
+	$(BIN)/bam-triton plot results/sweep.csv --out results
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -5,7 +5,6 @@ code, on CPU tensors through Triton's interpreter, which only works when ``TRITO
 was imported. ``"auto"`` picks Triton for CUDA tensors when triton is installed, torch otherwise. The environment
 variable ``BAM_TRITON_BACKEND`` sets the default for calls that pass ``backend=None`` (modules built without one).
 """
-import functools
 import importlib.util
 import os
 
@@ -27,12 +26,20 @@ def default_backend():
     return value
 
 
-@functools.lru_cache(maxsize=None)
-def triton_installed():
+def _find_triton():
     try:
         return importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError):  # a finder that refuses triton, or a broken half-imported triton module
         return False
+
+
+# Looked up once, at import (finding the package does not import it): a plain value, which torch.compile reads
+# without tracing a cache wrapper.
+_TRITON_INSTALLED = _find_triton()
+
+
+def triton_installed():
+    return _TRITON_INSTALLED
 
 
 def kernels():
