@@ -42,12 +42,30 @@ def _use_interpreter_now():
     return True
 
 
+def _add_attention_command(commands):
+    """``attention``: BAM's attention maps over images (``bam_triton.viz``, imported only when it runs)."""
+    attention = commands.add_parser("attention", help="plot BAM's attention maps of a ResNet+BAM over synthetic "
+                                                      "images (random weights unless --checkpoint)")
+    attention.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50", "resnet101"], default="resnet18")
+    attention.add_argument("--checkpoint", default=None, help="the authors' ResNet+BAM checkpoint (*.pth.tar) or a "
+                                                              "state_dict; default: random initialisation")
+    attention.add_argument("--images", type=int, default=4, help="number of synthetic images (rows). Default 4")
+    attention.add_argument("--out", default="attention.png", help="output image. Default attention.png")
+    attention.add_argument("--map", dest="kind", choices=["combined", "spatial"], default="combined",
+                           help="combined: mean over channels of sigmoid(Mc*Ms); spatial: sigmoid(Ms)")
+    attention.add_argument("--size", type=int, default=224, help="image side in pixels. Default 224")
+    attention.add_argument("--scale", choices=["per-map", "fixed"], default="per-map",
+                           help="colours over each map's own min..max (default) or over 0..1")
+    attention.add_argument("--seed", type=int, default=0)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="bam-triton", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="versions, device, runnable backends, and a kernel self-test")
     check.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     _add_bench_commands(commands)
+    _add_attention_command(commands)
     args = parser.parse_args(argv)
     if args.command == "check":
         _prefer_interpreter_on_cpu(args.device)
@@ -60,4 +78,13 @@ def main(argv=None):
         from .bench import cli_args
 
         return cli_args.run(args.command, args)
+    if args.command == "attention":
+        if args.images < 1:
+            parser.error("--images must be >= 1")
+        from .viz import attention_figure
+
+        out, _ = attention_figure(args.arch, args.checkpoint, images=args.images, out=args.out, kind=args.kind,
+                                  size=args.size, seed=args.seed, scale=args.scale)
+        print(f"wrote {out}")
+        return 0
     parser.error(f"unknown command {args.command!r}")

@@ -1,0 +1,425 @@
+"""ResNets with BAM, as in the paper (Park et al., BMVC 2018) and the authors' public code, without torchvision.
+
+* :func:`resnet18`, :func:`resnet34`, :func:`resnet50`, :func:`resnet101` build torchvision-layout ResNets
+  (``conv1, bn1, relu, maxpool, layer1..layer4, avgpool, fc``; blocks with ``conv1/bn1/conv2/bn2[/conv3/bn3]`` and
+  ``downsample.0/.1``; stride on the 3x3 conv of the bottleneck, torchvision's "v1.5") with :class:`~bam_triton.BAM`
+  modules ``bam1``, ``bam2``, ``bam3`` after ``layer1``, ``layer2``, ``layer3`` (none after ``layer4``). With
+  ``bam=False`` the state_dict is exactly torchvision's; with ``bam=True`` it is the authors' layout, so their
+  checkpoints load with :func:`load_official_checkpoint`.
+* :func:`add_bam` inserts BAM after the stages of an existing torchvision-style ResNet (forward hooks; the backbone's
+  state_dict keys do not change).
+
+Default ``combine="product"``: the networks the paper evaluates were trained with the authors' code, whose BAM
+multiplies the two branches (``sigmoid(Mc * Ms)``), and their released checkpoints are only correct with it. Pass
+``combine="sum"`` for the paper's eq. 2. ``combine`` has no parameters, so a checkpoint loads either way; only its
+outputs differ (:func:`load_official_checkpoint` warns when a BAM is not ``"product"``).
+"""
+import os
+import re
+import warnings
+
+import torch
+from torch import nn
+
+from .module import BAM
+
+__all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101",
+           "add_bam", "load_official_checkpoint", "CheckpointMismatchError", "bam_modules"]
+
+# The stages BAM follows, in the paper and the authors' code: one BAM at each place the feature map shrinks.
+BAM_STAGES = ("layer1", "layer2", "layer3")
+
+
+def _conv3x3(in_channels, out_channels, stride=1):
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def _conv1x1(in_channels, out_channels, stride=1):
+    return nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual: (N, inplanes, H, W) -> (N, planes, H/stride, W/stride)."""
+
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (carries the stride, as torchvision) -> 1x1 with a residual:
+    (N, inplanes, H, W) -> (N, 4 * planes, H/stride, W/stride)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = _conv1x1(inplanes, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = _conv1x1(planes, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+def _init_weights(modules):
+    """torchvision's ResNet init: convs kaiming-normal (fan_out, ReLU gain), BatchNorm weight 1 and bias 0; conv biases
+    (only BAM's convs have one) 0, as the authors' network init sets them."""
+    for module in modules:
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class ResNet(nn.Module):
+    """ResNet in torchvision's layout, optionally with BAM after ``layer1``, ``layer2`` and ``layer3``.
+
+    Args:
+        block: :class:`BasicBlock` or :class:`Bottleneck`.
+        layers: blocks per stage, e.g. ``(3, 4, 6, 3)`` for ResNet-50.
+        num_classes: outputs of ``fc``. Default 1000.
+        bam: add ``bam1``, ``bam2``, ``bam3`` (BAM after layer1..3). Default True.
+        cifar: 3x3 stride-1 stem conv and no max-pool (``maxpool`` is ``nn.Identity``), for 32x32 inputs: stage maps
+            are 32², 16², 8², 4² instead of the ImageNet stem's 56², 28², 14², 7² at 224.
+        width: channels of the stem and of ``layer1``'s 3x3 convs (64 in the standard networks); stage k uses
+            ``width * 2**(k-1)``. A smaller width gives a cheap network for CPU experiments.
+        zero_init_residual: zero the last BN weight of each residual branch (torchvision's option). Default False.
+        **bam_kwargs: passed to every :class:`~bam_triton.BAM` (``reduction``, ``dilation``, ``num_dilated_convs``,
+            ``combine``, ``backend``); ``combine`` defaults to ``"product"`` here (see the module docstring).
+
+    Shape:
+        - Input: (N, 3, H, W).
+        - Output: (N, num_classes) logits.
+
+    Initialisation as torchvision's: every conv (BAM's too) kaiming-normal with ``mode="fan_out"``, every BatchNorm
+    weight 1 and bias 0; BAM's conv biases 0, as the authors' network init sets them; linear layers keep torch's
+    defaults. The backbone is initialised before the BAMs are created, so one seed gives the same backbone weights
+    with ``bam=True`` and ``bam=False``.
+    """
+
+    def __init__(self, block, layers, num_classes=1000, bam=True, cifar=False, width=64, zero_init_residual=False,
+                 **bam_kwargs):
+        super().__init__()
+        if len(layers) != 4:
+            raise ValueError(f"layers must give the number of blocks of 4 stages, got {layers!r}")
+        bam_kwargs.setdefault("combine", "product")
+        self.cifar = cifar
+        self.inplanes = width
+        if cifar:
+            self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        # The CIFAR stem keeps full resolution; Identity has no state, so the key layout does not change.
+        self.maxpool = nn.Identity() if cifar else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
+        # The backbone is initialised before the BAMs are built, so that for one torch seed the backbone weights are
+        # the same with and without BAM (a fair comparison needs that).
+        _init_weights(self.modules())
+        if zero_init_residual:
+            for module in self.modules():
+                if isinstance(module, Bottleneck):
+                    nn.init.zeros_(module.bn3.weight)
+                elif isinstance(module, BasicBlock):
+                    nn.init.zeros_(module.bn2.weight)
+        # A flag rather than "is bam1 registered", so that add_bam (which registers bam1 and a hook) never applies
+        # BAM twice on a network built with bam=False.
+        self.has_bam = bool(bam)
+        if bam:
+            self.bam1 = BAM(width * block.expansion, **bam_kwargs)
+            self.bam2 = BAM(width * 2 * block.expansion, **bam_kwargs)
+            self.bam3 = BAM(width * 4 * block.expansion, **bam_kwargs)
+            for bam_module in (self.bam1, self.bam2, self.bam3):
+                _init_weights(bam_module.modules())
+
+    def _make_layer(self, block, planes, blocks, stride=1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(_conv1x1(self.inplanes, planes * block.expansion, stride),
+                                       nn.BatchNorm2d(planes * block.expansion))
+        stage = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        stage += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*stage)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer1(x)
+        if self.has_bam:
+            x = self.bam1(x)
+        x = self.layer2(x)
+        if self.has_bam:
+            x = self.bam2(x)
+        x = self.layer3(x)
+        if self.has_bam:
+            x = self.bam3(x)
+        x = self.layer4(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _resnet(block, layers, num_classes, bam, cifar, bam_kwargs):
+    return ResNet(block, layers, num_classes=num_classes, bam=bam, cifar=cifar, **bam_kwargs)
+
+
+def resnet18(num_classes=1000, bam=True, cifar=False, **kwargs):
+    """ResNet-18 (+ BAM after layer1..3: channels 64, 128, 256). 11,689,512 parameters; 11,712,503 with BAM.
+
+    ``kwargs``: ``width``, ``zero_init_residual`` and BAM's ``reduction``, ``dilation``, ``num_dilated_convs``,
+    ``combine`` (default ``"product"``, the authors' code), ``backend``. See :class:`ResNet`."""
+    return _resnet(BasicBlock, (2, 2, 2, 2), num_classes, bam, cifar, kwargs)
+
+
+def resnet34(num_classes=1000, bam=True, cifar=False, **kwargs):
+    """ResNet-34 (+ BAM after layer1..3: channels 64, 128, 256). See :func:`resnet18` for ``kwargs``."""
+    return _resnet(BasicBlock, (3, 4, 6, 3), num_classes, bam, cifar, kwargs)
+
+
+def resnet50(num_classes=1000, bam=True, cifar=False, **kwargs):
+    """ResNet-50 (+ BAM after layer1..3: channels 256, 512, 1024). 25,557,032 parameters; 25,915,099 with BAM.
+    The layout of the authors' released ResNet-50+BAM checkpoint. See :func:`resnet18` for ``kwargs``."""
+    return _resnet(Bottleneck, (3, 4, 6, 3), num_classes, bam, cifar, kwargs)
+
+
+def resnet101(num_classes=1000, bam=True, cifar=False, **kwargs):
+    """ResNet-101 (+ BAM after layer1..3: channels 256, 512, 1024). See :func:`resnet18` for ``kwargs``."""
+    return _resnet(Bottleneck, (3, 4, 23, 3), num_classes, bam, cifar, kwargs)
+
+
+def bam_modules(model):
+    """``[(qualified name, BAM), ...]`` for every BAM inside ``model``, in registration order."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, BAM)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# add_bam: BAM after the stages of an existing network
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _ApplyBAMHook:
+    """Forward hook on a stage: returns ``bam(stage_output)`` in place of the stage's output.
+
+    A small class rather than a closure so that ``copy.deepcopy(model)`` copies the reference along with the model
+    (the copy's hook then calls the copy's BAM, not the original's) and ``torch.save(model)`` can pickle it.
+    """
+
+    def __init__(self, bam):
+        self.bam = bam
+
+    def __call__(self, stage, inputs, output):
+        return self.bam(output)
+
+
+def _bam_name(stage_name):
+    """``layerK`` -> ``bamK`` (the authors' names: add_bam on a torchvision ResNet gives their key layout);
+    any other stage ``a.b`` -> ``bam_a_b``."""
+    match = re.fullmatch(r"layer(\d+)", stage_name)
+    return f"bam{match.group(1)}" if match else "bam_" + stage_name.replace(".", "_")
+
+
+def _stage_output_channels(model, stages, example_input):
+    """Run ``model`` once on ``example_input`` in eval mode and record dim 1 of each stage's output."""
+    channels = {}
+    handles = []
+    for name, stage in stages.items():
+        def record(module, inputs, output, name=name):
+            if not isinstance(output, torch.Tensor) or output.dim() != 4:
+                raise TypeError(f"add_bam: stage {name!r} must return an (N, C, H, W) tensor, got "
+                                f"{type(output).__name__} of shape {tuple(getattr(output, 'shape', ()))}")
+            channels[name] = output.shape[1]
+        handles.append(stage.register_forward_hook(record))
+    # Eval mode, so the dry run neither updates BN running statistics nor needs a batch > 1; each module's own flag
+    # is restored afterwards (a model may deliberately keep some modules in eval mode).
+    training_flags = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in training_flags.items():
+            module.training = flag
+    missing = [name for name in stages if name not in channels]
+    if missing:
+        raise RuntimeError(f"add_bam: stages {missing} did not run in the model's forward pass")
+    return channels
+
+
+def add_bam(model, stages=BAM_STAGES, example_input=None, **bam_kwargs):
+    """Insert a BAM after each of ``stages`` of an existing ResNet-style network, in place; returns ``model``.
+
+    Each BAM is registered as a child of ``model`` (named ``bamK`` for a stage ``layerK``, else ``bam_<stage>``) and
+    applied by a forward hook on its stage that replaces the stage's output ``F`` with ``BAM(F)``. Why hooks rather
+    than wrapping each stage in ``nn.Sequential(stage, BAM)``: the backbone's state_dict keys stay unchanged
+    (pretrained backbone weights still load), and on a torchvision ResNet the new keys are exactly the authors'
+    ``bam1.*``, ``bam2.*``, ``bam3.*``, so :func:`load_official_checkpoint` loads their ResNet+BAM checkpoints into it.
+    BAM parameters are ordinary parameters of ``model`` (optimisers, ``.to()``, DDP see them). Caveat: the hooks
+    live outside ``forward``, so ``print(model)`` lists the BAMs at the end rather than in place, and tools that
+    ignore hooks (``torch.fx.symbolic_trace``, ``torch.jit.script``) do not see them.
+
+    Channel counts are inferred by a dry run: ``model(example_input)`` in eval mode under ``no_grad`` with hooks
+    recording each stage's output channels (default input ``zeros(1, 3, 64, 64)`` on the model's device and dtype).
+
+    Args:
+        model: an ``nn.Module`` whose submodules named in ``stages`` each return an (N, C, H, W) tensor.
+        stages: qualified submodule names (``model.get_submodule(name)``). Default ``("layer1", "layer2", "layer3")``.
+        example_input: input for the dry run, when (1, 3, 64, 64) does not fit the model.
+        **bam_kwargs: for each :class:`~bam_triton.BAM` (``reduction``, ``dilation``, ``combine``, ``backend``, ...);
+            ``combine`` defaults to ``"product"``, as in :class:`ResNet`.
+
+    Raises:
+        ValueError: a stage is named twice or already has a BAM from an earlier call.
+    """
+    if isinstance(stages, str):
+        stages = (stages,)
+    if len(set(stages)) != len(stages):
+        raise ValueError(f"add_bam: stages must be distinct, got {stages!r}")
+    bam_kwargs.setdefault("combine", "product")
+    stage_modules = {name: model.get_submodule(name) for name in stages}
+    for name in stages:
+        bam_name = _bam_name(name)
+        if hasattr(model, bam_name):
+            raise ValueError(f"add_bam: model already has an attribute {bam_name!r}; is there a BAM after {name!r} "
+                             f"already?")
+    if example_input is None:
+        reference = next(iter(model.parameters()), None)
+        example_input = torch.zeros(1, 3, 64, 64, device=None if reference is None else reference.device,
+                                    dtype=None if reference is None else reference.dtype)
+    channels = _stage_output_channels(model, stage_modules, example_input)
+    reference = next(iter(model.parameters()), None)
+    for name, stage in stage_modules.items():
+        bam = BAM(channels[name], **bam_kwargs)
+        if reference is not None:
+            bam.to(device=reference.device, dtype=reference.dtype)
+        bam.train(stage.training)
+        model.add_module(_bam_name(name), bam)
+        stage.register_forward_hook(_ApplyBAMHook(bam))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The authors' checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint's state_dict does not match the model. Attributes ``missing``, ``unexpected`` (key lists) and
+    ``shape_mismatches`` (``[(key, checkpoint shape, model shape), ...]``)."""
+
+    def __init__(self, missing, unexpected, shape_mismatches, source):
+        self.missing, self.unexpected, self.shape_mismatches = missing, unexpected, shape_mismatches
+        lines = [f"checkpoint {source} does not match the model:"]
+        if missing:
+            lines.append(f"  {len(missing)} missing key(s) (in the model, not in the checkpoint):")
+            lines += [f"    {key}" for key in missing]
+        if unexpected:
+            lines.append(f"  {len(unexpected)} unexpected key(s) (in the checkpoint, not in the model):")
+            lines += [f"    {key}" for key in unexpected]
+        if shape_mismatches:
+            lines.append(f"  {len(shape_mismatches)} shape mismatch(es):")
+            lines += [f"    {key}: checkpoint {tuple(ckpt)} vs model {tuple(ours)}"
+                      for key, ckpt, ours in shape_mismatches]
+        lines.append("  (is the architecture right: depth, num_classes, cifar, width, BAM reduction?)")
+        super().__init__("\n".join(lines))
+
+
+def _extract_state_dict(checkpoint):
+    """The state_dict inside the authors' training checkpoint, or the checkpoint itself when it is one."""
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f"checkpoint must be a dict (a training checkpoint or a state_dict), got "
+                        f"{type(checkpoint).__name__}")
+    if "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], dict):
+        return checkpoint["state_dict"]
+    not_tensors = [key for key, value in checkpoint.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"checkpoint has no 'state_dict' entry and is not a state_dict itself (non-tensor entries: "
+                         f"{not_tensors[:5]})")
+    return checkpoint
+
+
+def load_official_checkpoint(model, path_or_dict, weights_only=True):
+    """Load the authors' ResNet+BAM checkpoint (or any state_dict in that layout) into ``model``, strictly.
+
+    Accepts what their ImageNet training script saves with ``torch.save`` (``{'epoch', 'arch', 'state_dict',
+    'best_prec1', 'optimizer'}``, state_dict keys prefixed ``module.`` by DataParallel; the released file is named
+    ``*.pth.tar`` but is a plain ``torch.save`` file), a bare state_dict, with or without ``module.``, as a path or
+    an already loaded dict. ``module.`` is stripped; ``model`` may itself be wrapped in DataParallel/DDP. Missing
+    ``num_batches_tracked`` buffers (files from PyTorch < 0.4.1) are filled with 0; nothing else is forgiven.
+
+    Args:
+        model: e.g. ``resnet50(bam=True)`` (default ``combine="product"``, the one their checkpoints need).
+        path_or_dict: a file path or the loaded checkpoint.
+        weights_only: passed to ``torch.load``. The authors' files hold tensors, numbers and strings only, so the safe
+            default loads them; pass False only for a file you trust that needs it.
+
+    Returns:
+        The checkpoint's other entries (``epoch``, ``arch``, ``best_prec1``; without ``state_dict`` and
+        ``optimizer``); ``{}`` for a bare state_dict.
+
+    Raises:
+        CheckpointMismatchError: keys or shapes differ; the message lists every missing and unexpected key and every
+            shape mismatch.
+    """
+    if isinstance(path_or_dict, (str, os.PathLike)):
+        source = os.fspath(path_or_dict)
+        checkpoint = torch.load(source, map_location="cpu", weights_only=weights_only)
+    else:
+        source = "(dict)"
+        checkpoint = path_or_dict
+    state_dict = _extract_state_dict(checkpoint)
+    state_dict = {(key[len("module."):] if key.startswith("module.") else key): value
+                  for key, value in state_dict.items()}
+    target = model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+    expected = target.state_dict()
+    for key, value in expected.items():
+        if key.endswith(".num_batches_tracked") and key not in state_dict:
+            state_dict[key] = torch.zeros_like(value)
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    shape_mismatches = [(key, state_dict[key].shape, expected[key].shape) for key in expected
+                        if key in state_dict and isinstance(state_dict[key], torch.Tensor)
+                        and state_dict[key].shape != expected[key].shape]
+    if missing or unexpected or shape_mismatches:
+        raise CheckpointMismatchError(missing, unexpected, shape_mismatches, source)
+    not_product = [name for name, bam in bam_modules(target) if bam.combine != "product"]
+    if not_product:
+        warnings.warn(f"BAM modules {not_product} use combine='sum'; the authors' checkpoints were trained with "
+                      f"combine='product' and give wrong outputs otherwise", stacklevel=2)
+    target.load_state_dict(state_dict, strict=True)
+    if "state_dict" not in checkpoint:
+        return {}
+    return {key: value for key, value in checkpoint.items() if key not in ("state_dict", "optimizer")}
