@@ -70,6 +70,12 @@ def acc_dtype(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def config_id(config):
+    """A readable name for an (meta, num_warps) config, e.g. ``BLOCK1024-w4``."""
+    meta, warps = config
+    return "-".join(f"{k}{v}" for k, v in meta.items()) + f"-w{warps}"
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """How a dense (N, C, H, W) tensor is laid out: memory order (n, MID, INNER)."""

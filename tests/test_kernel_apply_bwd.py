@@ -227,11 +227,6 @@ REDUCE_CONFIGS = _common.all_configs("reduce2d")
 ELEMENTWISE_CONFIGS = _common.all_configs("elementwise")
 
 
-def _config_id(config):
-    meta, warps = config
-    return "-".join(f"{k}{v}" for k, v in meta.items()) + f"-w{warps}"
-
-
 def test_reduce_config_list():
     """More than one GPU config; the channel split unit is a multiple of every BLOCK_C, and the dmc partial buffer
     is sized for the smallest BLOCK_HW."""
@@ -253,7 +248,7 @@ def _raw_reduce(g, x, mc, ms, combine, meta, warps, c_per_split, write_dx):
     return dx, dmc_partial.sum(dim=1), dms_partial.sum(dim=1)
 
 
-@pytest.mark.parametrize("config", REDUCE_CONFIGS, ids=_config_id)
+@pytest.mark.parametrize("config", REDUCE_CONFIGS, ids=_common.config_id)
 @pytest.mark.parametrize("channels_last", LAYOUTS, ids=LAYOUT_IDS)
 def test_reduce_kernel_every_config(config, channels_last):
     meta, warps = config
@@ -270,7 +265,7 @@ def test_reduce_kernel_every_config(config, channels_last):
             assert dx.isnan().all()  # WRITE_DX off: dx_ptr is never stored to
 
 
-@pytest.mark.parametrize("config", ELEMENTWISE_CONFIGS, ids=_config_id)
+@pytest.mark.parametrize("config", ELEMENTWISE_CONFIGS, ids=_common.config_id)
 @pytest.mark.parametrize("channels_last", LAYOUTS, ids=LAYOUT_IDS)
 def test_dx_kernel_every_config(config, channels_last):
     meta, warps = config

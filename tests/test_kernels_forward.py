@@ -254,11 +254,6 @@ POOL_CONFIGS = _common.all_configs("pool")
 ELEMENTWISE_CONFIGS = _common.all_configs("elementwise")
 
 
-def _config_id(config):
-    meta, warps = config
-    return "-".join(f"{k}{v}" for k, v in meta.items()) + f"-w{warps}"
-
-
 def test_config_lists_are_the_gpu_lists():
     """The interpreter pins one config; the GPU lists hold more, and every pool BLOCK_HW divides the split unit."""
     assert len(POOL_CONFIGS) > 1 and len(ELEMENTWISE_CONFIGS) > 1
@@ -266,7 +261,7 @@ def test_config_lists_are_the_gpu_lists():
     assert max(meta["BLOCK"] for meta, _ in ELEMENTWISE_CONFIGS) == _common.MAX_BLOCK
 
 
-@pytest.mark.parametrize("config", POOL_CONFIGS, ids=_config_id)
+@pytest.mark.parametrize("config", POOL_CONFIGS, ids=_common.config_id)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("shape,hw_per_split", [((2, 37, 5, 7), 1024), ((1, 5, 33, 35), 1024)],
                          ids=["2x37x5x7", "1x5x33x35-split"])
@@ -297,7 +292,7 @@ def _raw_apply(x, mc, ms, combine, meta, warps, index_64=False):
     return out
 
 
-@pytest.mark.parametrize("config", ELEMENTWISE_CONFIGS, ids=_config_id)
+@pytest.mark.parametrize("config", ELEMENTWISE_CONFIGS, ids=_common.config_id)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_apply_kernel_every_config(config, channels_last):
     meta, warps = config
