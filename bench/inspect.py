@@ -112,7 +112,11 @@ def _arguments(job, fn, meta):
     ints = {"n_elements": numel, "C": c, "HW": hw, "N": n, "hw_per_split": per_split, "n_hw": hw, "n_c": c,
             "numel": numel, "n_rows": n * mid, "n_images": n}
     floats = {"inv_hw": 1.0 / hw}
-    consts = {"INNER": inner, "MID": mid, "COMBINE": 0, "INDEX_64": False, "CHANNELS_LAST": channels_last,
+    from bam_triton.kernels._common import MAX_BLOCK
+
+    # As memory_plan decides for a real launch: 64-bit flat indices only where int32 could wrap.
+    consts = {"INNER": inner, "MID": mid, "COMBINE": 0, "INDEX_64": numel + MAX_BLOCK >= 2**31,
+              "CHANNELS_LAST": channels_last,
               "HAS_DPOOL": True, "HAS_EXTRA": True, "HAS_DX_EXTRA": True}
     import triton.language as tl
 
@@ -282,6 +286,16 @@ def _cuobjdump_info(cubin):
                 local=int(m.group(4)))
 
 
+# 64-bit integer index arithmetic: multiplies, divisions and remainders on s64/u64 (address formation itself is
+# mul.wide.s32 + add.s64 in both cases, so it is not counted).
+_INT64_INDEX = re.compile(r"\b(?:mul\.hi|mul\.lo|mad\.lo|mad\.hi|div|rem)\.[su]64\b")
+
+
+def int64_index_ops(ptx):
+    """How many 64-bit integer multiply/divide/remainder instructions the kernel's index arithmetic uses."""
+    return len(_INT64_INDEX.findall(ptx))
+
+
 def compile_job(job):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -298,7 +312,7 @@ def compile_job(job):
     ptx = compiled.asm["ptx"]
     runtime_args = [p.name for p in fn.params if not p.is_constexpr]
     access, mix = analyse_ptx(ptx, runtime_args)
-    out = dict(job, meta=meta, num_warps=warps, access=access, ptx_mix=mix,
+    out = dict(job, meta=meta, num_warps=warps, access=access, ptx_mix=mix, int64_index_ops=int64_index_ops(ptx),
                shared=getattr(compiled.metadata, "shared", None),
                elements_per_thread=_elements_per_thread(meta, warps))
     out.update(_ptxas_info(ptx, job["arch"]))
@@ -373,7 +387,7 @@ def full_tensor_args(result):
 def summarize(results):
     """One line per result: kernel, config, arch, dtype, shape, layout, widths of full-tensor loads/stores, regs."""
     lines = [f"{'kernel':<24}{'config':<30}{'sm':>3} {'dtype':<5}{'shape':<16}{'layout':<14}"
-             f"{'full-tensor loads/stores (bits)':<44}{'regs':>5}{'spill':>6}{'smem':>7}"]
+             f"{'full-tensor loads/stores (bits)':<44}{'regs':>5}{'spill':>6}{'smem':>7}{'i64 ops':>8}"]
     for r in results:
         cfg = ",".join(f"{k}={v}" for k, v in r.get("meta", {}).items()) + f",w={r.get('num_warps')}"
         if "error" in r:
@@ -387,7 +401,7 @@ def summarize(results):
         spill = r.get("spill_stores", 0) + r.get("spill_loads", 0)
         lines.append(f"{r['kernel']:<24}{cfg:<30}{r['arch']:>3} {r['dtype']:<5}{'x'.join(map(str, r['shape'])):<16}"
                      f"{r['layout']:<14}{' '.join(acc):<44}{r.get('registers', r.get('ptxas_registers', '?')):>5}"
-                     f"{spill:>6}{r.get('shared') or 0:>7}")
+                     f"{spill:>6}{r.get('shared') or 0:>7}{r.get('int64_index_ops', '?'):>8}")
     return "\n".join(lines)
 
 

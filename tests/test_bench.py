@@ -260,3 +260,15 @@ def test_inspect_cli_quick(tmp_path, capsys):
     data = json.loads((tmp_path / "inspect.json").read_text())
     assert len(data) == len(aot.INSPECT_SHAPES) * len(aot.LAYOUTS)
     assert os.path.exists(tmp_path / "inspect.json")
+
+
+@pytest.mark.parametrize("kernel", ["apply_fwd_kernel", "apply_bwd_dx_kernel"])
+def test_aot_index_arithmetic_is_64_bit_only_where_needed(kernel):
+    """32-bit index arithmetic at the ResNet-50 shapes; 64-bit once N·C·H·W passes 2**31 (H·W not a power of two,
+    so the divisions by it cannot become shifts), still with 128-bit vectors."""
+    small, big = aot.run_jobs([aot.make_job(kernel, "elementwise", 0, 90, "fp16", shape, "nchw")
+                               for shape in ((32, 1024, 14, 14), (96, 1024, 147, 150))])
+    assert small["int64_index_ops"] == 0
+    assert big["int64_index_ops"] > 0
+    arg = "x_ptr" if kernel == "apply_fwd_kernel" else "g_ptr"
+    assert aot.vector_bits(big, arg, "load") == [128]
