@@ -8,7 +8,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: test demo clean
+.PHONY: test test-big demo clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ test: $(BIN)/.installed
 
 # On a GPU: the full ResNet-50 grid (batch 32/64/128) in fp16. On a CPU: batch 8 (the CPU providers only; the
 # Triton kernels need CUDA, and `check` has already validated them through the interpreter).
+# Opt-in: the kernels on tensors of more than 2**31 elements (~10 GiB of memory, ~15 minutes).
+test-big: $(BIN)/.installed
+	BAM_TRITON_BIG_TESTS=1 $(BIN)/python -m pytest tests/test_large_tensors.py
+
 demo: $(BIN)/.installed
 	$(BIN)/bam-triton check
 	if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
