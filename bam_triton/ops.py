@@ -109,7 +109,9 @@ def _torch_apply_backward(g, x, mc, ms, combine):
     n, c, h, w = x.shape
     s = _torch_logits(x, mc, ms, combine).sigmoid_()
     dx = torch.addcmul(g, g, s).to(x.dtype)
-    da = torch.ops.aten.sigmoid_backward(torch.mul(g, x), s)
+    # g·s·(1-s) first, then ·x: in s's dtype (fp32 for fp32 maps), g·x alone overflows fp16 once |g·x| > 65504 (a
+    # loss-scaled gradient meeting an activation of 10 is enough) although da itself is at most |g·x| / 4.
+    da = torch.ops.aten.sigmoid_backward(g, s).mul_(x)
     if combine == "sum":
         dmc, dms = da.sum(dim=(2, 3)), da.sum(dim=1)
     else:

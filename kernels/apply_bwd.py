@@ -50,7 +50,8 @@ _TYPICAL_BLOCK_HW = 64
 def _tile_map_grads(g_ptr, x_ptr, dx_ptr, offsets, mask, mc, ms, COMBINE: tl.constexpr, WRITE_DX: tl.constexpr,
                     ACC: tl.constexpr):
     """For one tile (``mc``, ``ms`` broadcast to it): the terms of dmc and dms, and dx stored when ``WRITE_DX``.
-    Masked elements load g = 0, so their terms are 0."""
+    Masked elements' terms are 0. (Their loads give g = x = 0 and map values 0, but that is not enough: a valid row's
+    mc = ±inf meets a masked column's ms = 0 and inf·0 = NaN would reach the row's sum, so they are selected out.)"""
     g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(ACC)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
     s = tl.sigmoid(attention_logit(mc, ms, COMBINE))
@@ -58,9 +59,10 @@ def _tile_map_grads(g_ptr, x_ptr, dx_ptr, offsets, mask, mc, ms, COMBINE: tl.con
         tl.store(dx_ptr + offsets, (g * (1.0 + s)).to(dx_ptr.dtype.element_ty), mask=mask)
     da = g * x * s * (1.0 - s)
     if COMBINE == 0:
+        da = tl.where(mask, da, 0.0)
         return da, da
-    else:
-        return da * ms, da * mc  # ∂a/∂mc = ms, ∂a/∂ms = mc
+    else:  # ∂a/∂mc = ms, ∂a/∂ms = mc
+        return tl.where(mask, da * ms, 0.0), tl.where(mask, da * mc, 0.0)
 
 
 @triton.autotune(configs=autotune_configs("reduce2d"), key=["C", "HW", "CHANNELS_LAST", "WRITE_DX"],
