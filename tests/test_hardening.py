@@ -52,7 +52,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import bam_triton
 from bam_triton import BAM, TOLERANCES, bam_apply, channel_pool
 from bam_triton import _backend, kernels
 from bam_triton import ops as ops_mod
@@ -62,6 +61,8 @@ ENV_VAR = "BAM_TRITON_BACKEND"
 COMBINES = ("sum", "product")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LAUNCHERS = ("channel_pool_fwd", "apply_fwd", "apply_bwd", "apply_bwd_reduce", "apply_bwd_dx")
+# NaN/inf inputs make numpy (inside Triton's interpreter) warn about invalid values and overflow: expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
 
 def _gen(*parts):
@@ -199,7 +200,7 @@ def _map_dtype(choice, dtype):
     return torch.float32 if choice == "fp32" else dtype
 
 
-@settings(max_examples=120, **PROPERTY_SETTINGS)
+@settings(max_examples=100, **PROPERTY_SETTINGS)
 @given(**common)
 def test_property_channel_pool(shape, dtype, layout, seed):
     dtype = DTYPES[dtype]
@@ -229,7 +230,7 @@ def test_property_bam_apply_forward(shape, dtype, layout, seed, combine, map_dty
         assert torch.equal(storage_of(t), t0), "bam_apply modified an input"
 
 
-@settings(max_examples=200, **PROPERTY_SETTINGS)
+@settings(max_examples=150, **PROPERTY_SETTINGS)
 @given(**common, **maps, grad=st.sampled_from(("like_out", "nchw", "broadcast")))
 def test_property_bam_apply_backward(shape, dtype, layout, seed, combine, map_dtype, form, strided, grad):
     dtype = DTYPES[dtype]
