@@ -120,6 +120,10 @@ class BAM(nn.Module):
         check_feature_map(x)
         if x.shape[1] != self.channels:
             raise ValueError(f"x must have {self.channels} channels (dim 1) for this BAM, got shape {tuple(x.shape)}")
+        weight_dtype = self.channel_att.gate_c.gate_c_fc_0.weight.dtype
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x has dtype {x.dtype} but this BAM's parameters are {weight_dtype}: convert one to "
+                            f"the other (e.g. bam.to({x.dtype})) or run under torch.autocast")
         if self.training and x.shape[0] == 1:
             raise ValueError("BAM got a batch of 1 in training mode: the channel branch's BatchNorm1d needs more than "
                              "one sample to compute batch statistics. Train with batch size >= 2, or call .eval() to "

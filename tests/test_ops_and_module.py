@@ -579,3 +579,11 @@ def test_empty_module(kernels_raise, shape, train):
     assert out.shape == shape and out.dtype == x.dtype
     out.sum().backward()
     assert x.grad.shape == shape
+
+
+def test_bam_names_x_when_its_dtype_differs_from_the_parameters():
+    bam = BAM(16, reduction=4, backend="torch")
+    with pytest.raises(TypeError, match=r"x has dtype torch.float16 but this BAM's parameters are torch.float32"):
+        bam(torch.randn(2, 16, 5, 5, dtype=torch.float16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtypes: no error
+        assert bam(torch.randn(2, 16, 5, 5, dtype=torch.bfloat16)).dtype == torch.bfloat16
