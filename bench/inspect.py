@@ -87,17 +87,11 @@ def _is16(v):
 
 def _pool_plan(shape, sm_count=132):
     """The pooling launcher's split of H·W (kernels/pool.py), for a GPU with ``sm_count`` SMs."""
-    from bam_triton.kernels import pool
+    from bam_triton.kernels._common import MIN_TARGET_PROGRAMS
+    from bam_triton.kernels.pool import pool_split
 
     n, c, h, w = shape
-    hw = h * w
-    cdiv = lambda a, b: -(-a // b)  # noqa: E731
-    base = n * cdiv(c, 64)
-    target = max(pool._TARGET_PROGRAMS, 4 * sm_count)
-    splits = max(1, min(cdiv(target, base), cdiv(hw, pool.POOL_SPLIT_UNIT)))
-    per = cdiv(cdiv(hw, splits), pool.POOL_SPLIT_UNIT) * pool.POOL_SPLIT_UNIT
-    splits = cdiv(hw, per)
-    return splits, per
+    return pool_split(n, c, h * w, max(MIN_TARGET_PROGRAMS, 4 * sm_count))
 
 
 def _arguments(job, fn, meta):

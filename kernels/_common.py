@@ -1,4 +1,5 @@
 """What the kernels share: interpreter detection, autotune config lists, the memory plan of an input, flat indexing."""
+import functools
 import os
 import threading
 from dataclasses import dataclass
@@ -52,6 +53,32 @@ _CONFIGS = {
     # (BLOCK_C=128, BLOCK_HW=32, 8 warps) was dropped: ptxas spilled it on sm_90 (fp16 NCHW), see `bam-triton inspect`.
 }
 # The interpreter cannot time configs, so one pinned config runs there (the first of each list).
+
+
+# Programs a grid aims for before a kernel splits its work further: a few waves even on a large GPU.
+MIN_TARGET_PROGRAMS = 1024
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(device):
+    """How many programs a grid should have on ``device`` before splitting work (4 per SM, at least 1024)."""
+    if device.type != "cuda":
+        return MIN_TARGET_PROGRAMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(MIN_TARGET_PROGRAMS, 4 * _multiprocessors(index))
+
+
+def keep_contiguous_configs(configs, named_args, **kwargs):
+    """``early_config_prune`` for the 2D-tile kernels: drop configs whose block along the contiguous axis is under 32
+    elements (short vectors, partial sectors); that axis is H·W for NCHW and C for channels_last. Keeps everything if
+    nothing would remain."""
+    axis = "BLOCK_C" if kwargs.get("CHANNELS_LAST", named_args.get("CHANNELS_LAST")) else "BLOCK_HW"
+    kept = [config for config in configs if config.kwargs[axis] >= 32]
+    return kept or configs
 
 
 def autotune_configs(kind):

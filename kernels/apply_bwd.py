@@ -34,9 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, all_configs, autotune_configs, flat_index, launch, memory_plan
+from ._common import (acc_dtype, all_configs, autotune_configs, flat_index, keep_contiguous_configs, launch,
+                      memory_plan, target_programs)
 from .apply import COMBINE_CODES, attention_logit, col_map_index, gather_maps, row_map_index
-from .pool import _TARGET_PROGRAMS, _keep_contiguous_configs, _sm_count
 
 # A channel split is a multiple of every BLOCK_C (powers of two), so only the C tail is ever masked.
 _C_SPLIT_UNIT = max(meta["BLOCK_C"] for meta, _ in all_configs("reduce2d"))
@@ -66,7 +66,7 @@ def _tile_map_grads(g_ptr, x_ptr, dx_ptr, offsets, mask, mc, ms, COMBINE: tl.con
 
 
 @triton.autotune(configs=autotune_configs("reduce2d"), key=["C", "HW", "CHANNELS_LAST", "WRITE_DX"],
-                 prune_configs_by={"early_config_prune": _keep_contiguous_configs})
+                 prune_configs_by={"early_config_prune": keep_contiguous_configs})
 @triton.jit
 def apply_bwd_reduce_kernel(
     g_ptr,  # (N, C, H, W), same strides as x
@@ -185,8 +185,7 @@ def _reduce(g, x, mc, ms, combine, dx):
     partial_dtype = torch.promote_types(x.dtype, torch.float32)
     # Split channels only when images x hw blocks alone give too few programs.
     base_programs = n * triton.cdiv(hw, _TYPICAL_BLOCK_HW)
-    target = max(_TARGET_PROGRAMS, 4 * _sm_count(x.device))
-    n_splits = max(1, min(triton.cdiv(target, base_programs), triton.cdiv(c, _C_SPLIT_UNIT)))
+    n_splits = max(1, min(triton.cdiv(target_programs(x.device), base_programs), triton.cdiv(c, _C_SPLIT_UNIT)))
     c_per_split = triton.cdiv(triton.cdiv(c, n_splits), _C_SPLIT_UNIT) * _C_SPLIT_UNIT
     n_splits = triton.cdiv(c, c_per_split)
     dms_partial = torch.empty((n, n_splits, hw), device=x.device, dtype=partial_dtype)

@@ -16,22 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import POOL_SPLIT_UNIT, acc_dtype, autotune_configs, launch
-
-# Programs the pooling grid aims for before it splits H·W: a few waves on a large GPU.
-_TARGET_PROGRAMS = 1024
-
-
-def _keep_contiguous_configs(configs, named_args, **kwargs):
-    """Drop configs whose block along the contiguous axis is under 32 elements (short vectors, partial sectors):
-    that axis is H·W for NCHW and C for channels_last. Keeps everything if nothing would remain."""
-    axis = "BLOCK_C" if kwargs.get("CHANNELS_LAST", named_args.get("CHANNELS_LAST")) else "BLOCK_HW"
-    kept = [config for config in configs if config.kwargs[axis] >= 32]
-    return kept or configs
-
+from ._common import POOL_SPLIT_UNIT, acc_dtype, autotune_configs, keep_contiguous_configs, launch, target_programs
 
 @triton.autotune(configs=autotune_configs("pool"), key=["C", "HW", "CHANNELS_LAST"],
-                 prune_configs_by={"early_config_prune": _keep_contiguous_configs})
+                 prune_configs_by={"early_config_prune": keep_contiguous_configs})
 @triton.jit
 def channel_pool_kernel(
     x_ptr,  # (N, C, H, W), dense NCHW or NHWC
@@ -74,10 +62,13 @@ def channel_pool_kernel(
     tl.store(out, (sums * inv_hw).to(out_ptr.dtype.element_ty), mask=c_mask)
 
 
-def _sm_count(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+def pool_split(n, c, hw, target):
+    """(n_splits, hw_per_split) of the pooling grid: split H·W only when the (image, channel block) grid alone has
+    fewer than ``target`` programs; each split is a multiple of POOL_SPLIT_UNIT."""
+    base_programs = n * triton.cdiv(c, 64)
+    n_splits = max(1, min(triton.cdiv(target, base_programs), triton.cdiv(hw, POOL_SPLIT_UNIT)))
+    hw_per_split = triton.cdiv(triton.cdiv(hw, n_splits), POOL_SPLIT_UNIT) * POOL_SPLIT_UNIT
+    return triton.cdiv(hw, hw_per_split), hw_per_split
 
 
 def channel_pool_fwd(x, channels_last):
@@ -85,12 +76,7 @@ def channel_pool_fwd(x, channels_last):
     Arguments are validated by the op layer."""
     n, c, h, w = x.shape
     hw = h * w
-    # Split H·W only when the (image, channel block) grid alone leaves the GPU idle.
-    base_programs = n * triton.cdiv(c, 64)
-    target = max(_TARGET_PROGRAMS, 4 * _sm_count(x.device))
-    n_splits = max(1, min(triton.cdiv(target, base_programs), triton.cdiv(hw, POOL_SPLIT_UNIT)))
-    hw_per_split = triton.cdiv(triton.cdiv(hw, n_splits), POOL_SPLIT_UNIT) * POOL_SPLIT_UNIT
-    n_splits = triton.cdiv(hw, hw_per_split)
+    n_splits, hw_per_split = pool_split(n, c, hw, target_programs(x.device))
     out_dtype = x.dtype if n_splits == 1 else torch.promote_types(x.dtype, torch.float32)
     partial = torch.empty((n, n_splits, c), device=x.device, dtype=out_dtype)
     grid = lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"]), n_splits)  # noqa: E731
