@@ -118,6 +118,10 @@ def add_sweep_args(p):
     p.add_argument("--flush-mib", type=int, default=64, metavar="MIB",
                    help="CPU timer: overwrite this many MiB before each timed call so inputs come from DRAM, as "
                         "do_bench flushes the GPU's L2 (default 64, twice a 32 MiB L3; 0 = hot cache)")
+    p.add_argument("--cpu-allocator", choices=("steady", "system"), default="steady",
+                   help="CPU: 'steady' (default) keeps freed memory in glibc's heap so no timed call pays page faults "
+                        "for fresh temporaries (as the CUDA caching allocator behaves); 'system' leaves malloc as it "
+                        "is, where such faults come and go with the process's allocation history")
     p.add_argument("--no-cudagraph", action="store_true", help="CUDA: skip the CUDA-graph replay timings")
 
 
@@ -246,7 +250,7 @@ def providers_for(device, requested, interpret):
 
 def run_sweep(args):
     from . import configs
-    from .timing import copy_bandwidth
+    from .timing import copy_bandwidth, steady_cpu_allocator
 
     device, shapes, dtypes, layouts, ops = grid(args)
     interpret = bool(args.interpret) and device.type == "cpu"
@@ -259,6 +263,10 @@ def run_sweep(args):
     providers, skipped = providers_for(device, requested, interpret)
     os.makedirs(args.out, exist_ok=True)
     env = environment(device)
+    if device.type == "cuda":
+        env["cpu_allocator"] = None
+    else:
+        env["cpu_allocator"] = steady_cpu_allocator() if args.cpu_allocator == "steady" else "system"
     if device.type != "cuda":
         print("No CUDA GPU here: the Triton kernels need one, so the triton and triton-compiled providers are not "
               "timed." + (" --interpret: the kernels run through Triton's interpreter to be validated on every "

@@ -1,5 +1,8 @@
 """Timers: ``triton.testing.do_bench`` (and CUDA-graph replay) on CUDA, a warm-up-and-repeat wall-clock timer on CPU,
 and the device's copy bandwidth (a large ``clone``), all returning milliseconds as (median, p20, p80)."""
+import ctypes
+import ctypes.util
+import sys
 import time
 
 import torch
@@ -58,6 +61,29 @@ def cpu_timer(fn, min_time=0.5, min_reps=5, max_reps=200, warmup_time=0.1, min_w
         if time.perf_counter() - wall > 20 * max(min_time, 0.05) and len(times) >= min_reps:
             break  # flushing dominates: enough samples
     return summarize(times), len(times)
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def steady_cpu_allocator():
+    """Put this process's CPU allocator in a steady state, as the CUDA caching allocator is on a GPU: glibc malloc
+    serves every block from its heap (``M_MMAP_MAX = 0``) and never returns freed memory to the OS
+    (``M_TRIM_THRESHOLD`` at its maximum). Without this, a full-size temporary above glibc's adaptive mmap threshold
+    (up to 32 MiB) is a fresh mapping on every call and pays a page fault per 4 KiB page -- whether it does depends on
+    the allocation history of the process, so one shape measured twice in one sweep can differ by 2x. Affects the
+    whole process; meant for the sweep's own process. Returns a description for sweep.json (what was done, or why
+    nothing was: not Linux/glibc)."""
+    if not sys.platform.startswith("linux"):
+        return f"system (steady needs glibc's mallopt; this is {sys.platform})"
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "system (no glibc mallopt found)"
+    ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    return "steady (glibc mallopt: M_MMAP_MAX=0, M_TRIM_THRESHOLD=2**31-1)" if ok else "system (mallopt refused)"
 
 
 def cuda_do_bench(fn):

@@ -35,7 +35,7 @@ def quick_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     code = main(["sweep", "--quick", "--interpret", "--ops", "pool,apply-fwd,bam-fwd",
                  "--providers", "authors-eager,torch-path,triton,triton-compiled", "--out", str(out),
-                 "--min-time", "0.01", "--max-reps", "5", "--copy-mib", "16"])
+                 "--min-time", "0.01", "--max-reps", "5", "--copy-mib", "16", "--cpu-allocator", "system"])
     assert code == 0
     return out
 
@@ -76,9 +76,54 @@ def test_sweep_interpreter_rows_are_validated_and_not_speed(quick_sweep):
         assert "BLOCK" in r["config"]
 
 
+_FAULTS_SCRIPT = """
+import resource, sys, torch
+if sys.argv[1] == "steady":
+    from bam_triton.bench.timing import steady_cpu_allocator
+    print(steady_cpu_allocator(), file=sys.stderr)
+def faults_of_one_temporary():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(2**24).fill_(1.0)  # 64 MiB, above glibc's largest adaptive mmap threshold
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_one_temporary()
+print(min(faults_of_one_temporary() for _ in range(5)))
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc mallopt")
+def test_steady_cpu_allocator_stops_page_faults_of_temporaries():
+    """The sweep's default CPU allocator state: a 64 MiB temporary allocated again pays no page faults, where the
+    system default pays one per 4 KiB page (16384) every time."""
+    import subprocess
+    import sys
+
+    def faults(mode):
+        proc = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True,
+                              timeout=120, check=True)
+        return int(proc.stdout.strip()), proc.stderr
+
+    system, _ = faults("system")
+    steady, said = faults("steady")
+    assert said.startswith("steady"), said
+    assert system >= 2**24 * 4 // 4096 // 2  # at least half the pages fault (huge pages would lower it)
+    assert steady < 100
+
+
+def test_sweep_records_the_cpu_allocator(tmp_path):
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "bam_triton", "sweep", "--shapes", "2x16x8x8", "--ops", "apply-fwd",
+                    "--providers", "authors-eager", "--out", str(tmp_path), "--min-time", "0.01", "--max-reps", "3",
+                    "--copy-mib", "16"], capture_output=True, text=True, timeout=300, check=True)
+    env = json.loads((tmp_path / "sweep.json").read_text())["environment"]
+    assert env["cpu_allocator"].startswith("steady" if sys.platform.startswith("linux") else "system")
+
+
 def test_sweep_with_compiled_provider(tmp_path):
     code = main(["sweep", "--shapes", "2x16x8x8", "--ops", "apply-fwd", "--providers", "authors-compiled",
-                 "--out", str(tmp_path), "--min-time", "0.01", "--max-reps", "5", "--copy-mib", "16"])
+                 "--out", str(tmp_path), "--min-time", "0.01", "--max-reps", "5", "--copy-mib", "16",
+                 "--cpu-allocator", "system"])
     assert code == 0
     _, rows = _read_csv(tmp_path / "sweep.csv")
     assert [r["provider"] for r in rows] == ["authors-eager", "authors-compiled"]  # the baseline is always added
