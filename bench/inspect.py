@@ -40,7 +40,14 @@ KERNELS = (
     ("channel_pool_kernel", "pool"),
     ("apply_bwd_reduce_kernel", "reduce2d"),
     ("apply_bwd_dx_kernel", "elementwise"),
+    ("channel_pool_rows_kernel", "rows"),
+    ("apply_bwd_reduce_rows_kernel", "rows"),
 )
+
+
+# Kernels whose every full-tensor access is meant to be a 128-bit vector at every shape they run on (the 2D-tile
+# kernels are too when H·W is a multiple of 16, and scalar otherwise, where the row-group kernels take over).
+VECTOR_KERNELS = ("apply_fwd_kernel", "apply_bwd_dx_kernel", "channel_pool_rows_kernel", "apply_bwd_reduce_rows_kernel")
 
 
 def kernel_names():
@@ -51,6 +58,35 @@ def kernel_names():
 def make_job(kernel, kind, config_index, arch, dtype, shape, layout):
     return dict(kernel=kernel, kind=kind, config=config_index, arch=arch, dtype=dtype, shape=list(shape),
                 layout=layout)
+
+
+def _row_group(shape, dtype, layout):
+    """The launchers' choice (kernels/_common.row_group): K for the row-group kernels, or None where they don't run."""
+    from bam_triton.kernels._common import row_group
+
+    n, c, h, w = shape
+    return None if layout == "channels_last" else row_group(c, h * w, _ITEMSIZE[dtype])
+
+
+def _block_l(shape, dtype, layout):
+    n, c, h, w = shape
+    return 1 << (_row_group(shape, dtype, layout) * h * w - 1).bit_length()
+
+
+def runs(kernel, kind, config_index, dtype, shape, layout):
+    """Whether a real launch could run ``kernel`` with this config on this input: the row-group kernels only where
+    the launchers pick them, and only the configs their autotuner keeps (``fit_row_tiles``)."""
+    if kind != "rows":
+        return True
+    if _row_group(shape, dtype, layout) is None:
+        return False
+    import triton
+
+    from bam_triton.kernels._common import all_configs
+
+    configs = [triton.Config(meta, num_warps=warps) for meta, warps in all_configs(kind)]
+    kept = _autotuner(kernel).early_config_prune(configs, {}, BLOCK_L=_block_l(shape, dtype, layout))
+    return configs[config_index] in kept
 
 
 def all_jobs(kernels=None, archs=ARCHS, dtypes=DTYPES, shapes=INSPECT_SHAPES, layouts=LAYOUTS, first_config_only=False,
@@ -65,7 +101,8 @@ def all_jobs(kernels=None, archs=ARCHS, dtypes=DTYPES, shapes=INSPECT_SHAPES, la
                 for dt in dtypes:
                     for shape in shapes:
                         for layout in layouts:
-                            jobs.append(make_job(kernel, kind, ci, arch, dt, shape, layout))
+                            if runs(kernel, kind, ci, dt, shape, layout):
+                                jobs.append(make_job(kernel, kind, ci, arch, dt, shape, layout))
     return jobs
 
 
@@ -103,8 +140,9 @@ def _arguments(job, fn, meta):
     inner, mid = (c, hw) if channels_last else (hw, c)
     numel = n * c * hw
     splits, per_split = _pool_plan(job["shape"])
+    # rows_per_split: a multiple of the row split unit (16), as every real launch passes.
     ints = {"n_elements": numel, "C": c, "HW": hw, "N": n, "hw_per_split": per_split, "n_hw": hw, "n_c": c,
-            "numel": numel, "n_rows": n * mid, "n_images": n}
+            "numel": numel, "n_rows": n * mid, "n_images": n, "rows_per_split": 16}
     floats = {"inv_hw": 1.0 / hw}
     from bam_triton.kernels._common import MAX_BLOCK
 
@@ -115,6 +153,10 @@ def _arguments(job, fn, meta):
     import triton.language as tl
 
     consts["ACC"] = tl.float64 if job["dtype"] == "fp64" else tl.float32
+    consts["WRITE_DX"] = True  # the single-pass backward: dx stored too
+    if job["kind"] == "rows":  # the row-group kernels take H·W, K and the group row's block as constexprs
+        consts.update(HW=hw, GROUP=_row_group(job["shape"], job["dtype"], job["layout"]),
+                      BLOCK_L=_block_l(job["shape"], job["dtype"], job["layout"]))
     consts.update(meta)
     signature, constexprs, divisible = {}, {}, []
     params = list(fn.params)
@@ -158,7 +200,8 @@ def _empty():
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_fn(name):
+def _autotuner(name):
+    """The kernel object the launchers call (a triton Autotuner), found by name in ``bam_triton.kernels``."""
     import importlib
 
     for mod in ("apply", "pool", "apply_bwd"):
@@ -167,9 +210,13 @@ def _kernel_fn(name):
         except ImportError:
             continue
         if hasattr(m, name):
-            obj = getattr(m, name)
-            return getattr(obj, "fn", obj)  # Autotuner -> JITFunction
+            return getattr(m, name)
     raise KeyError(name)
+
+
+def _kernel_fn(name):
+    obj = _autotuner(name)
+    return getattr(obj, "fn", obj)  # Autotuner -> JITFunction
 
 
 _LDST = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global((?:\.[\w:]+)*)\s+(.*?);", re.M)
@@ -308,7 +355,7 @@ def compile_job(job):
     access, mix = analyse_ptx(ptx, runtime_args)
     out = dict(job, meta=meta, num_warps=warps, access=access, ptx_mix=mix, int64_index_ops=int64_index_ops(ptx),
                shared=getattr(compiled.metadata, "shared", None),
-               elements_per_thread=_elements_per_thread(meta, warps))
+               elements_per_thread=_elements_per_thread(dict(meta, **constexprs), warps))
     out.update(_ptxas_info(ptx, job["arch"]))
     if "cubin" in compiled.asm:
         out.update(_cuobjdump_info(compiled.asm["cubin"]))
@@ -316,7 +363,8 @@ def compile_job(job):
 
 
 def _elements_per_thread(meta, warps):
-    block = meta.get("BLOCK") or meta.get("BLOCK_C", 1) * meta.get("BLOCK_HW", 1)
+    block = meta.get("BLOCK") or meta.get("BLOCK_C", 1) * meta.get("BLOCK_HW", 1) * meta.get("BLOCK_R", 1) * \
+        meta.get("BLOCK_L", 1)
     return block // (warps * 32)
 
 
@@ -375,7 +423,8 @@ def vector_bits(result, arg, kind):
 
 
 def full_tensor_args(result):
-    return [a for a in result.get("access", {}) if a in _FULL_TENSORS]
+    small = ("out_ptr",) if result["kernel"].startswith("channel_pool") else ()  # the pooling's out is (N, C)
+    return [a for a in result.get("access", {}) if a in _FULL_TENSORS and a not in small]
 
 
 def summarize(results):
@@ -414,8 +463,9 @@ def run_inspect(args):
         json.dump(results, f, indent=1)
     errors = [r for r in results if "error" in r]
     spills = [r for r in results if r.get("spill_stores", 0) or r.get("spill_loads", 0)]
-    narrow = [r for r in results if r["kernel"] in ("apply_fwd_kernel", "apply_bwd_dx_kernel") and "error" not in r
+    narrow = [r for r in results if r["kernel"] in VECTOR_KERNELS and "error" not in r
               and any(b != 128 for a in full_tensor_args(r) for k in ("load", "store") for b in vector_bits(r, a, k))]
     print(f"\n{len(results)} variants: {len(errors)} errors, {len(spills)} with spills, "
-          f"{len(narrow)} elementwise variants with full-tensor accesses narrower than 128 bits. Wrote {path}")
+          f"{len(narrow)} variants of the vectorised kernels ({', '.join(VECTOR_KERNELS)}) with full-tensor "
+          f"accesses narrower than 128 bits. Wrote {path}")
     return 1 if errors else 0

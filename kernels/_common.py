@@ -1,5 +1,6 @@
 """What the kernels share: interpreter detection, autotune config lists, the memory plan of an input, flat indexing."""
 import functools
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -39,18 +40,32 @@ _CONFIGS = {
         (dict(BLOCK_C=128, BLOCK_HW=16), 8),
         (dict(BLOCK_C=256, BLOCK_HW=16), 8),
     ],
-    # Backward reductions over both axes of a [C, HW] tile (apply_bwd.py): 1-4K elements per step, two streams (g, x)
-    # and a same-size accumulator, so ~8-16 elements per thread. BLOCK_HW >= 32 keeps the per-hw-block dmc partials
-    # under 1/8 byte per element; the first config is wide enough on both axes for either memory format.
+    # Backward reductions over both axes of a [C, HW] tile (apply_bwd.py): 1-2K elements per step, two streams (g, x),
+    # dx stored in the single-pass backward and a same-size accumulator, so 8 elements per thread: 16 took 155-186
+    # registers and spilled on sm_80/sm_90 with dx stored (bam-triton inspect). BLOCK_HW >= 32 keeps the per-hw-block
+    # dmc partials under 1/8 byte per element; the first config is wide enough on both axes for either memory format.
     "reduce2d": [
-        (dict(BLOCK_C=32, BLOCK_HW=64), 4),
-        (dict(BLOCK_C=16, BLOCK_HW=128), 4),
-        (dict(BLOCK_C=8, BLOCK_HW=256), 4),
-        (dict(BLOCK_C=16, BLOCK_HW=256), 8),
-        (dict(BLOCK_C=64, BLOCK_HW=32), 4),
-        (dict(BLOCK_C=64, BLOCK_HW=64), 8),
+        (dict(BLOCK_C=32, BLOCK_HW=32), 4),
+        (dict(BLOCK_C=16, BLOCK_HW=64), 4),
+        (dict(BLOCK_C=8, BLOCK_HW=128), 4),
+        (dict(BLOCK_C=4, BLOCK_HW=256), 4),
+        (dict(BLOCK_C=64, BLOCK_HW=32), 8),
+        (dict(BLOCK_C=32, BLOCK_HW=64), 8),
+        (dict(BLOCK_C=16, BLOCK_HW=128), 8),
     ],
-    # (BLOCK_C=128, BLOCK_HW=32, 8 warps) was dropped: ptxas spilled it on sm_90 (fp16 NCHW), see `bam-triton inspect`.
+    # Row-group tiles [BLOCK_R, BLOCK_L] of the NCHW kernels for small unaligned H·W (see row_group): BLOCK_L is the
+    # whole group row, fixed by the shape, so only the rows per tile and the warps are tuned (row_tile_pruner drops
+    # the tiles that are too small or too large for the group row at hand).
+    "rows": [
+        (dict(BLOCK_R=4), 4),
+        (dict(BLOCK_R=1), 4),
+        (dict(BLOCK_R=1), 8),
+        (dict(BLOCK_R=2), 4),
+        (dict(BLOCK_R=8), 4),
+        (dict(BLOCK_R=4), 8),
+        (dict(BLOCK_R=8), 8),
+        (dict(BLOCK_R=16), 8),
+    ],
 }
 # The interpreter cannot time configs, so one pinned config runs there (the first of each list).
 
@@ -79,6 +94,47 @@ def keep_contiguous_configs(configs, named_args, **kwargs):
     axis = "BLOCK_C" if kwargs.get("CHANNELS_LAST", named_args.get("CHANNELS_LAST")) else "BLOCK_HW"
     kept = [config for config in configs if config.kwargs[axis] >= 32]
     return kept or configs
+
+
+# Longest group row (K·H·W elements) the row-group kernels take in one tile; longer rows use the 2D-tile kernels.
+MAX_GROUP_ROW = 2048
+
+
+def row_group(c, hw, element_size):
+    """K for the row-group kernels of an NCHW tensor, or None when the 2D-tile kernels vectorise anyway or cannot use
+    it.
+
+    A row of H·W elements starts at c·H·W. Triton marks an integer argument 16-divisible when it is, so for H·W a
+    multiple of 16 every row start is known to be 16-byte aligned and the 2D tiles load 128-bit vectors. Otherwise
+    (14x14 = 196, 7x7 = 49) nothing is known and every access is scalar. Viewing K consecutive channels as one row of
+    K·H·W elements, with K the smallest count whose bytes are a multiple of 16 and H·W a constexpr, makes every row
+    start provably aligned again: K = 2 for fp16 at 196, 8 at 49; K = 1 for fp32 at 196, 4 at 49.
+    Needs C divisible by K (rows never straddle images) and K·H·W <= MAX_GROUP_ROW (one tile per group row)."""
+    if hw % 16 == 0:
+        return None
+    per_vector = 16 // element_size
+    k = per_vector // math.gcd(hw, per_vector)
+    if c % k or k * hw > MAX_GROUP_ROW:
+        return None
+    return k
+
+
+def row_tile_pruner(max_per_thread):
+    """An ``early_config_prune`` for a row-group kernel: keep tiles [BLOCK_R, BLOCK_L] of 1K-8K elements with at most
+    ``max_per_thread`` per thread (BLOCK_L is the group row rounded up to a power of two, fixed by the shape); keeps
+    the smallest tile if none fits."""
+
+    def prune(configs, named_args, **kwargs):
+        block_l = kwargs.get("BLOCK_L", named_args.get("BLOCK_L"))
+
+        def elements(config):
+            return config.kwargs["BLOCK_R"] * block_l
+
+        kept = [cf for cf in configs
+                if 1024 <= elements(cf) <= 8192 and elements(cf) <= max_per_thread * 32 * cf.num_warps]
+        return kept or [min(configs, key=elements)]
+
+    return prune
 
 
 def autotune_configs(kind):

@@ -21,6 +21,12 @@ launcher sums in a fixed order (deterministic, no atomics). The dmc partials cos
 4·splits / C bytes per element. Channels are split (grid[1]) only when images x hw blocks alone leave the GPU idle:
 (1024, 14, 14) at N = 32 gives 128 hw-block programs, too few for ~132 SMs to stream from.
 
+NCHW with a small H·W that is not a multiple of 16 (14x14, 7x7) goes to ``apply_bwd_reduce_rows_kernel``: as for the
+pooling (pool.py), K consecutive channels form one 16-byte-aligned group row of K·H·W elements, so g, x and dx move in
+128-bit vectors. A program owns whole group rows of one channel split, so its dmc is complete (K masked row sums per
+tile, written straight to (N, C)); its dms is a column sum over the split's rows, stored per group-row position as
+(N, n_splits, K·H·W) partials that the launcher folds over splits and K in a fixed order.
+
 ``apply_bwd_dx_kernel`` is elementwise over the flat range of ``x``, like ``apply_fwd_kernel`` (same INNER/MID
 indexing of the small maps, so loads and stores vectorise to 128 bits for any H·W):
 ``dx = g·(1 + s) + dpool[n, c] / (H·W) + dx_extra``. ``dpool`` is the gradient of the channel pooling's output (its
@@ -35,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ._common import (acc_dtype, all_configs, autotune_configs, flat_index, keep_contiguous_configs, launch,
-                      memory_plan, target_programs)
+                      memory_plan, row_group, row_tile_pruner, target_programs)
 from .apply import COMBINE_CODES, attention_logit, col_map_index, gather_maps, row_map_index
 
 # A channel split is a multiple of every BLOCK_C (powers of two), so only the C tail is ever masked.
@@ -44,6 +50,8 @@ _C_SPLIT_UNIT = max(meta["BLOCK_C"] for meta, _ in all_configs("reduce2d"))
 _MIN_BLOCK_HW = min(meta["BLOCK_HW"] for meta, _ in all_configs("reduce2d"))
 # hw block size the launcher assumes when it decides whether to split channels (the config is not known yet).
 _TYPICAL_BLOCK_HW = 64
+# A split of the group rows is a multiple of every BLOCK_R, so only the last split's tail is masked.
+_ROW_SPLIT_UNIT = max(meta["BLOCK_R"] for meta, _ in all_configs("rows"))
 
 
 @triton.jit
@@ -126,6 +134,60 @@ def apply_bwd_reduce_kernel(
     tl.store(dms_out, dms.to(dms_partial_ptr.dtype.element_ty), mask=hw_mask)
 
 
+# At most 8 elements per thread: with g, x, the maps and an accumulator per element, 16 took 128-142 registers on
+# sm_90 and spilled in fp32 at 7x7 (bam-triton inspect).
+@triton.autotune(configs=autotune_configs("rows"), key=["C", "HW", "GROUP", "WRITE_DX"],
+                 prune_configs_by={"early_config_prune": row_tile_pruner(max_per_thread=8)})
+@triton.jit
+def apply_bwd_reduce_rows_kernel(
+    g_ptr,  # (N, C, H, W), dense NCHW like x
+    x_ptr,  # (N, C, H, W), dense NCHW, C divisible by GROUP
+    mc_ptr,  # (N, C)
+    ms_ptr,  # (N, H·W)
+    dx_ptr,  # like x; written only when WRITE_DX
+    dmc_ptr,  # (N, C): complete sums (a program owns whole rows)
+    dms_partial_ptr,  # (N, n_splits, GROUP·HW): column sums of one split, per group-row position
+    C,
+    rows_per_split,  # group rows per split, a multiple of every BLOCK_R
+    HW: tl.constexpr,  # a constexpr, so the compiler can prove group rows 16-byte aligned
+    GROUP: tl.constexpr,  # K channels per group row
+    COMBINE: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # group rows per tile
+    BLOCK_L: tl.constexpr,  # GROUP·HW rounded up to a power of two
+    WRITE_DX: tl.constexpr = False,
+    ACC: tl.constexpr = tl.float32,  # accumulation dtype: fp32, fp64 for fp64 inputs
+):
+    ROW: tl.constexpr = GROUP * HW
+    n = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    n_rows = C // GROUP
+    l = tl.arange(0, BLOCK_L)
+    l_mask = l < ROW
+    channel_in_group = l // HW  # GROUP for the padding past ROW: never equal to a j below
+    hw = l - (l // HW) * HW
+    ms = tl.load(ms_ptr + n * HW + hw, mask=l_mask, other=0.0).to(ACC)
+    image = n * C * HW
+    g_image, x_image, dx_image = g_ptr + image, x_ptr + image, dx_ptr + image
+    r_start = split * rows_per_split
+    r_stop = tl.minimum(r_start + rows_per_split, n_rows)
+    dms_acc = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
+    for r0 in range(r_start, r_stop, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = r < n_rows
+        mask = r_mask[:, None] & l_mask[None, :]
+        channel = r[:, None] * GROUP + channel_in_group[None, :]
+        mc = tl.load(mc_ptr + n * C + channel, mask=mask, other=0.0).to(ACC)
+        d_mc, d_ms = _tile_map_grads(g_image, x_image, dx_image, r[:, None] * ROW + l[None, :], mask, mc,
+                                     ms[None, :], COMBINE, WRITE_DX, ACC)
+        dmc_rows = dmc_ptr + n * C + r * GROUP
+        for j in tl.static_range(GROUP):
+            row_sums = tl.sum(tl.where(channel_in_group[None, :] == j, d_mc, 0.0), axis=1)
+            tl.store(dmc_rows + j, row_sums.to(dmc_ptr.dtype.element_ty), mask=r_mask)
+        dms_acc += d_ms
+    dms_out = dms_partial_ptr + (n * tl.num_programs(1) + split) * ROW + l
+    tl.store(dms_out, tl.sum(dms_acc, axis=0).to(dms_partial_ptr.dtype.element_ty), mask=l_mask)
+
+
 @triton.jit
 def _channel_index(idx, INNER: tl.constexpr, MID: tl.constexpr, CHANNELS_LAST: tl.constexpr):
     """n·C + c of flat indices ``idx``: the row-map index for NCHW, the column-map index for NHWC."""
@@ -183,6 +245,9 @@ def _reduce(g, x, mc, ms, combine, dx):
     hw = h * w
     plan = memory_plan(x)
     partial_dtype = torch.promote_types(x.dtype, torch.float32)
+    group = None if plan.channels_last else row_group(c, hw, x.element_size())
+    if group is not None:
+        return _reduce_rows(g, x, mc, ms, combine, dx, group, partial_dtype)
     # Split channels only when images x hw blocks alone give too few programs.
     base_programs = n * triton.cdiv(hw, _TYPICAL_BLOCK_HW)
     n_splits = max(1, min(triton.cdiv(target_programs(x.device), base_programs), triton.cdiv(c, _C_SPLIT_UNIT)))
@@ -205,6 +270,25 @@ def _reduce(g, x, mc, ms, combine, dx):
     dmc = dmc_partial[: n * hw_blocks * c].view(n, hw_blocks, c)
     dmc = dmc.view(n, c) if hw_blocks == 1 else dmc.sum(dim=1)
     dms = dms_partial.view(n, hw) if n_splits == 1 else dms_partial.sum(dim=1)
+    return dmc, dms
+
+
+def _reduce_rows(g, x, mc, ms, combine, dx, group, partial_dtype):
+    """Launch :func:`apply_bwd_reduce_rows_kernel` (NCHW, ``group`` channels per row); returns (dmc, dms)."""
+    n, c, h, w = x.shape
+    hw, n_rows = h * w, c // group
+    # Split the channels only as far as the GPU needs programs, and at most until the dms partials (4 bytes per
+    # group-row position per split) reach 1/16 of the bytes of g and x that the split reads.
+    max_splits = max(1, n_rows * 2 * x.element_size() // 64)
+    n_splits = max(1, min(triton.cdiv(target_programs(x.device), n), max_splits, triton.cdiv(n_rows, _ROW_SPLIT_UNIT)))
+    rows_per_split = triton.cdiv(triton.cdiv(n_rows, n_splits), _ROW_SPLIT_UNIT) * _ROW_SPLIT_UNIT
+    n_splits = triton.cdiv(n_rows, rows_per_split)
+    dmc = torch.empty((n, c), device=x.device, dtype=partial_dtype)
+    dms_partial = torch.empty((n, n_splits * group, hw), device=x.device, dtype=partial_dtype)
+    launch(apply_bwd_reduce_rows_kernel, (n, n_splits), g, x, mc, ms, g if dx is None else dx, dmc, dms_partial, c,
+           rows_per_split, HW=hw, GROUP=group, COMBINE=COMBINE_CODES[combine],
+           BLOCK_L=triton.next_power_of_2(group * hw), WRITE_DX=dx is not None, ACC=acc_dtype(x.dtype))
+    dms = dms_partial.view(n, hw) if n_splits * group == 1 else dms_partial.sum(dim=1)
     return dmc, dms
 
 

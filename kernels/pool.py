@@ -11,12 +11,22 @@ Splitting H·W over ``grid[1]`` gives channels_last inputs with few channels blo
 the split partial sums land in an (N, n_splits, C) fp32 buffer that a tiny second pass adds up in a fixed order,
 so results are deterministic (no atomics). With one split the kernel writes the pooled (N, C) result directly.
 Per-image offsets are int32 (the op layer checks C·H·W < 2**31); the image base is int64.
+
+NCHW with a small H·W that is not a multiple of 16 (14x14, 7x7) goes to ``channel_pool_rows_kernel`` instead: rows
+of H·W elements do not start 16-byte aligned there, so the tiles above would load scalars. It views K consecutive
+channels as one row of K·H·W elements (``_common.row_group``: K·H·W·itemsize a multiple of 16, H·W a constexpr),
+loads [BLOCK_R, BLOCK_L] tiles of whole group rows in 128-bit vectors, and splits each row into its K channel sums
+with K masked reductions:
+
+    group row r, position l:  channel r·K + l // HW,  hw = l % HW
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._common import POOL_SPLIT_UNIT, acc_dtype, autotune_configs, keep_contiguous_configs, launch, target_programs
+from ._common import (POOL_SPLIT_UNIT, acc_dtype, autotune_configs, keep_contiguous_configs, launch, row_group,
+                      row_tile_pruner, target_programs)
+
 
 @triton.autotune(configs=autotune_configs("pool"), key=["C", "HW", "CHANNELS_LAST"],
                  prune_configs_by={"early_config_prune": keep_contiguous_configs})
@@ -62,6 +72,37 @@ def channel_pool_kernel(
     tl.store(out, (sums * inv_hw).to(out_ptr.dtype.element_ty), mask=c_mask)
 
 
+# Up to 16 elements per thread: one load and a few adds each, ~40 registers (bam-triton inspect).
+@triton.autotune(configs=autotune_configs("rows"), key=["C", "HW", "GROUP"],
+                 prune_configs_by={"early_config_prune": row_tile_pruner(max_per_thread=16)})
+@triton.jit
+def channel_pool_rows_kernel(
+    x_ptr,  # (N, C, H, W), dense NCHW, C divisible by GROUP
+    out_ptr,  # (N, C): the means
+    C,
+    HW: tl.constexpr,  # a constexpr, so the compiler can prove group rows (GROUP·HW elements) 16-byte aligned
+    GROUP: tl.constexpr,  # K channels per group row
+    ACC: tl.constexpr,  # accumulation dtype: fp32 (fp64 for fp64 inputs)
+    BLOCK_R: tl.constexpr,  # group rows per program
+    BLOCK_L: tl.constexpr,  # GROUP·HW rounded up to a power of two
+):
+    ROW: tl.constexpr = GROUP * HW
+    n_rows = C // GROUP
+    pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(n_rows, BLOCK_R)
+    n = (pid // n_row_blocks).to(tl.int64)
+    r = (pid % n_row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = r < n_rows
+    l = tl.arange(0, BLOCK_L)
+    channel_in_group = l // HW  # GROUP for the padding past ROW: never equal to a j below
+    mask = r_mask[:, None] & (l < ROW)[None, :]
+    tile = tl.load(x_ptr + n * C * HW + r[:, None] * ROW + l[None, :], mask=mask, other=0.0).to(ACC)
+    out = out_ptr + n * C + r * GROUP
+    for j in tl.static_range(GROUP):
+        sums = tl.sum(tl.where(channel_in_group[None, :] == j, tile, 0.0), axis=1)
+        tl.store(out + j, (sums / HW).to(out_ptr.dtype.element_ty), mask=r_mask)  # once per row: divide in ACC
+
+
 def pool_split(n, c, hw, target):
     """(n_splits, hw_per_split) of the pooling grid: split H·W only when the (image, channel block) grid alone has
     fewer than ``target`` programs; each split is a multiple of POOL_SPLIT_UNIT."""
@@ -76,6 +117,13 @@ def channel_pool_fwd(x, channels_last):
     Arguments are validated by the op layer."""
     n, c, h, w = x.shape
     hw = h * w
+    group = None if channels_last else row_group(c, hw, x.element_size())
+    if group is not None:
+        out = torch.empty((n, c), device=x.device, dtype=x.dtype)
+        grid = lambda meta: (n * triton.cdiv(c // group, meta["BLOCK_R"]),)  # noqa: E731
+        launch(channel_pool_rows_kernel, grid, x, out, c, HW=hw, GROUP=group, ACC=acc_dtype(x.dtype),
+               BLOCK_L=triton.next_power_of_2(group * hw))
+        return out
     n_splits, hw_per_split = pool_split(n, c, hw, target_programs(x.device))
     out_dtype = x.dtype if n_splits == 1 else torch.promote_types(x.dtype, torch.float32)
     partial = torch.empty((n, n_splits, c), device=x.device, dtype=out_dtype)

@@ -233,26 +233,43 @@ def test_tune_without_gpu_says_so(capsys):
 
 AOT_SHAPES = [(32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14), (32, 2048, 7, 7)]
 AOT_DTYPES = ["fp16", "bf16", "fp32"]
+# Full-tensor accesses that must be 128-bit vectors wherever each kernel runs. The 2D-tile reductions are not listed:
+# at H·W = 196 and 49 (NCHW) their rows are not provably aligned, and the launchers send those to the row-group
+# kernels, which are.
 _VECTOR_KERNELS = {"apply_fwd_kernel": (("x_ptr", "load"), ("out_ptr", "store")),
-                   "apply_bwd_dx_kernel": (("g_ptr", "load"), ("dx_ptr", "store"))}
+                   "apply_bwd_dx_kernel": (("g_ptr", "load"), ("dx_ptr", "store")),
+                   "channel_pool_rows_kernel": (("x_ptr", "load"),),
+                   "apply_bwd_reduce_rows_kernel": (("g_ptr", "load"), ("x_ptr", "load"), ("dx_ptr", "store"))}
+# Row-group spill checks: K = 2 (fp16 14x14), 4 (fp32 7x7), 8 (fp16 7x7), and the longest group row (fp16 15x15:
+# 8 x 225 = 1800 -> BLOCK_L = 2048).
+_ROW_SPILL_CASES = (("fp16", (32, 1024, 14, 14)), ("fp32", (32, 2048, 7, 7)), ("fp16", (32, 2048, 7, 7)),
+                    ("fp16", (32, 256, 15, 15)))
+
+
+def _first_config_that_runs(kernel, kind, dt, shape, layout):
+    return next((ci for ci in range(aot._n_configs(kind)) if aot.runs(kernel, kind, ci, dt, shape, layout)), None)
 
 
 def _aot_jobs():
     names = dict(aot.kernel_names())
     jobs = []
-    # Vector widths: the elementwise kernels at every ResNet-50 BAM shape, dtype and layout (first config, sm_90).
+    # Vector widths: at every ResNet-50 BAM shape, dtype and layout each kernel runs on (first config that runs, sm_90).
     for kernel in _VECTOR_KERNELS:
-        if kernel in names:
-            for dt in AOT_DTYPES:
-                for shape in AOT_SHAPES:
-                    for layout in aot.LAYOUTS:
-                        jobs.append(aot.make_job(kernel, names[kernel], 0, 90, dt, shape, layout))
-    # Spills: every kernel and every config, for sm_80 and sm_90, at a large and a 7x7 map.
+        for dt in AOT_DTYPES:
+            for shape in AOT_SHAPES:
+                for layout in aot.LAYOUTS:
+                    ci = _first_config_that_runs(kernel, names[kernel], dt, shape, layout)
+                    if ci is not None:
+                        jobs.append(aot.make_job(kernel, names[kernel], ci, 90, dt, shape, layout))
+    # Spills: every kernel and every config it runs with, for sm_80 and sm_90, at a large and a 7x7 map (the 2D-tile
+    # and elementwise kernels) or at every group size (the row-group kernels).
     for kernel, kind in names.items():
+        cases = _ROW_SPILL_CASES if kind == "rows" else (("fp16", AOT_SHAPES[0]), ("fp32", AOT_SHAPES[3]))
         for ci in range(aot._n_configs(kind)):
             for arch in aot.ARCHS:
-                for dt, shape in (("fp16", AOT_SHAPES[0]), ("fp32", AOT_SHAPES[3])):
-                    jobs.append(aot.make_job(kernel, kind, ci, arch, dt, shape, "nchw"))
+                for dt, shape in cases:
+                    if aot.runs(kernel, kind, ci, dt, shape, "nchw"):
+                        jobs.append(aot.make_job(kernel, kind, ci, arch, dt, shape, "nchw"))
     unique = {json.dumps(j, sort_keys=True): j for j in jobs}
     return list(unique.values())
 
@@ -266,15 +283,33 @@ def aot_results():
 
 
 def test_aot_covers_every_kernel_and_config(aot_results):
+    """Every config of every kernel is compiled for both architectures; each row-group config is one the autotuner
+    keeps for at least one of the group rows checked (no dead configs)."""
     names = dict(aot.kernel_names())
-    assert {"apply_fwd_kernel", "channel_pool_kernel"} <= set(names)
+    assert {"apply_fwd_kernel", "channel_pool_kernel", "channel_pool_rows_kernel",
+            "apply_bwd_reduce_rows_kernel"} <= set(names)
+    expected_by_kind = {}
     for kernel, kind in names.items():
         seen = {(r["config"], r["arch"]) for r in aot_results if r["kernel"] == kernel}
-        assert seen == {(ci, a) for ci in range(aot._n_configs(kind)) for a in aot.ARCHS}
+        if kind == "rows":
+            expected_by_kind.setdefault(kind, set()).update(seen)
+        else:
+            assert seen == {(ci, a) for ci in range(aot._n_configs(kind)) for a in aot.ARCHS}
+    assert expected_by_kind["rows"] == {(ci, a) for ci in range(aot._n_configs("rows")) for a in aot.ARCHS}
 
 
-def test_aot_128_bit_vectors_in_elementwise_kernels(aot_results):
-    checked = 0
+def test_row_group_kernels_take_the_unaligned_resnet_maps():
+    """The launchers' choice, as inspect reproduces it: NCHW 14x14 and 7x7 go to the row-group kernels in every
+    dtype; 56x56 and 28x28 (H·W a multiple of 16) and channels_last stay on the 2D tiles."""
+    for dt in AOT_DTYPES:
+        for shape in AOT_SHAPES:
+            for layout in aot.LAYOUTS:
+                rows = _first_config_that_runs("apply_bwd_reduce_rows_kernel", "rows", dt, shape, layout) is not None
+                assert rows == (layout == "nchw" and shape[2] in (14, 7)), (dt, shape, layout)
+
+
+def test_aot_128_bit_vectors_in_vectorised_kernels(aot_results):
+    checked = {}
     for r in aot_results:
         if r["kernel"] not in _VECTOR_KERNELS:
             continue
@@ -285,8 +320,12 @@ def test_aot_128_bit_vectors_in_elementwise_kernels(aot_results):
             # the whole per-thread slice moves in 128-bit vectors: elements/thread x itemsize / 16 instructions
             count = r["access"][arg][kind]["128"]
             assert count == r["elements_per_thread"] * aot._ITEMSIZE[r["dtype"]] // 16, where
-            checked += 1
-    assert checked >= 2 * 3 * 4 * 2
+            checked[r["kernel"]] = checked.get(r["kernel"], 0) + 1
+    # At least: elementwise 3 dtypes x 4 shapes x 2 layouts x 2 args; row-group 3 dtypes x 2 maps (NCHW) x args.
+    # (The spill jobs, every config on both architectures, are checked too.)
+    least = {"apply_fwd_kernel": 48, "apply_bwd_dx_kernel": 48, "channel_pool_rows_kernel": 6,
+             "apply_bwd_reduce_rows_kernel": 18}
+    assert all(checked.get(k, 0) >= v for k, v in least.items()), checked
 
 
 def test_aot_no_spills(aot_results):

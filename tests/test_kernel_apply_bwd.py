@@ -34,7 +34,9 @@ SHAPES = [
     (2, 19, 11, 13),  # H·W = 143 and C = 19: ragged on both tile axes
     (2, 32, 14, 14),
     (2, 8, 56, 56),  # H·W = 3136: more than any BLOCK_HW
-    (1, 300, 3, 3),  # large C, not a multiple of BLOCK_C: the launcher splits the channels
+    (1, 301, 3, 3),  # large C, not a multiple of BLOCK_C: the launcher splits the channels
+    (2, 40, 7, 7),  # NCHW: the row-group kernel, K = 4 (fp32) or 8 (fp16/bf16), a ragged last tile of group rows
+    (2, 144, 7, 7),  # NCHW fp32: 36 group rows in 3 channel splits of 16, the last one ragged
 ]
 SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
 MAP_SUM_TOL = (2e-5, 1e-5)
@@ -194,14 +196,14 @@ def test_deterministic(channels_last):
 
 
 class _GridSpy:
-    """Stands in for the autotuned reduce kernel: records each launch's grid under the pinned config."""
+    """Stands in for an autotuned reduce kernel: records each launch's grid (under the pinned config)."""
 
     def __init__(self, kernel):
         self.kernel, self.grids = kernel, []
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
-            self.grids.append(grid(dict(self.kernel.configs[0].kwargs, **kwargs)))
+            self.grids.append(grid(dict(self.kernel.configs[0].kwargs, **kwargs)) if callable(grid) else grid)
             return self.kernel[grid](*args, **kwargs)
 
         return run
@@ -211,9 +213,9 @@ def test_channels_split_only_when_programs_are_few(monkeypatch):
     spy = _GridSpy(bwd_mod.apply_bwd_reduce_kernel)
     monkeypatch.setattr(bwd_mod, "apply_bwd_reduce_kernel", spy)
     # One 3x3 image gives a single program per split: the launcher splits C into as many units as it has.
-    few_programs_splits = -(-300 // bwd_mod._C_SPLIT_UNIT)
+    few_programs_splits = -(-301 // bwd_mod._C_SPLIT_UNIT)
     assert few_programs_splits > 1
-    for shape, splits in (((1, 300, 3, 3), few_programs_splits), ((2, 8, 56, 56), 1)):
+    for shape, splits in (((1, 301, 3, 3), few_programs_splits), ((2, 8, 56, 56), 1)):
         g, x, mc, ms = make_inputs(shape, torch.float32, False, _seed("split", shape))
         check_all(apply_bwd(g, x, mc, ms, "product"), reference(g, x, mc, ms, "product"), x)
         assert spy.grids[-1][1] == splits
@@ -284,3 +286,70 @@ def test_dx_kernel_every_config(config, channels_last):
             CHANNELS_LAST=plan.channels_last, COMBINE=COMBINE_CODES[combine], INDEX_64=False, HAS_DPOOL=True,
             HAS_EXTRA=True, num_warps=warps, **meta)
         assert_dx(dx, ref[0], x)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The row-group kernel (NCHW, H·W not a multiple of 16)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+ROW_GROUP_SHAPES = [(2, 144, 7, 7), (3, 16, 14, 14), (1, 72, 3, 3)]
+# Channel splits the launcher plans for (2, 144, 7, 7) (only as many as keep the dms partials under 1/16 of the bytes
+# read): fp32 K = 4 -> 36 group rows in splits of 16 (16, 16, 4); fp64 K = 2 -> 72 rows in 5 (the last 8).
+ROW_GROUP_SPLITS = {torch.float32: 3, torch.float64: 5, torch.float16: 1, torch.bfloat16: 1}
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=DTYPE_IDS + ["fp64"])
+@pytest.mark.parametrize("shape", ROW_GROUP_SHAPES, ids=["x".join(map(str, s)) for s in ROW_GROUP_SHAPES])
+def test_row_group_reduce_runs_and_splits(monkeypatch, shape, dtype):
+    """These NCHW maps go to the row-group kernel (split over channels where planned) through both launchers."""
+    spy = _GridSpy(bwd_mod.apply_bwd_reduce_rows_kernel)
+    monkeypatch.setattr(bwd_mod, "apply_bwd_reduce_rows_kernel", spy)
+    g, x, mc, ms = make_inputs(shape, dtype, False, _seed("rows", shape, dtype))
+    if dtype == torch.float64:
+        g, x, mc, ms = (t.double() for t in (g, x, mc, ms))
+    for combine in COMBINES:
+        ref = reference(g, x, mc, ms, combine)
+        dx, dmc, dms = apply_bwd(g, x, mc, ms, combine)
+        if dtype == torch.float64:
+            for got, want in zip((dx, dmc, dms), ref):
+                assert_close(got, want, 1e-12, 1e-12)
+        else:
+            check_all((dx, dmc, dms), ref, x)
+        assert all(torch.equal(a, b) for a, b in zip(apply_bwd_reduce(g, x, mc, ms, combine), (dmc, dms)))
+    assert len(spy.grids) == 4 and len(set(spy.grids)) == 1
+    n_images, splits = spy.grids[0]
+    assert n_images == shape[0]
+    if shape == ROW_GROUP_SHAPES[0]:
+        assert splits == ROW_GROUP_SPLITS[dtype]
+
+
+def _raw_reduce_rows(g, x, mc, ms, combine, meta, warps, write_dx):
+    n, c, h, w = x.shape
+    hw = h * w
+    group = _common.row_group(c, hw, x.element_size())
+    rows_per_split = bwd_mod._ROW_SPLIT_UNIT
+    splits = triton.cdiv(c // group, rows_per_split)
+    dmc = torch.full((n, c), float("nan"))
+    dms_partial = torch.full((n, splits * group, hw), float("nan"))
+    dx = torch.full_like(x, float("nan"))
+    bwd_mod.apply_bwd_reduce_rows_kernel.fn[(n, splits)](
+        g, x, mc, ms, dx, dmc, dms_partial, c, rows_per_split, HW=hw, GROUP=group, COMBINE=COMBINE_CODES[combine],
+        BLOCK_L=triton.next_power_of_2(group * hw), WRITE_DX=write_dx, ACC=tl.float32, num_warps=warps, **meta)
+    return dx, dmc, dms_partial.sum(dim=1)
+
+
+@pytest.mark.parametrize("config", _common.all_configs("rows"), ids=_common.config_id)
+def test_reduce_rows_kernel_every_config(config):
+    meta, warps = config
+    for dtype, shape in ((torch.float32, (2, 140, 7, 7)), (torch.float16, (2, 40, 7, 7))):
+        g, x, mc, ms = make_inputs(shape, dtype, False, _seed("rows-cfg", shape))
+        for combine, write_dx in (("product", True), ("sum", False)):
+            ref = reference(g, x, mc, ms, combine)
+            dx, dmc, dms = _raw_reduce_rows(g, x, mc, ms, combine, meta, warps, write_dx)
+            assert_map_grad(dmc, ref[1])
+            assert_map_grad(dms, ref[2])
+            if write_dx:
+                assert_dx(dx, ref[0], x)
+            else:
+                assert dx.isnan().all()  # WRITE_DX off: dx_ptr is never stored to

@@ -167,6 +167,52 @@ def test_channel_pool_splits_hw_when_few_programs(monkeypatch, dtype, channels_l
     assert spy.launches[1][0][1] == 1
 
 
+# NCHW maps whose H·W is not a multiple of 16 go to the row-group kernel; K channels per group row depend on the
+# dtype (16-byte rows): fp32 196 -> 1, 49 -> 4, 9 -> 4; fp16/bf16 196 -> 2, 49 -> 8, 9 -> 8; fp64 49 -> 2.
+ROW_GROUP_SHAPES = [(3, 16, 14, 14), (2, 40, 7, 7), (1, 72, 3, 3), (2, 8, 1, 1)]
+
+
+def test_row_group_choice():
+    row_group = _common.row_group
+    assert [row_group(1024, 196, 4), row_group(1024, 196, 2), row_group(2048, 49, 4), row_group(2048, 49, 2)] == \
+        [1, 2, 4, 8]
+    assert row_group(64, 49, 8) == 2  # fp64
+    assert row_group(256, 3136, 2) is None and row_group(512, 784, 4) is None  # H·W % 16 == 0: 2D tiles vectorise
+    assert row_group(20, 49, 2) is None  # C not a multiple of K = 8
+    assert row_group(64, 1999, 2) is None  # 8 x 1999 elements: longer than one tile row
+    assert row_group(64, 225, 2) == 8 and 8 * 225 <= _common.MAX_GROUP_ROW
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=DTYPE_IDS + ["fp64"])
+@pytest.mark.parametrize("shape", ROW_GROUP_SHAPES, ids=["x".join(map(str, s)) for s in ROW_GROUP_SHAPES])
+def test_channel_pool_row_group_kernel(monkeypatch, shape, dtype):
+    """The row-group kernel is what runs for these NCHW maps, with the launcher's K, and gives the mean."""
+    kernel = pool_mod.channel_pool_rows_kernel
+    spy = LaunchSpy(kernel)
+    monkeypatch.setattr(pool_mod, "channel_pool_rows_kernel", spy)
+    x = make_x(shape, dtype, "nchw", _seed("pool-rows", shape, dtype))
+    assert_close(channel_pool(x, backend="triton"), ref_pool(x), dtype)
+    (grid, kwargs), = spy.launches
+    n, c, h, w = shape
+    group = _common.row_group(c, h * w, x.element_size())
+    assert kwargs["GROUP"] == group and kwargs["HW"] == h * w
+    assert grid == (n * triton.cdiv(c // group, kernel.configs[0].kwargs["BLOCK_R"]),)
+
+
+@pytest.mark.parametrize("config", _common.all_configs("rows"), ids=_common.config_id)
+def test_channel_pool_row_group_kernel_every_config(config):
+    meta, warps = config
+    for dtype, shape in ((torch.float32, (2, 140, 7, 7)), (torch.float16, (2, 40, 7, 7))):
+        x = make_x(shape, dtype, "nchw", _seed("pool-rows-cfg", shape))
+        n, c, h, w = shape
+        group = _common.row_group(c, h * w, x.element_size())
+        out = torch.full((n, c), float("nan"), dtype=dtype)
+        pool_mod.channel_pool_rows_kernel.fn[(n * triton.cdiv(c // group, meta["BLOCK_R"]),)](
+            x, out, c, HW=h * w, GROUP=group, ACC=tl.float32, BLOCK_L=triton.next_power_of_2(group * h * w),
+            num_warps=warps, **meta)
+        assert_close(out, ref_pool(x), dtype)
+
+
 def test_channel_pool_fp64_accumulates_in_fp64():
     x = make_x((2, 5, 9, 7), torch.float64, "nchw", _seed("pool64"))
     assert_close(channel_pool(x, backend="triton"), ref_pool(x), torch.float64)
