@@ -19,12 +19,12 @@ $(BIN)/.installed: pyproject.toml
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest tests
 
-# On a GPU: the full ResNet-50 grid (batch 32/64/128) in fp16. On a CPU: batch 8 (the CPU providers only; the
-# Triton kernels need CUDA, and `check` has already validated them through the interpreter).
 # Opt-in: the kernels on tensors of more than 2**31 elements (~10 GiB of memory, ~15 minutes).
 test-big: $(BIN)/.installed
 	BAM_TRITON_BIG_TESTS=1 $(BIN)/python -m pytest tests/test_large_tensors.py
 
+# On a GPU: the full ResNet-50 grid (batch 32/64/128) in fp16. On a CPU: batch 8 (the CPU providers only; the
+# Triton kernels need CUDA, and `check` has already validated them through the interpreter).
 demo: $(BIN)/.installed
 	$(BIN)/bam-triton check
 	if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
