@@ -250,6 +250,17 @@ def _raw_reduce(g, x, mc, ms, combine, meta, warps, c_per_split, write_dx):
     return dx, dmc_partial.sum(dim=1), dms_partial.sum(dim=1)
 
 
+def check_raw_reduce(result, ref, x, write_dx):
+    """A raw reduce kernel's (dx, dmc, dms) against the reference; dx NaN-filled and never stored when not written."""
+    dx, dmc, dms = result
+    assert_map_grad(dmc, ref[1])
+    assert_map_grad(dms, ref[2])
+    if write_dx:
+        assert_dx(dx, ref[0], x)
+    else:
+        assert dx.isnan().all()  # WRITE_DX off: dx_ptr is never stored to
+
+
 @pytest.mark.parametrize("config", REDUCE_CONFIGS, ids=_common.config_id)
 @pytest.mark.parametrize("channels_last", LAYOUTS, ids=LAYOUT_IDS)
 def test_reduce_kernel_every_config(config, channels_last):
@@ -258,13 +269,8 @@ def test_reduce_kernel_every_config(config, channels_last):
     g, x, mc, ms = make_inputs(shape, torch.float32, channels_last, _seed("reduce-cfg", channels_last))
     for combine, write_dx in (("sum", True), ("product", False)):
         ref = reference(g, x, mc, ms, combine)
-        dx, dmc, dms = _raw_reduce(g, x, mc, ms, combine, meta, warps, bwd_mod._C_SPLIT_UNIT, write_dx)
-        assert_map_grad(dmc, ref[1])
-        assert_map_grad(dms, ref[2])
-        if write_dx:
-            assert_dx(dx, ref[0], x)
-        else:
-            assert dx.isnan().all()  # WRITE_DX off: dx_ptr is never stored to
+        check_raw_reduce(_raw_reduce(g, x, mc, ms, combine, meta, warps, bwd_mod._C_SPLIT_UNIT, write_dx), ref, x,
+                         write_dx)
 
 
 @pytest.mark.parametrize("config", ELEMENTWISE_CONFIGS, ids=_common.config_id)
@@ -346,10 +352,4 @@ def test_reduce_rows_kernel_every_config(config):
         g, x, mc, ms = make_inputs(shape, dtype, False, _seed("rows-cfg", shape))
         for combine, write_dx in (("product", True), ("sum", False)):
             ref = reference(g, x, mc, ms, combine)
-            dx, dmc, dms = _raw_reduce_rows(g, x, mc, ms, combine, meta, warps, write_dx)
-            assert_map_grad(dmc, ref[1])
-            assert_map_grad(dms, ref[2])
-            if write_dx:
-                assert_dx(dx, ref[0], x)
-            else:
-                assert dx.isnan().all()  # WRITE_DX off: dx_ptr is never stored to
+            check_raw_reduce(_raw_reduce_rows(g, x, mc, ms, combine, meta, warps, write_dx), ref, x, write_dx)
