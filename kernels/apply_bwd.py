@@ -157,14 +157,14 @@ def apply_bwd_reduce_rows_kernel(
     WRITE_DX: tl.constexpr = False,
     ACC: tl.constexpr = tl.float32,  # accumulation dtype: fp32, fp64 for fp64 inputs
 ):
-    ROW: tl.constexpr = GROUP * HW
+    ROW = GROUP * HW  # constexpr: elements per group row
     n = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     n_rows = C // GROUP
     l = tl.arange(0, BLOCK_L)
     l_mask = l < ROW
     channel_in_group = l // HW  # GROUP for the padding past ROW: never equal to a j below
-    hw = l - (l // HW) * HW
+    hw = l - channel_in_group * HW
     ms = tl.load(ms_ptr + n * HW + hw, mask=l_mask, other=0.0).to(ACC)
     image = n * C * HW
     g_image, x_image, dx_image = g_ptr + image, x_ptr + image, dx_ptr + image

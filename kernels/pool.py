@@ -86,7 +86,7 @@ def channel_pool_rows_kernel(
     BLOCK_R: tl.constexpr,  # group rows per program
     BLOCK_L: tl.constexpr,  # GROUP·HW rounded up to a power of two
 ):
-    ROW: tl.constexpr = GROUP * HW
+    ROW = GROUP * HW  # constexpr: elements per group row
     n_rows = C // GROUP
     pid = tl.program_id(0)
     n_row_blocks = tl.cdiv(n_rows, BLOCK_R)
