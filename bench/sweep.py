@@ -34,7 +34,7 @@ CUDAGRAPH_MAX_BYTES = 16 * 2**20
 
 COLUMNS = ["device", "provider", "op", "N", "C", "H", "W", "dtype", "layout", "combine", "median_ms", "p20_ms",
            "p80_ms", "reps", "gbps", "frac_copy_bw"] + [f"speedup_vs_{p.replace('-', '_')}" for p in PROVIDERS] + \
-          ["timing_mode", "valid", "max_abs_err", "minimal_bytes", "config"]
+          ["timing_mode", "page_faults", "valid", "max_abs_err", "minimal_bytes", "config"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -365,12 +365,12 @@ def _run_case(args, device, shape, dt, lay, op, providers, copy_bw, progress, fa
                 t0 = time.perf_counter()
                 fn()
                 ms = (time.perf_counter() - t0) * 1e3
-                modes.append(("interpreter", (ms, ms, ms), 1))
+                modes.append(("interpreter", (ms, ms, ms), 1, None))
             elif device.type == "cuda":
-                modes.append(("do_bench",) + cuda_do_bench(fn))
+                modes.append(("do_bench",) + cuda_do_bench(fn) + (None,))
                 if not args.no_cudagraph and n * c * h * w * dtype.itemsize <= CUDAGRAPH_MAX_BYTES:
                     try:
-                        modes.append(("cudagraph",) + cuda_graph_bench(fn))
+                        modes.append(("cudagraph",) + cuda_graph_bench(fn) + (None,))
                     except Exception as exc:  # graph capture of a compiled fn can fail: report, keep going
                         failures.append(dict(provider=provider, op=op, shape=shape, dtype=dt, layout=lay,
                                              error=f"cudagraph: {type(exc).__name__}: {exc}"[:300]))
@@ -381,9 +381,10 @@ def _run_case(args, device, shape, dt, lay, op, providers, copy_bw, progress, fa
             failures.append(dict(provider=provider, op=op, shape=shape, dtype=dt, layout=lay,
                                  error=f"{type(exc).__name__}: {exc}"[:300]))
             continue
-        for mode, (med, p20, p80), reps in modes:
+        for mode, (med, p20, p80), reps, faults in modes:
             row = dict(device=str(device), provider=provider, op=op, N=n, C=c, H=h, W=w, dtype=dt, layout=lay,
                        combine=args.combine, median_ms=med, p20_ms=p20, p80_ms=p80, reps=reps, timing_mode=mode,
+                       page_faults=faults,
                        minimal_bytes=nbytes, config="; ".join(f"{k}: {v}" for k, v in cfg.items()))
             if mode != "interpreter":
                 row["gbps"] = nbytes / (med * 1e-3) / 1e9

@@ -35,32 +35,53 @@ def _flush_buffer(nbytes):
     return buf
 
 
-def cpu_timer(fn, min_time=0.5, min_reps=5, max_reps=200, warmup_time=0.1, min_warmup=2, flush_bytes=64 * 2**20):
+def _minor_faults():
+    """This process's minor page faults so far, or None where the resource module is missing (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def cpu_timer(fn, min_time=0.5, min_reps=5, max_reps=200, warmup_time=0.1, min_warmup=2, flush_bytes=64 * 2**20,
+              max_settle_time=3.0):
     """Time ``fn()`` on CPU: ``min_warmup`` calls (and at least ``warmup_time`` seconds) of warm-up, then timed calls
     until ``min_time`` seconds of them and ``min_reps`` calls have passed (at most ``max_reps``). Before each timed
     call a ``flush_bytes`` buffer is overwritten (outside the timed region) so the inputs come from DRAM, not from the
-    last-level cache -- as ``triton.testing.do_bench`` flushes L2 on GPUs (0 disables). Returns
-    ((median, p20, p80) in ms, number of timed calls)."""
+    last-level cache -- as ``triton.testing.do_bench`` flushes L2 on GPUs (0 disables).
+
+    Warm-up also goes on (for at most ``max_settle_time`` seconds) until a call pays no page fault: with the steady
+    allocator (:func:`steady_cpu_allocator`) freed blocks are reused once the heap stops growing, which takes a few
+    calls. Returns ((median, p20, p80) in ms, number of timed calls, median minor page faults per timed call or None
+    where they cannot be counted)."""
     buf = _flush_buffer(flush_bytes) if flush_bytes else None
     start = time.perf_counter()
-    done = 0
-    while done < min_warmup or time.perf_counter() - start < warmup_time:
+    done, faults = 0, None
+    while (done < min_warmup or time.perf_counter() - start < warmup_time
+           or (faults and time.perf_counter() - start < max_settle_time)):
+        before = _minor_faults()
         fn()
+        faults = None if before is None else _minor_faults() - before
         done += 1
-    times = []
+    times, fault_counts = [], []
     spent = 0.0
     wall = time.perf_counter()
     while len(times) < max_reps and (len(times) < min_reps or spent < min_time):
         if buf is not None:
             buf.zero_()
+        before = _minor_faults()
         t0 = time.perf_counter()
         fn()
         dt = time.perf_counter() - t0
+        if before is not None:
+            fault_counts.append(_minor_faults() - before)
         times.append(dt * 1e3)
         spent += dt
         if time.perf_counter() - wall > 20 * max(min_time, 0.05) and len(times) >= min_reps:
             break  # flushing dominates: enough samples
-    return summarize(times), len(times)
+    faults = sorted(fault_counts)[len(fault_counts) // 2] if fault_counts else None
+    return summarize(times), len(times), faults
 
 
 # glibc's mallopt parameters (malloc.h).
@@ -121,7 +142,7 @@ def copy_bandwidth(device, mib=256, min_time=0.5):
         if device.type == "cuda":
             (med, _, _), _ = cuda_do_bench(fn)
         else:
-            (med, _, _), _ = cpu_timer(fn, min_time=min_time, min_reps=5, max_reps=50, flush_bytes=0)
+            (med, _, _), _, _ = cpu_timer(fn, min_time=min_time, min_reps=5, max_reps=50, flush_bytes=0)
         out[name] = 2 * n * 4 / (med * 1e-3) / 1e9
     out["method"] = "clone" if device.type == "cuda" else "copy_ into a preallocated tensor"
     out["gbps"] = out["clone_gbps"] if device.type == "cuda" else out["copy_into_gbps"]
