@@ -8,7 +8,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: test test-big demo clean
+.PHONY: test test-big test-triton-compat demo clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,27 @@ test: $(BIN)/.installed
 test-big: $(BIN)/.installed
 	BAM_TRITON_BIG_TESTS=1 $(BIN)/python -m pytest tests/test_large_tensors.py
 
+# Users' GPUs run whatever triton their torch pins, 3.2 and newer: the kernels' interpreter tests and the ahead-of-time
+# compile checks (128-bit vectors, no spills) under older Tritons, each in its own venv. tests/triton_compat works
+# around two Triton 3.2 bugs that only show without a GPU driver; numpy < 2.3 because Triton 3.2's interpreter turns
+# one-element arrays into Python ints, which newer numpy refuses.
+TRITON_COMPAT ?= 3.2.0 3.3.1
+test-triton-compat:
+	set -e; for version in $(TRITON_COMPAT); do \
+		venv=$(VENV)-triton-$$version; \
+		if [ ! -f $$venv/bin/.installed ]; then \
+			$(PYTHON) -m venv $$venv; \
+			$$venv/bin/python -m pip install --quiet "$(TORCH)"; \
+			$$venv/bin/python -m pip install --quiet "triton==$$version" "numpy<2.3" -e ".[dev]"; \
+			touch $$venv/bin/.installed; \
+		fi; \
+		echo "== triton $$version"; \
+		TRITON_INTERPRET=1 PYTHONPATH=tests/triton_compat $$venv/bin/python -m pytest -q \
+			-W "ignore:Conversion of an array with ndim:DeprecationWarning" \
+			tests/test_kernels_forward.py tests/test_kernel_apply_bwd.py \
+			tests/test_bench.py -k "not test_bench or aot or inspect"; \
+	done
+
 # On a GPU: the full ResNet-50 grid (batch 32/64/128) in fp16. On a CPU: batch 8 (the CPU providers only; the
 # Triton kernels need CUDA, and `check` has already validated them through the interpreter).
 demo: $(BIN)/.installed
@@ -35,4 +56,4 @@ demo: $(BIN)/.installed
 	$(BIN)/bam-triton plot results/sweep.csv --out results
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) $(VENV)-triton-* build dist *.egg-info

@@ -46,8 +46,12 @@ def kernels():
     """Import the kernel package on first use: ``import bam_triton`` never imports triton."""
     try:
         from . import kernels as kernel_package
-    except ImportError as e:  # triton found but not importable (broken install, missing shared library, ...)
-        raise RuntimeError(f"the Triton kernels could not be imported ({type(e).__name__}: {e}); "
+    except (ImportError, RuntimeError) as e:  # a broken triton install; Triton 3.2 on a machine without a GPU driver
+        hint = ""
+        if "active drivers" in str(e):
+            hint = ("Triton 3.2 needs a GPU driver to define autotuned kernels, even for its interpreter (Triton 3.3 "
+                    "and later do not); ")
+        raise RuntimeError(f"the Triton kernels could not be imported ({type(e).__name__}: {e}); {hint}"
                            f"use backend='torch' or 'auto'") from e
     return kernel_package
 

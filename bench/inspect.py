@@ -193,10 +193,14 @@ def _arguments(job, fn, meta):
     return signature, constexprs, divisible
 
 
-def _empty():
-    import inspect as stdlib_inspect  # absolute import: the standard library's, not this module
+def _stdlib_inspect():
+    import inspect  # absolute import: the standard library's, not this module
 
-    return stdlib_inspect.Parameter.empty
+    return inspect
+
+
+def _empty():
+    return _stdlib_inspect().Parameter.empty
 
 
 @functools.lru_cache(maxsize=None)
@@ -286,10 +290,17 @@ def _run(cmd):
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
-def _ptxas_info(ptx, arch):
-    from triton.backends.nvidia.compiler import get_ptxas
+def _ptxas_path(arch):
+    """The ptxas Triton compiles with for ``arch``: ``get_ptxas`` gives a tool with a ``path`` since Triton 3.4, a
+    (path, version) pair in 3.3; Triton 3.2 only has ``_path_to_binary``, which gives the pair."""
+    from triton.backends.nvidia import compiler
 
-    ptxas = get_ptxas(arch).path
+    tool = compiler.get_ptxas(arch) if hasattr(compiler, "get_ptxas") else compiler._path_to_binary("ptxas")
+    return tool.path if hasattr(tool, "path") else tool[0]
+
+
+def _ptxas_info(ptx, arch):
+    ptxas = _ptxas_path(arch)
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
         src, out = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
@@ -312,9 +323,7 @@ def _ptxas_info(ptx, arch):
 
 
 def _cuobjdump_info(cubin):
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    tool = os.path.join(os.path.dirname(get_ptxas(90).path), "cuobjdump")
+    tool = os.path.join(os.path.dirname(_ptxas_path(90)), "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
@@ -347,8 +356,7 @@ def compile_job(job):
     meta, warps = all_configs(job["kind"])[job["config"]]
     fn = _kernel_fn(job["kernel"])
     signature, constexprs, divisible = _arguments(job, fn, meta)
-    attrs = {(i,): [["tt.divisibility", 16]] for i in divisible}
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    src = _ast_source(ASTSource, fn, signature, constexprs, divisible)
     compiled = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options={"num_warps": warps})
     ptx = compiled.asm["ptx"]
     runtime_args = [p.name for p in fn.params if not p.is_constexpr]
@@ -360,6 +368,20 @@ def compile_job(job):
     if "cubin" in compiled.asm:
         out.update(_cuobjdump_info(compiled.asm["cubin"]))
     return out
+
+
+def _ast_source(ast_source, fn, signature, constexprs, divisible):
+    """The compiler's input for ``fn``. Triton 3.3 and later take every argument in the signature, the constexpr
+    values by name and hints keyed by argument path; Triton 3.2 takes the runtime arguments only, the constexprs as
+    ``constants`` and the hints as an ``AttrsDescriptor``."""
+    if "constexprs" in _stdlib_inspect().signature(ast_source).parameters:
+        return ast_source(fn=fn, signature=signature, constexprs=constexprs,
+                          attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
+    from triton.backends.compiler import AttrsDescriptor
+
+    runtime = {name: kind for name, kind in signature.items() if kind != "constexpr"}
+    return ast_source(fn=fn, signature=runtime, constants=constexprs,
+                      attrs=AttrsDescriptor.from_hints({i: 16 for i in divisible}))
 
 
 def _elements_per_thread(meta, warps):

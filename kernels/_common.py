@@ -143,6 +143,18 @@ def autotune_configs(kind):
     return configs[:1] if INTERPRETED else configs
 
 
+def driver_timer(kernel_call, quantiles):
+    """The autotuner's timer: the active driver's own, looked up when a config is first timed. Triton 3.3 looks it up
+    when a kernel is defined unless it is given one, which fails where there is no GPU driver (the interpreter,
+    ``bam-triton inspect``); Triton 3.4 and later look it up lazily themselves."""
+    return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+
+def autotune(kind, key, **options):
+    """``triton.autotune`` over the ``kind`` config list, timed by :func:`driver_timer`."""
+    return triton.autotune(configs=autotune_configs(kind), key=key, do_bench=driver_timer, **options)
+
+
 def all_configs(kind):
     """Every GPU config of ``kind`` as (meta, num_warps); used by tests and the AOT inspection."""
     return [(dict(meta), warps) for meta, warps in _CONFIGS[kind]]

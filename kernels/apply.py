@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, autotune_configs, flat_index, launch, memory_plan
+from ._common import acc_dtype, autotune, flat_index, launch, memory_plan
 
 COMBINE_SUM = 0
 COMBINE_PRODUCT = 1
@@ -59,7 +59,7 @@ def gather_maps(row_map_ptr, col_map_ptr, idx, mask, INNER: tl.constexpr, MID: t
     return row, col
 
 
-@triton.autotune(configs=autotune_configs("elementwise"), key=["n_elements", "INNER", "MID"])
+@autotune("elementwise", key=["n_elements", "INNER", "MID"])
 @triton.jit
 def apply_fwd_kernel(
     x_ptr,  # (N, C, H, W) in memory order (n, c, hw) or (n, hw, c), dense

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (acc_dtype, all_configs, autotune_configs, flat_index, keep_contiguous_configs, launch,
+from ._common import (acc_dtype, all_configs, autotune, flat_index, keep_contiguous_configs, launch,
                       memory_plan, row_group, row_tile_pruner, target_programs)
 from .apply import COMBINE_CODES, attention_logit, col_map_index, gather_maps, row_map_index
 
@@ -73,8 +73,8 @@ def _tile_map_grads(g_ptr, x_ptr, dx_ptr, offsets, mask, mc, ms, COMBINE: tl.con
         return tl.where(mask, da * ms, 0.0), tl.where(mask, da * mc, 0.0)
 
 
-@triton.autotune(configs=autotune_configs("reduce2d"), key=["C", "HW", "CHANNELS_LAST", "WRITE_DX"],
-                 prune_configs_by={"early_config_prune": keep_contiguous_configs})
+@autotune("reduce2d", key=["C", "HW", "CHANNELS_LAST", "WRITE_DX"],
+          prune_configs_by={"early_config_prune": keep_contiguous_configs})
 @triton.jit
 def apply_bwd_reduce_kernel(
     g_ptr,  # (N, C, H, W), same strides as x
@@ -136,8 +136,8 @@ def apply_bwd_reduce_kernel(
 
 # At most 8 elements per thread: with g, x, the maps and an accumulator per element, 16 took 128-142 registers on
 # sm_90 and spilled in fp32 at 7x7 (bam-triton inspect).
-@triton.autotune(configs=autotune_configs("rows"), key=["C", "HW", "GROUP", "WRITE_DX"],
-                 prune_configs_by={"early_config_prune": row_tile_pruner(max_per_thread=8)})
+@autotune("rows", key=["C", "HW", "GROUP", "WRITE_DX"],
+          prune_configs_by={"early_config_prune": row_tile_pruner(max_per_thread=8)})
 @triton.jit
 def apply_bwd_reduce_rows_kernel(
     g_ptr,  # (N, C, H, W), dense NCHW like x
@@ -198,9 +198,8 @@ def _channel_index(idx, INNER: tl.constexpr, MID: tl.constexpr, CHANNELS_LAST: t
 
 
 # restore_value: dx may be written in place over dx_extra, and the autotuner runs every config on the same buffers.
-@triton.autotune(configs=autotune_configs("elementwise"),
-                 key=["n_elements", "INNER", "MID", "CHANNELS_LAST", "HAS_DPOOL", "HAS_EXTRA"],
-                 restore_value=["dx_ptr"])
+@autotune("elementwise", key=["n_elements", "INNER", "MID", "CHANNELS_LAST", "HAS_DPOOL", "HAS_EXTRA"],
+          restore_value=["dx_ptr"])
 @triton.jit
 def apply_bwd_dx_kernel(
     g_ptr,  # (N, C, H, W) in memory order (n, c, hw) or (n, hw, c), dense

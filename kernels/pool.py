@@ -24,12 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (POOL_SPLIT_UNIT, acc_dtype, autotune_configs, keep_contiguous_configs, launch, row_group,
+from ._common import (POOL_SPLIT_UNIT, acc_dtype, autotune, keep_contiguous_configs, launch, row_group,
                       row_tile_pruner, target_programs)
 
 
-@triton.autotune(configs=autotune_configs("pool"), key=["C", "HW", "CHANNELS_LAST"],
-                 prune_configs_by={"early_config_prune": keep_contiguous_configs})
+@autotune("pool", key=["C", "HW", "CHANNELS_LAST"],
+          prune_configs_by={"early_config_prune": keep_contiguous_configs})
 @triton.jit
 def channel_pool_kernel(
     x_ptr,  # (N, C, H, W), dense NCHW or NHWC
@@ -73,8 +73,8 @@ def channel_pool_kernel(
 
 
 # Up to 16 elements per thread: one load and a few adds each, ~40 registers (bam-triton inspect).
-@triton.autotune(configs=autotune_configs("rows"), key=["C", "HW", "GROUP"],
-                 prune_configs_by={"early_config_prune": row_tile_pruner(max_per_thread=16)})
+@autotune("rows", key=["C", "HW", "GROUP"],
+          prune_configs_by={"early_config_prune": row_tile_pruner(max_per_thread=16)})
 @triton.jit
 def channel_pool_rows_kernel(
     x_ptr,  # (N, C, H, W), dense NCHW, C divisible by GROUP

@@ -443,6 +443,8 @@ class BrokenLoader(importlib.abc.Loader):
         return None
 
     def exec_module(self, module):
+        if MODE == "driverless":  # what Triton 3.2 raises when a kernel is defined on a machine without a GPU driver
+            raise RuntimeError("0 active drivers ([]). There should only be one.")
         raise ImportError("libtriton.so: cannot open shared object file")
 
 class BlockTriton(importlib.abc.MetaPathFinder):
@@ -458,10 +460,11 @@ import bam_triton
 """
 
 
-@pytest.mark.parametrize("mode", ["missing", "broken"])
+@pytest.mark.parametrize("mode", ["missing", "broken", "driverless"])
 def test_works_when_triton_cannot_be_imported(mode):
-    """``missing``: the import system refuses triton; ``broken``: triton is found but its import fails. Either way
-    ``import bam_triton`` and the torch path work, and backend='triton' raises a RuntimeError saying what to use."""
+    """``missing``: the import system refuses triton; ``broken``: triton is found but its import fails with an
+    ImportError; ``driverless``: with a RuntimeError (Triton 3.2 without a GPU driver). Either way ``import bam_triton``
+    and the torch path work, and backend='triton' raises a RuntimeError saying what to use."""
     code = (f"MODE = {mode!r}\n" + _BLOCK_TRITON + "import json\n" + _PROBE
             + "results['triton_imported'] = 'triton' in sys.modules\nprint(json.dumps(results))")
     results = _python(code, _clean_env(TRITON_INTERPRET="1"))
@@ -470,6 +473,7 @@ def test_works_when_triton_cannot_be_imported(mode):
     for what, (kind, message) in results.items():
         assert kind == "RuntimeError", f"{what}: {kind}: {message}"
         assert "triton" in message.lower() and "backend='torch'" in message, f"{what}: {message}"
+        assert ("needs a GPU driver" in message) == (mode == "driverless"), f"{what}: {message}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
