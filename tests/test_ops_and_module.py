@@ -282,6 +282,42 @@ def test_extra_repr():
     assert bam.channel_att.gate_c.gate_c_fc_0.out_features == 64 // 8
 
 
+@pytest.mark.parametrize("memory_format", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_spatial_branch_on_cpu_feeds_its_dilated_convs_channels_last(train, memory_format):
+    """On CPU the spatial branch gives its dilated convs channels_last input (oneDNN runs them several times faster
+    so); output, gradients and running statistics match the plain sequence of its layers run in float64."""
+    branch = make_bam(channels=64, reduction=8).spatial_att
+    plain = copy.deepcopy(branch.gate_s).double()
+    dilated = [m for m in branch.gate_s if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+    seen = []
+    hooks = [m.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))) for m in dilated]
+    branch.train(train)
+    plain.train(train)
+    x = make_x((4, 64, 9, 11), memory_format=memory_format)
+    x_fast, x_ref = x.clone().requires_grad_(), x.double().requires_grad_()
+    try:
+        out = branch(x_fast)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    ref = plain(x_ref)
+    assert len(dilated) == 2 and seen == [True, True]
+    assert_close(out, ref, what="spatial logits")
+    g = torch.randn(out.shape, generator=_gen("g", train))
+    out.backward(g)
+    ref.backward(g.double())
+    assert_close(x_fast.grad, x_ref.grad, what="dx")
+    # Absolute tolerance on the scale of all parameter gradients: in train mode a conv bias followed by BatchNorm has
+    # a gradient of exactly 0, which fp32 only reaches up to rounding of the other gradients' size.
+    scale = max(q.grad.abs().max().item() for q in plain.parameters())
+    for (name, p), q in zip(branch.gate_s.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-4, atol=1e-6 * scale, msg=f"grad of {name}")
+    for (name, b), c in zip(branch.gate_s.named_buffers(), plain.buffers()):
+        assert_close(b.double(), c.double(), what=f"buffer {name}")
+
+
 def test_reset_parameters_restores_the_defaults():
     torch.manual_seed(123)
     fresh = BAM(64)
