@@ -36,6 +36,24 @@ class ChannelGate(nn.Module):
         return self.gate_c(pooled)
 
 
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1 convolution (``nn.Conv2d``'s parameters, state_dict and results) that runs as one batched matrix product
+    on CPU NCHW input: oneDNN first reorders such input to its blocked layout, an extra pass over all of it, which
+    makes it 15-30% slower at the ResNet-50 BAM shapes (fp32, 2 cores)."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x):
+        if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous():
+            return super().forward(x)
+        n, c, h, w = x.shape
+        weight = self.weight.reshape(1, self.out_channels, c).expand(n, -1, -1)
+        rows = x.reshape(n, c, h * w)  # a view of NCHW memory
+        y = torch.baddbmm(self.bias.reshape(1, -1, 1).expand(n, -1, h * w), weight, rows)
+        return y.reshape(n, self.out_channels, h, w)
+
+
 class SpatialGate(nn.Module):
     """Spatial branch: (N, C, H, W) -> (N, 1, H, W) logits ``Ms``.
 
@@ -45,7 +63,7 @@ class SpatialGate(nn.Module):
     def __init__(self, channels, hidden, dilation, num_dilated_convs):
         super().__init__()
         self.gate_s = nn.Sequential()
-        self.gate_s.add_module("gate_s_conv_reduce0", nn.Conv2d(channels, hidden, kernel_size=1))
+        self.gate_s.add_module("gate_s_conv_reduce0", PointwiseConv2d(channels, hidden))
         self.gate_s.add_module("gate_s_bn_reduce0", nn.BatchNorm2d(hidden))
         self.gate_s.add_module("gate_s_relu_reduce0", nn.ReLU(inplace=True))
         for i in range(num_dilated_convs):

@@ -6,9 +6,13 @@ and compiled), and, for each op, a callable that runs one iteration on tensors s
 ``1 + sigmoid(...)`` and ``att * x`` — each step a full (N, C, H, W) tensor. Pooling is ``F.avg_pool2d(x, (H, W))``
 (their code passes ``H`` only, which is the same for the square maps benchmarked here and wrong for others).
 """
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from bam_triton.module import PointwiseConv2d
 
 PROVIDERS = ("authors-eager", "torch-path", "authors-compiled", "triton", "triton-compiled")
 BASELINE = "authors-eager"
@@ -33,14 +37,26 @@ def authors_apply(x, mc, ms, combine="product"):
     return att * x
 
 
+def _authors_layer(layer):
+    """``layer`` as the authors' code has it: our CPU-tuned 1x1 convolution becomes a plain ``nn.Conv2d`` holding the
+    same parameters; every other layer is shared as it is."""
+    if not isinstance(layer, PointwiseConv2d):
+        return layer
+    conv = nn.Conv2d(layer.in_channels, layer.out_channels, kernel_size=1, device="meta")
+    conv.weight, conv.bias = layer.weight, layer.bias
+    return conv
+
+
 class AuthorsBAM(nn.Module):
-    """The authors' BAM forward around the weights of one of our :class:`bam_triton.BAM` modules (its submodules are
-    shared, not copied): Flatten -> gate_c -> unsqueeze/expand; gate_s -> expand; ``1 + sigmoid(·)``; ``att * x``."""
+    """The authors' BAM forward around the weights of one of our :class:`bam_triton.BAM` modules (its parameters and
+    buffers are shared, not copied): Flatten -> gate_c -> unsqueeze/expand; gate_s (their plain layer sequence, run
+    in the input's memory format) -> expand; ``1 + sigmoid(·)``; ``att * x``."""
 
     def __init__(self, bam, combine="product"):
         super().__init__()
         self.gate_c = bam.channel_att.gate_c
-        self.gate_s = bam.spatial_att.gate_s
+        self.gate_s = nn.Sequential(OrderedDict(
+            (name, _authors_layer(layer)) for name, layer in bam.spatial_att.gate_s.named_children()))
         self.combine = combine
 
     def forward(self, x):

@@ -286,9 +286,13 @@ def test_extra_repr():
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_spatial_branch_on_cpu_feeds_its_dilated_convs_channels_last(train, memory_format):
     """On CPU the spatial branch gives its dilated convs channels_last input (oneDNN runs them several times faster
-    so); output, gradients and running statistics match the plain sequence of its layers run in float64."""
+    so) and runs its 1x1 reduction as a batched matrix product; output, gradients and running statistics match the
+    plain sequence of ``nn.Conv2d``/BatchNorm/ReLU layers run in float64."""
     branch = make_bam(channels=64, reduction=8).spatial_att
     plain = copy.deepcopy(branch.gate_s).double()
+    reduce = plain.gate_s_conv_reduce0
+    plain.gate_s_conv_reduce0 = nn.Conv2d(reduce.in_channels, reduce.out_channels, 1).double()
+    plain.gate_s_conv_reduce0.load_state_dict(reduce.state_dict())
     dilated = [m for m in branch.gate_s if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
     seen = []
     hooks = [m.register_forward_pre_hook(
@@ -316,6 +320,30 @@ def test_spatial_branch_on_cpu_feeds_its_dilated_convs_channels_last(train, memo
         torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-4, atol=1e-6 * scale, msg=f"grad of {name}")
     for (name, b), c in zip(branch.gate_s.named_buffers(), plain.buffers()):
         assert_close(b.double(), c.double(), what=f"buffer {name}")
+
+
+@pytest.mark.parametrize("memory_format", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_pointwise_conv_matches_conv2d(dtype, memory_format):
+    """The spatial branch's 1x1 reduction (a batched matrix product on CPU NCHW input) against ``F.conv2d`` in
+    float64: output, input gradient and parameter gradients, in either memory format."""
+    from bam_triton.module import PointwiseConv2d
+
+    torch.manual_seed(0)
+    conv = PointwiseConv2d(48, 6).to(dtype)
+    x = make_x((3, 48, 5, 7), dtype=dtype, memory_format=memory_format).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    w64, b64 = (p.detach().double().requires_grad_() for p in (conv.weight, conv.bias))
+    out, ref = conv(x), torch.nn.functional.conv2d(x64, w64, b64)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_close(out, ref, dtype=dtype, what="output")
+    g = torch.randn(ref.shape, generator=_gen("pointwise", dtype))
+    out.backward(g.to(dtype))
+    ref.backward(g)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    for got, want, what in ((x.grad, x64.grad, "dx"), (conv.weight.grad, w64.grad, "dweight"),
+                            (conv.bias.grad, b64.grad, "dbias")):
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item(), msg=what)
 
 
 def test_reset_parameters_restores_the_defaults():
