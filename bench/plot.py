@@ -93,7 +93,11 @@ def plot_results(csv_path, out_dir=None, timing_mode=None):
                 for r in sel if r["frac_copy_bw"] is not None}
         stem = os.path.join(out_dir, f"{op}_{dtype}_{layout}")
         layout_txt = "" if layout == "nchw" else f", {layout}"
-        fig, axes = plt.subplots(1, 2, figsize=(max(10, 2.2 * len(groups) * 2), 4.6))
+        # Side by side for a few shapes; one chart above the other for a whole grid, so neither gets too wide to read.
+        if len(groups) <= 4:
+            fig, axes = plt.subplots(1, 2, figsize=(max(10, 4.4 * len(groups)), 4.6))
+        else:
+            fig, axes = plt.subplots(2, 1, figsize=(max(10, 1.6 * len(groups)), 9.2))
         ax = axes[0]
         _bars(ax, groups, providers, speed, "{:.2f}x")
         ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="authors-eager = 1")
@@ -117,7 +121,7 @@ def plot_results(csv_path, out_dir=None, timing_mode=None):
                     labels.append(l_)
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
         fig.suptitle(f"BAM {op} — {device} — {dtype}{layout_txt} — timing: {mode}", fontsize=11)
-        fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+        fig.tight_layout(rect=(0, 0.07 if len(groups) <= 4 else 0.04, 1, 0.95))
         for ext in ("png", "svg"):
             fig.savefig(f"{stem}.{ext}", dpi=130)
             written.append(f"{stem}.{ext}")
