@@ -87,20 +87,38 @@ def _broadcast_maps(x, mc, ms):
     return mc.reshape(n, c, 1, 1), ms.reshape(n, 1, h, w)
 
 
-def _torch_logits(x, mc, ms, combine):
-    """``mc ⊕ ms`` broadcast to a fresh full-size tensor in ``x``'s memory format."""
+def _torch_logits(x, mc, ms, combine, out=None):
+    """``mc ⊕ ms`` broadcast to (N, C, H, W), written into ``out`` or else a fresh tensor in ``x``'s memory format."""
     mc4, ms4 = _broadcast_maps(x, mc, ms)
-    logits = torch.empty_like(x, dtype=torch.promote_types(mc.dtype, ms.dtype),
-                             memory_format=_memory_format(x))
-    (torch.add if combine == "sum" else torch.mul)(mc4, ms4, out=logits)
-    return logits
+    if out is None:
+        out = torch.empty_like(x, dtype=torch.promote_types(mc.dtype, ms.dtype), memory_format=_memory_format(x))
+    return (torch.add if combine == "sum" else torch.mul)(mc4, ms4, out=out)
+
+
+# On CPU the forward runs a few images at a time so that its attention temporary (this many elements, or one image
+# when an image is larger) stays in cache between its three passes and only x's read and the output's write go to
+# DRAM: the apply step ran 10-15% faster at the ResNet-50 BAM shapes (fp32, 2 cores, 32 MiB L3), with chunks of 2**16
+# to 2**21 elements alike. Not under torch.compile, which fuses the three passes into one loop itself.
+CPU_APPLY_CHUNK_ELEMENTS = 2**20
 
 
 def _torch_apply_forward(x, mc, ms, combine):
-    att = _torch_logits(x, mc, ms, combine).sigmoid_()
-    if att.dtype == x.dtype:
-        return torch.addcmul(x, x, att, out=att)  # x + x·s = x·(1 + s), written over the attention buffer
-    return torch.addcmul(x, x, att).to(x.dtype)
+    """``x·(1 + sigmoid(mc ⊕ ms))`` in ``x``'s dtype and memory format; ``mc`` is (N, C), ``ms`` (N, H·W)."""
+    n = x.shape[0]
+    image = x[0].numel() if n else 0
+    chunked = x.device.type == "cpu" and 0 < image and not torch.compiler.is_compiling()
+    step = max(1, CPU_APPLY_CHUNK_ELEMENTS // image) if chunked else n
+    if step >= n:
+        att = _torch_logits(x, mc, ms, combine).sigmoid_()
+        # x + x·s = x·(1 + s), written over the attention buffer when the dtypes allow
+        return torch.addcmul(x, x, att, out=att if att.dtype == x.dtype else torch.empty_like(att, dtype=x.dtype))
+    out = torch.empty_like(x, memory_format=_memory_format(x))
+    buffer = torch.empty_like(x[:step], dtype=torch.promote_types(mc.dtype, ms.dtype), memory_format=_memory_format(x))
+    for start in range(0, n, step):
+        images = slice(start, min(n, start + step))
+        att = _torch_logits(x[images], mc[images], ms[images], combine, out=buffer[:images.stop - start]).sigmoid_()
+        torch.addcmul(x[images], x[images], att, out=out[images])
+    return out
 
 
 def _torch_apply_backward(g, x, mc, ms, combine):

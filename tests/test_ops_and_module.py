@@ -240,6 +240,47 @@ def test_bam_apply_gradients_backends_agree(combine):
             assert_close(leaf.grad, ref.grad, what=f"{backend} {name}")
 
 
+@pytest.mark.parametrize("memory_format", LAYOUTS + ["sliced"], ids=LAYOUT_IDS + ["sliced"])
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 2, (torch.bfloat16, torch.float32), (torch.float64,) * 2],
+                         ids=["fp32", "bf16-fp32-maps", "fp64"])
+@pytest.mark.parametrize("chunk", [2, 1], ids=["two-images", "under-one-image"])
+@pytest.mark.parametrize("combine", COMBINES)
+def test_torch_apply_on_cpu_runs_in_image_chunks(monkeypatch, combine, chunk, dtypes, memory_format):
+    """The CPU forward goes a few images at a time (its temporary stays in cache): 5 images in chunks of 2, 2, 1, or
+    one at a time when an image is larger than the chunk. The output matches float64 in x's dtype and memory format,
+    x is untouched, and the gradients (the autograd path runs the same forward) match too."""
+    from bam_triton import ops
+
+    n, c, h, w = 5, 6, 4, 3
+    monkeypatch.setattr(ops, "CPU_APPLY_CHUNK_ELEMENTS", chunk * c * h * w if chunk > 1 else c * h * w - 1)
+    chunks = []
+    logits = ops._torch_logits
+    monkeypatch.setattr(ops, "_torch_logits", lambda x, *args, **kw: chunks.append(x.shape[0]) or logits(x, *args, **kw))
+    x_dtype, map_dtype = dtypes
+    gen = _gen("chunks", combine, chunk, x_dtype)
+    if memory_format == "sliced":  # neither NCHW- nor channels_last-dense: the chunks are strided views
+        x = torch.randn(n, 2 * c, h, w, generator=gen).to(x_dtype)[:, ::2]
+    else:
+        x = torch.randn(n, c, h, w, generator=gen).to(x_dtype).contiguous(memory_format=memory_format)
+    mc, ms = torch.randn(n, c, generator=gen).to(map_dtype), torch.randn(n, h, w, generator=gen).to(map_dtype)
+    before = x.clone()
+    out = bam_apply(x, mc, ms, combine=combine, backend="torch")
+    assert chunks == ([2, 2, 1] if chunk == 2 else [1] * n)
+    assert torch.equal(x, before)
+    assert out.dtype == x_dtype and out.is_contiguous(
+        memory_format=torch.channels_last if memory_format == torch.channels_last else torch.contiguous_format)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, mc, ms)]
+    ref = leaves64[0] * (1 + torch.sigmoid(
+        (torch.add if combine == "sum" else torch.mul)(leaves64[1][:, :, None, None], leaves64[2][:, None])))
+    assert_close(out, ref.detach(), dtype=x_dtype, what="output")
+    g = torch.randn(ref.shape, generator=gen)
+    ref.backward(g)
+    leaves = [t.detach().requires_grad_() for t in (x, mc, ms)]
+    bam_apply(*leaves, combine=combine, backend="torch").backward(g.to(x_dtype))
+    for name, leaf, ref_leaf in zip(("dx", "dmc", "dms"), leaves, leaves64):
+        assert_close(leaf.grad, ref_leaf.grad, dtype=x_dtype, what=name)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("combine", COMBINES)
 def test_bam_non_square_maps_pool_over_h_and_w(backend, combine):
