@@ -74,6 +74,20 @@ def _csv_choice(choices, what):
     return parse
 
 
+def _number(kind, minimum):
+    """An argparse type: ``kind`` (int or float) of at least ``minimum``."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value >= minimum:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {what} >= {minimum}")
+        return value
+    return parse
+
+
 def _flatten(values, default):
     if not values:
         return list(default)
@@ -111,11 +125,16 @@ def add_sweep_args(p):
     p.add_argument("--interpret", action="store_true",
                    help="without CUDA: also run the Triton kernels through Triton's interpreter and validate them "
                         "against the torch path on every shape (rows marked timing_mode=interpreter, never plotted)")
-    p.add_argument("--min-time", type=float, default=0.5, metavar="S", help="CPU timer: seconds of repeats (0.5)")
-    p.add_argument("--max-reps", type=int, default=100, metavar="K", help="CPU timer: at most this many repeats")
-    p.add_argument("--copy-mib", type=int, default=256, metavar="MIB",
+    p.add_argument("--min-time", type=_number(float, 0), default=0.5, metavar="S",
+                   help="CPU timer: seconds of repeats (0.5)")
+    p.add_argument("--max-reps", type=_number(int, 1), default=100, metavar="K",
+                   help="CPU timer: at most this many repeats")
+    p.add_argument("--rounds", type=_number(int, 1), default=3, metavar="K",
+                   help="CPU timer: time the providers of each case in K interleaved rounds and pool the samples, so "
+                        "that a drift in the machine's load (other processes) hits every provider alike (default 3)")
+    p.add_argument("--copy-mib", type=_number(int, 1), default=256, metavar="MIB",
                    help="size of the clone that measures the copy bandwidth (default 256 MiB)")
-    p.add_argument("--flush-mib", type=int, default=64, metavar="MIB",
+    p.add_argument("--flush-mib", type=_number(int, 0), default=64, metavar="MIB",
                    help="CPU timer: overwrite this many MiB before each timed call so inputs come from DRAM, as "
                         "do_bench flushes the GPU's L2 (default 64, twice a 32 MiB L3; 0 = hot cache)")
     p.add_argument("--cpu-allocator", choices=("steady", "system"), default="steady",
@@ -267,6 +286,7 @@ def run_sweep(args):
         env["cpu_allocator"] = None
     else:
         env["cpu_allocator"] = steady_cpu_allocator() if args.cpu_allocator == "steady" else "system"
+        env["cpu_timer_rounds"] = args.rounds
     if device.type != "cuda":
         print("No CUDA GPU here: the Triton kernels need one, so the triton and triton-compiled providers are not "
               "timed." + (" --interpret: the kernels run through Triton's interpreter to be validated on every "
@@ -331,7 +351,7 @@ def _fmt(v):
 def _run_case(args, device, shape, dt, lay, op, providers, copy_bw, progress, failures, chosen):
     from . import configs
     from .providers import OpCase
-    from .timing import cpu_timer, cuda_do_bench, cuda_graph_bench
+    from .timing import cpu_timer_interleaved, cuda_do_bench, cuda_graph_bench
 
     dtype = DTYPES[dt]
     n, c, h, w = shape
@@ -345,7 +365,7 @@ def _run_case(args, device, shape, dt, lay, op, providers, copy_bw, progress, fa
             ref = result(fn()).detach().clone()
         except Exception:
             ref = None
-    rows, outputs = [], {}
+    outputs, modes, configs_of, cpu_fns = {}, {}, {}, {}
     for provider in providers:
         progress.step(f"{label} {provider}")
         interp = device.type == "cpu" and provider in CUDA_ONLY
@@ -360,38 +380,50 @@ def _run_case(args, device, shape, dt, lay, op, providers, copy_bw, progress, fa
             got = result(out)
             if provider == "torch-path":
                 ref = got.detach().clone()
-            modes = []
+            modes[provider] = []
             if interp:
                 t0 = time.perf_counter()
                 fn()
                 ms = (time.perf_counter() - t0) * 1e3
-                modes.append(("interpreter", (ms, ms, ms), 1, None))
+                modes[provider].append(("interpreter", (ms, ms, ms), 1, None))
             elif device.type == "cuda":
-                modes.append(("do_bench",) + cuda_do_bench(fn) + (None,))
+                modes[provider].append(("do_bench",) + cuda_do_bench(fn) + (None,))
                 if not args.no_cudagraph and n * c * h * w * dtype.itemsize <= CUDAGRAPH_MAX_BYTES:
                     try:
-                        modes.append(("cudagraph",) + cuda_graph_bench(fn) + (None,))
+                        modes[provider].append(("cudagraph",) + cuda_graph_bench(fn) + (None,))
                     except Exception as exc:  # graph capture of a compiled fn can fail: report, keep going
                         failures.append(dict(provider=provider, op=op, shape=shape, dtype=dt, layout=lay,
                                              error=f"cudagraph: {type(exc).__name__}: {exc}"[:300]))
             else:
-                modes.append(("cpu-timer",) + cpu_timer(fn, min_time=args.min_time, max_reps=args.max_reps,
-                                                          flush_bytes=args.flush_mib * 2**20))
+                cpu_fns[provider] = fn  # timed below, all providers together
         except Exception as exc:
             failures.append(dict(provider=provider, op=op, shape=shape, dtype=dt, layout=lay,
                                  error=f"{type(exc).__name__}: {exc}"[:300]))
             continue
-        for mode, (med, p20, p80), reps, faults in modes:
+        configs_of[provider] = cfg
+        outputs[provider] = got
+        del out, fn
+    if cpu_fns:
+        timed = cpu_timer_interleaved(cpu_fns, rounds=args.rounds, min_time=args.min_time, max_reps=args.max_reps,
+                                      flush_bytes=args.flush_mib * 2**20)
+        for provider, res in timed.items():
+            if isinstance(res, Exception):
+                failures.append(dict(provider=provider, op=op, shape=shape, dtype=dt, layout=lay,
+                                     error=f"{type(res).__name__}: {res}"[:300]))
+                del modes[provider]
+            else:
+                modes[provider].append(("cpu-timer",) + res)
+    rows = []
+    for provider in providers:
+        for mode, (med, p20, p80), reps, faults in modes.get(provider, ()):
             row = dict(device=str(device), provider=provider, op=op, N=n, C=c, H=h, W=w, dtype=dt, layout=lay,
                        combine=args.combine, median_ms=med, p20_ms=p20, p80_ms=p80, reps=reps, timing_mode=mode,
                        page_faults=faults,
-                       minimal_bytes=nbytes, config="; ".join(f"{k}: {v}" for k, v in cfg.items()))
+                       minimal_bytes=nbytes, config="; ".join(f"{k}: {v}" for k, v in configs_of[provider].items()))
             if mode != "interpreter":
                 row["gbps"] = nbytes / (med * 1e-3) / 1e9
                 row["frac_copy_bw"] = row["gbps"] / copy_bw
             rows.append(row)
-        outputs[provider] = got
-        del out, fn
     # Validation against the torch path on the same tensors: our kernels (compiled or interpreted) must be within
     # bam_triton.TOLERANCES (valid column); the authors' formulations' differences are reported (max_abs_err) only.
     for r in rows:

@@ -44,17 +44,8 @@ def _minor_faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def cpu_timer(fn, min_time=0.5, min_reps=5, max_reps=200, warmup_time=0.1, min_warmup=2, flush_bytes=64 * 2**20,
-              max_settle_time=3.0):
-    """Time ``fn()`` on CPU: ``min_warmup`` calls (and at least ``warmup_time`` seconds) of warm-up, then timed calls
-    until ``min_time`` seconds of them and ``min_reps`` calls have passed (at most ``max_reps``). Before each timed
-    call a ``flush_bytes`` buffer is overwritten (outside the timed region) so the inputs come from DRAM, not from the
-    last-level cache -- as ``triton.testing.do_bench`` flushes L2 on GPUs (0 disables).
-
-    Warm-up also goes on (for at most ``max_settle_time`` seconds) until a call pays no page fault: with the steady
-    allocator (:func:`steady_cpu_allocator`) freed blocks are reused once the heap stops growing, which takes a few
-    calls. Returns ((median, p20, p80) in ms, number of timed calls, median minor page faults per timed call or None
-    where they cannot be counted)."""
+def _cpu_samples(fn, min_time, min_reps, max_reps, warmup_time, min_warmup, flush_bytes, max_settle_time):
+    """Warm-up, then timed calls of ``fn``: (times in ms, minor page faults of each timed call)."""
     buf = _flush_buffer(flush_bytes) if flush_bytes else None
     start = time.perf_counter()
     done, faults = 0, None
@@ -80,8 +71,59 @@ def cpu_timer(fn, min_time=0.5, min_reps=5, max_reps=200, warmup_time=0.1, min_w
         spent += dt
         if time.perf_counter() - wall > 20 * max(min_time, 0.05) and len(times) >= min_reps:
             break  # flushing dominates: enough samples
+    return times, fault_counts
+
+
+def _cpu_result(times, fault_counts):
     faults = sorted(fault_counts)[len(fault_counts) // 2] if fault_counts else None
     return summarize(times), len(times), faults
+
+
+def cpu_timer(fn, min_time=0.5, min_reps=5, max_reps=200, warmup_time=0.1, min_warmup=2, flush_bytes=64 * 2**20,
+              max_settle_time=3.0):
+    """Time ``fn()`` on CPU: ``min_warmup`` calls (and at least ``warmup_time`` seconds) of warm-up, then timed calls
+    until ``min_time`` seconds of them and ``min_reps`` calls have passed (at most ``max_reps``). Before each timed
+    call a ``flush_bytes`` buffer is overwritten (outside the timed region) so the inputs come from DRAM, not from the
+    last-level cache -- as ``triton.testing.do_bench`` flushes L2 on GPUs (0 disables).
+
+    Warm-up also goes on (for at most ``max_settle_time`` seconds) until a call pays no page fault: with the steady
+    allocator (:func:`steady_cpu_allocator`) freed blocks are reused once the heap stops growing, which takes a few
+    calls. Returns ((median, p20, p80) in ms, number of timed calls, median minor page faults per timed call or None
+    where they cannot be counted)."""
+    return _cpu_result(*_cpu_samples(fn, min_time, min_reps, max_reps, warmup_time, min_warmup, flush_bytes,
+                                     max_settle_time))
+
+
+def cpu_timer_interleaved(fns, rounds=3, min_time=0.5, min_reps=5, max_reps=200, flush_bytes=64 * 2**20):
+    """Time several callables (``{name: fn}``) in ``rounds`` interleaved rounds -- every fn once per round, each for
+    its share of ``min_time``, ``min_reps`` and ``max_reps`` (which stay the totals) -- and pool each fn's samples. On
+    a shared machine the load drifts over seconds: timed one after the other, two fns can meet different loads and
+    their ratio moves with it, while interleaved rounds spread a drift over all of them. The first round warms up as
+    :func:`cpu_timer` does; later rounds with one call, which also lets the heap settle after the other fns ran.
+
+    Returns ``{name: ((median, p20, p80) in ms, timed calls, median page faults)}``, or ``{name: exception}`` for a
+    fn that raised (it leaves the later rounds)."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+    samples = {name: ([], []) for name in fns}
+    errors = {}
+    for r in range(rounds):
+        reps = [total // rounds + (r < total % rounds) for total in (min_reps, max_reps)]
+        if reps[1] == 0:
+            continue  # fewer repeats than rounds: this round has none left
+        for name, fn in fns.items():
+            if name in errors:
+                continue
+            try:
+                times, faults = _cpu_samples(fn, min_time / rounds, *reps, warmup_time=0.1 if r == 0 else 0.0,
+                                             min_warmup=2 if r == 0 else 1, flush_bytes=flush_bytes,
+                                             max_settle_time=3.0)
+            except Exception as exc:  # reported by the caller; the other fns go on
+                errors[name] = exc
+                continue
+            samples[name][0].extend(times)
+            samples[name][1].extend(faults)
+    return {name: errors[name] if name in errors else _cpu_result(*samples[name]) for name in fns}
 
 
 # glibc's mallopt parameters (malloc.h).

@@ -52,6 +52,7 @@ def test_sweep_quick_writes_csv_and_json(quick_sweep):
     assert {r["provider"] for r in timed} == {"authors-eager", "torch-path"}
     for r in timed:
         assert float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+        assert 1 <= int(r["reps"]) <= 5  # --max-reps is the total over the interleaved rounds
         assert float(r["gbps"]) > 0 and float(r["frac_copy_bw"]) > 0
         assert float(r["speedup_vs_authors_eager"]) > 0
         assert r["device"] == "cpu" and r["dtype"] == "fp32" and r["layout"] == "nchw"
@@ -74,6 +75,32 @@ def test_sweep_interpreter_rows_are_validated_and_not_speed(quick_sweep):
         assert r["valid"] == "True", r
         assert r["speedup_vs_authors_eager"] == "" and r["gbps"] == "" and r["frac_copy_bw"] == ""
         assert "BLOCK" in r["config"]
+
+
+def test_cpu_timer_interleaves_its_rounds_and_pools_the_samples():
+    """Each fn is timed once per round, in turn (A..A B..B A..A B..B A..A B..B: warm-up and timed calls), the repeat
+    limits are totals over the rounds, and a fn that raises is reported and leaves the later rounds."""
+    from bam_triton.bench.timing import cpu_timer_interleaved
+
+    log = []
+
+    def fn(name):
+        def call():
+            log.append(name)
+            if name == "broken" and log.count(name) == 3:
+                raise RuntimeError("third call fails")
+        return call
+
+    res = cpu_timer_interleaved({"a": fn("a"), "b": fn("b"), "broken": fn("broken")}, rounds=3, min_time=0,
+                                min_reps=7, max_reps=7, flush_bytes=0)
+    runs = [name for i, name in enumerate(log) if i == 0 or log[i - 1] != name]
+    assert runs == ["a", "b", "broken", "a", "b", "a", "b"]
+    for name in "ab":
+        (med, p20, p80), reps, _ = res[name]
+        assert reps == 7 and 0 <= p20 <= med <= p80
+    assert isinstance(res["broken"], RuntimeError) and log.count("broken") == 3
+    with pytest.raises(ValueError, match="rounds"):
+        cpu_timer_interleaved({"a": fn("a")}, rounds=0)
 
 
 _FAULTS_SCRIPT = """
@@ -115,6 +142,7 @@ def test_sweep_records_the_cpu_allocator(tmp_path):
                     "--copy-mib", "16"], capture_output=True, text=True, timeout=300, check=True)
     data = json.loads((tmp_path / "sweep.json").read_text())
     assert data["environment"]["cpu_allocator"].startswith("steady" if sys.platform.startswith("linux") else "system")
+    assert data["environment"]["cpu_timer_rounds"] == 3
     if sys.platform.startswith("linux"):  # page faults per timed call are counted (and, steady, none are paid)
         assert [r["page_faults"] for r in data["rows"]] == [0]
 
@@ -136,6 +164,10 @@ def test_sweep_with_compiled_provider(tmp_path):
     (["sweep", "--dtype", "fp8"], "--dtype"),
     (["sweep", "--layout", "nhwc"], "--layout"),
     (["sweep", "--providers", "cudnn"], "--providers"),
+    (["sweep", "--rounds", "0"], "--rounds"),
+    (["sweep", "--max-reps", "0"], "--max-reps"),
+    (["sweep", "--min-time", "-1"], "--min-time"),
+    (["sweep", "--flush-mib", "-1"], "--flush-mib"),
     (["traffic", "--shape", "8x256"], "--shape"),
 ])
 def test_bad_arguments_name_the_option(argv, option, capsys):
