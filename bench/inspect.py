@@ -80,11 +80,9 @@ def runs(kernel, kind, config_index, dtype, shape, layout):
         return True
     if _row_group(shape, dtype, layout) is None:
         return False
-    import triton
+    from bam_triton.kernels._common import gpu_configs
 
-    from bam_triton.kernels._common import all_configs
-
-    configs = [triton.Config(meta, num_warps=warps) for meta, warps in all_configs(kind)]
+    configs = gpu_configs(kind)
     kept = _autotuner(kernel).early_config_prune(configs, {}, BLOCK_L=_block_l(shape, dtype, layout))
     return configs[config_index] in kept
 

@@ -67,7 +67,6 @@ _CONFIGS = {
         (dict(BLOCK_R=16), 8),
     ],
 }
-# The interpreter cannot time configs, so one pinned config runs there (the first of each list).
 
 
 # Programs a grid aims for before a kernel splits its work further: a few waves even on a large GPU.
@@ -137,10 +136,9 @@ def row_tile_pruner(max_per_thread):
     return prune
 
 
-def autotune_configs(kind):
-    """The autotune config list for ``kind``; a single pinned config under the interpreter."""
-    configs = [triton.Config(meta, num_warps=warps) for meta, warps in _CONFIGS[kind]]
-    return configs[:1] if INTERPRETED else configs
+def gpu_configs(kind):
+    """Every GPU config of ``kind`` as a ``triton.Config``."""
+    return [triton.Config(meta, num_warps=warps) for meta, warps in _CONFIGS[kind]]
 
 
 def driver_timer(kernel_call, quantiles):
@@ -151,8 +149,11 @@ def driver_timer(kernel_call, quantiles):
 
 
 def autotune(kind, key, **options):
-    """``triton.autotune`` over the ``kind`` config list, timed by :func:`driver_timer`."""
-    return triton.autotune(configs=autotune_configs(kind), key=key, do_bench=driver_timer, **options)
+    """``triton.autotune`` over the ``kind`` config list, timed by :func:`driver_timer`. The interpreter cannot time
+    configs, so there it runs the first config of the list only."""
+    configs = gpu_configs(kind)
+    return triton.autotune(configs=configs[:1] if INTERPRETED else configs, key=key, do_bench=driver_timer,
+                           **options)
 
 
 def all_configs(kind):
