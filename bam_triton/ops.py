@@ -143,6 +143,16 @@ def _torch_apply_backward(g, x, mc, ms, combine):
     return dx, dmc.to(mc.dtype).reshape(mc.shape), dms.to(ms.dtype).reshape(ms.shape)
 
 
+def _torch_channel_pool(x):
+    """Mean over H, W as a sum divided by H·W: for fp32/fp64 the sum's backward is a broadcast view of the small
+    gradient, where ``mean``'s divides that view into a full-size tensor (one more pass over (N, C, H, W) in training:
+    7 ms of 110 at 32x512x28x28 fp32 on 2 cores). Half-precision inputs are summed and divided in fp32 and rounded
+    once (their backward casts the broadcast gradient back: a full-size tensor, as ``mean``'s)."""
+    h, w = x.shape[2:]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return x.sum(dim=(2, 3), dtype=acc).div_(h * w).to(x.dtype)
+
+
 class _TorchApply(torch.autograd.Function):
     """Torch-path apply with a hand-written backward: saves ``x``, ``mc``, ``ms``, never the attention map."""
 
@@ -247,7 +257,7 @@ def channel_pool(x, *, backend=None):
     _backend.check_backend(backend)
     # Empty inputs take the torch path: nothing to launch, and torch's conventions for them apply.
     if _backend.resolve(backend, x.device) == "torch" or x.numel() == 0:
-        return x.mean(dim=(2, 3))
+        return _torch_channel_pool(x)
     _check_kernel_limits(x)
     return _triton_channel_pool(_dense(x))
 

@@ -225,6 +225,21 @@ def test_channel_pool_gradient_backends_agree(memory_format):
         assert_close(xb.grad, x64.grad, what=f"{backend} pool dx")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+def test_torch_channel_pool_gradient_is_a_broadcast_view(dtype):
+    """The torch path's pooling matches float64 and, for fp32/fp64, hands x a broadcast view of its (N, C) gradient
+    (strides 0 over H, W), not a full-size tensor (``mean``'s backward would divide the view into one)."""
+    x = make_x(dtype=dtype).requires_grad_()
+    g = torch.randn(SHAPE[:2], generator=_gen("pool-view", dtype))
+    pooled = channel_pool(x, backend="torch")
+    assert pooled.dtype == dtype
+    assert_close(pooled, x.detach().double().mean(dim=(2, 3)), dtype=dtype, what="pooled")
+    (dx,) = torch.autograd.grad(pooled, x, g.to(dtype))
+    assert_close(dx, (g.double() / (SHAPE[2] * SHAPE[3]))[:, :, None, None].expand(SHAPE), dtype=dtype, what="dx")
+    if dtype != torch.bfloat16:
+        assert dx.stride()[2:] == (0, 0)
+
+
 @pytest.mark.parametrize("combine", COMBINES)
 def test_bam_apply_gradients_backends_agree(combine):
     gen = _gen("apply-grad", combine)
