@@ -469,13 +469,18 @@ def summary_table(rows, env):
         valid = "" if r.get("valid") is None else ("ok" if r["valid"] else "FAIL")
         lines.append(f"{r['op']:<12}{shape:<16}{r['dtype']:<6}{r['layout']:<14}{r['provider']:<18}"
                      f"{r['timing_mode']:<12}{r['median_ms']:>11.3f}{spread:>21}{gbps:>8}{frac:>7}{speed:>9}  {valid}")
-    # The project's CPU target: the torch path's BAM forward >= 1.5x the authors' eager formulation.
+    # The project's CPU target: the torch path's BAM forward >= 1.5x the authors' eager formulation at the default
+    # grid (the ResNet-50 shapes at batch 32/64/128); other shapes are reported without a verdict.
     fw = [r for r in rows if r["op"] == "bam-fwd" and r["provider"] == "torch-path" and r["timing_mode"] == "cpu-timer"
           and r.get("speedup_vs_authors_eager")]
     if fw:
         lines.append("")
         for r in fw:
             sp = r["speedup_vs_authors_eager"]
+            if r["N"] in DEFAULT_BATCHES and (r["C"], r["H"], r["W"]) in RESNET50_SHAPES:
+                verdict = f"{'meets' if sp >= 1.5 else 'does NOT meet'} the 1.5x CPU target"
+            else:
+                verdict = "the 1.5x CPU target is set for the default grid: the ResNet-50 shapes at batch 32/64/128"
             lines.append(f"bam-fwd torch-path vs authors-eager at {r['N']}x{r['C']}x{r['H']}x{r['W']} {r['dtype']} "
-                         f"{r['layout']}: {sp:.2f}x ({'meets' if sp >= 1.5 else 'does NOT meet'} the 1.5x CPU target)")
+                         f"{r['layout']}: {sp:.2f}x ({verdict})")
     return "\n".join(lines)

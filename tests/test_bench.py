@@ -77,6 +77,24 @@ def test_sweep_interpreter_rows_are_validated_and_not_speed(quick_sweep):
         assert "BLOCK" in r["config"]
 
 
+def test_summary_judges_the_cpu_target_only_on_the_default_grid():
+    """The 1.5x CPU target line: a verdict at the default grid's shapes (ResNet-50 placements, batch 32/64/128), none
+    elsewhere (a batch-8 demo run is not the target's grid)."""
+    from bam_triton.bench.sweep import summary_table
+
+    def row(n, c, hw, speedup):
+        return dict(op="bam-fwd", N=n, C=c, H=hw, W=hw, dtype="fp32", layout="nchw", provider="torch-path",
+                    timing_mode="cpu-timer", median_ms=1.0, p20_ms=0.9, p80_ms=1.1, gbps=1.0, frac_copy_bw=0.1,
+                    speedup_vs_authors_eager=speedup)
+
+    env = dict(gpu=None, cpu="test cpu", cpu_cores=2, copy_bandwidth_gbps=10.0)
+    text = summary_table([row(32, 1024, 14, 1.6), row(128, 256, 56, 1.4), row(8, 1024, 14, 1.2)], env)
+    assert "at 32x1024x14x14 fp32 nchw: 1.60x (meets the 1.5x CPU target)" in text
+    assert "at 128x256x56x56 fp32 nchw: 1.40x (does NOT meet the 1.5x CPU target)" in text
+    line = next(x for x in text.splitlines() if "at 8x1024x14x14" in x)
+    assert "meet" not in line and "set for the default grid" in line
+
+
 def test_cpu_timer_interleaves_its_rounds_and_pools_the_samples():
     """Each fn is timed once per round, in turn (A..A B..B A..A B..B A..A B..B: warm-up and timed calls), the repeat
     limits are totals over the rounds, and a fn that raises is reported and leaves the later rounds."""
