@@ -221,6 +221,10 @@ class Progress:
 
     def step(self, label):
         self.done += 1
+        self.show(label)
+
+    def show(self, label):
+        """The bar at the current count with ``label`` (what is running now)."""
         width = 24
         fill = int(width * self.done / max(self.total, 1))
         line = (f"[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} {time.time() - self.t0:6.0f}s  "
@@ -404,6 +408,8 @@ def _run_case(args, device, shape, dt, lay, op, providers, copy_bw, progress, fa
         outputs[provider] = got
         del out, fn
     if cpu_fns:
+        rounds = f"{args.rounds} interleaved round{'s' if args.rounds > 1 else ''}"
+        progress.show(f"{label}: timing {', '.join(cpu_fns)} in {rounds}")
         timed = cpu_timer_interleaved(cpu_fns, rounds=args.rounds, min_time=args.min_time, max_reps=args.max_reps,
                                       flush_bytes=args.flush_mib * 2**20)
         for provider, res in timed.items():
