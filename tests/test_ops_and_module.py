@@ -270,7 +270,12 @@ def test_torch_apply_on_cpu_runs_in_image_chunks(monkeypatch, combine, chunk, dt
     monkeypatch.setattr(ops, "CPU_APPLY_CHUNK_ELEMENTS", chunk * c * h * w if chunk > 1 else c * h * w - 1)
     chunks = []
     logits = ops._torch_logits
-    monkeypatch.setattr(ops, "_torch_logits", lambda x, *args, **kw: chunks.append(x.shape[0]) or logits(x, *args, **kw))
+
+    def counting_logits(x, *args, **kwargs):
+        chunks.append(x.shape[0])
+        return logits(x, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "_torch_logits", counting_logits)
     x_dtype, map_dtype = dtypes
     gen = _gen("chunks", combine, chunk, x_dtype)
     if memory_format == "sliced":  # neither NCHW- nor channels_last-dense: the chunks are strided views
