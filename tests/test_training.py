@@ -165,11 +165,28 @@ def test_training_equivalence_between_backends():
         torch.testing.assert_close(state_triton[key], value, atol=1e-4, rtol=1e-4)
 
 
-def test_torch_compile_fullgraph_torch_path():
+@pytest.mark.parametrize("cpu_chunk", [None, 1], ids=["default", "eager-chunks-every-image"])
+def test_torch_compile_fullgraph_torch_path(monkeypatch, cpu_chunk):
+    """dynamo traces the torch path in one graph. Where eager mode would run the CPU apply image by image, the graph
+    still has one sigmoid per BAM: under compile the passes are whole-tensor ops for inductor to fuse."""
+    from bam_triton import ops
+
+    if cpu_chunk is not None:
+        monkeypatch.setattr(ops, "CPU_APPLY_CHUNK_ELEMENTS", cpu_chunk)
+    sigmoids = []
+
+    def counting_backend(gm, example_inputs):
+        sigmoids.append(sum(node.target in ("sigmoid_", torch.sigmoid, torch.sigmoid_) for node in gm.graph.nodes))
+        return gm.forward
+
     net = _TinyNet("torch").eval()
     x = torch.randn(2, 3, 12, 10)
     compiled = torch.compile(net, fullgraph=True)
     torch.testing.assert_close(compiled(x), net(x), atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+    with torch.no_grad():  # inference: the apply's ops sit in the graph itself, not in an autograd.Function's
+        torch.compile(net, fullgraph=True, backend=counting_backend)(x)
+    assert sigmoids == [2]  # two BAMs, one sigmoid each
 
 
 def test_torch_compile_fullgraph_triton_ops_train():
