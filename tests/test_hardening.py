@@ -55,6 +55,7 @@ from hypothesis import strategies as st
 from bam_triton import BAM, TOLERANCES, bam_apply, channel_pool
 from bam_triton import _backend, kernels
 from bam_triton import ops as ops_mod
+from reference import logits64, ref_apply, ref_grads
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV_VAR = "BAM_TRITON_BACKEND"
@@ -129,23 +130,6 @@ def make_maps(shape, dtype, form, strided, gen, scale=2.0):
 def storage_of(t):
     """The tensor owning ``t``'s memory (a view's base): compared before and after to prove nothing was written."""
     return t._base if t._base is not None else t
-
-
-def logits64(x, mc, ms, combine):
-    n, c, h, w = x.shape
-    a, b = mc.double().reshape(n, c, 1, 1), ms.double().reshape(n, 1, h, w)
-    return a + b if combine == "sum" else a * b
-
-
-def ref_apply(x, mc, ms, combine):
-    return x.double() * (1 + torch.sigmoid(logits64(x, mc, ms, combine)))
-
-
-def ref_grads(x, mc, ms, g, combine):
-    """(dx, dmc, dms) in float64 by autograd through the forward formula."""
-    leaves = [t.detach().double().requires_grad_() for t in (x, mc, ms)]
-    out = ref_apply(*leaves, combine)
-    return torch.autograd.grad(out, leaves, g.double())
 
 
 def assert_close(got, ref, dtype, what, scale_atol=False):

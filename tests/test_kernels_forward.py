@@ -15,6 +15,7 @@ from bam_triton import kernels
 from bam_triton.kernels import _common
 from bam_triton.kernels import apply as apply_mod
 from bam_triton.kernels import pool as pool_mod
+from reference import ref_apply
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
@@ -75,13 +76,6 @@ def make_maps(shape, gen, form="flat", dtype=torch.float32):
 
 def ref_pool(x):
     return x.double().mean(dim=(2, 3))
-
-
-def ref_apply(x, mc, ms, combine):
-    n, c, h, w = x.shape
-    a, b = mc.double().reshape(n, c, 1, 1), ms.double().reshape(n, 1, h, w)
-    logits = a + b if combine == "sum" else a * b
-    return x.double() * (1 + torch.sigmoid(logits))
 
 
 def assert_close(got, ref, dtype):

@@ -17,6 +17,7 @@ from torch import nn
 import bam_triton
 from bam_triton import BAM, TOLERANCES, bam_apply, channel_pool
 from bam_triton import kernels
+from reference import ref_apply, ref_grads
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV_VAR = "BAM_TRITON_BACKEND"
@@ -289,16 +290,12 @@ def test_torch_apply_on_cpu_runs_in_image_chunks(monkeypatch, combine, chunk, dt
     assert torch.equal(x, before)
     assert out.dtype == x_dtype and out.is_contiguous(
         memory_format=torch.channels_last if memory_format == torch.channels_last else torch.contiguous_format)
-    leaves64 = [t.detach().double().requires_grad_() for t in (x, mc, ms)]
-    ref = leaves64[0] * (1 + torch.sigmoid(
-        (torch.add if combine == "sum" else torch.mul)(leaves64[1][:, :, None, None], leaves64[2][:, None])))
-    assert_close(out, ref.detach(), dtype=x_dtype, what="output")
-    g = torch.randn(ref.shape, generator=gen)
-    ref.backward(g)
+    assert_close(out, ref_apply(x, mc, ms, combine), dtype=x_dtype, what="output")
+    g = torch.randn(x.shape, generator=gen)
     leaves = [t.detach().requires_grad_() for t in (x, mc, ms)]
     bam_apply(*leaves, combine=combine, backend="torch").backward(g.to(x_dtype))
-    for name, leaf, ref_leaf in zip(("dx", "dmc", "dms"), leaves, leaves64):
-        assert_close(leaf.grad, ref_leaf.grad, dtype=x_dtype, what=name)
+    for name, leaf, ref in zip(("dx", "dmc", "dms"), leaves, ref_grads(x, mc, ms, g, combine)):
+        assert_close(leaf.grad, ref, dtype=x_dtype, what=name)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
