@@ -103,7 +103,7 @@ def add_grid_args(p):
     p.add_argument("--shapes", type=parse_shapes, action="append", metavar="NxCxHxW[,...]",
                    help="custom shapes, e.g. 8x256x56x56,8x512x28x28 (default: the ResNet-50 BAM placements "
                         "(256,56,56), (512,28,28), (1024,14,14) at batch sizes 32/64/128)")
-    p.add_argument("--batch", type=int, action="append", metavar="N",
+    p.add_argument("--batch", type=_number(int, 1), action="append", metavar="N",
                    help="batch size(s) for the default ResNet-50 shapes (repeatable; default 32, 64, 128)")
     p.add_argument("--quick", action="store_true", help=f"tiny shapes for a CPU smoke run: {QUICK_SHAPES}")
     p.add_argument("--dtype", type=_csv_choice(tuple(DTYPES), "dtype"), action="append", metavar="DTYPE",

@@ -182,6 +182,7 @@ def test_sweep_with_compiled_provider(tmp_path):
     (["sweep", "--dtype", "fp8"], "--dtype"),
     (["sweep", "--layout", "nhwc"], "--layout"),
     (["sweep", "--providers", "cudnn"], "--providers"),
+    (["sweep", "--batch", "0"], "--batch"),
     (["sweep", "--rounds", "0"], "--rounds"),
     (["sweep", "--max-reps", "0"], "--max-reps"),
     (["sweep", "--min-time", "-1"], "--min-time"),
