@@ -1,8 +1,39 @@
-"""Test-wide setup. The kernels are tested on CPU through Triton's interpreter, which triton chooses when it is
-imported, so TRITON_INTERPRET is set here, before any test module imports triton."""
+"""Test-wide setup. ``BAM_TRITON_TEST_DEVICE`` (tests/devices.py) picks the device of this run: ``cpu`` (default), where
+the kernels are tested through Triton's interpreter, or ``cuda``, where they run compiled on the current GPU. Triton
+chooses between the two when it is imported, so TRITON_INTERPRET is set here, before any test module imports triton."""
 import os
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-if "triton" in sys.modules and os.environ["TRITON_INTERPRET"] != "1":  # pragma: no cover - a misconfigured run
-    raise RuntimeError("triton was imported before tests/conftest.py could select its interpreter")
+import pytest
+
+from devices import DEVICE_VAR, ON_CUDA, TEST_DEVICE, run_problem  # imports torch only: triton stays unimported
+
+if not ON_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if "triton" in sys.modules and os.environ["TRITON_INTERPRET"] != "1":  # pragma: no cover - a misconfigured run
+        raise RuntimeError("triton was imported before tests/conftest.py could select its interpreter")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow_on_gpu: expensive in a GPU run (torch.compile, DDP, property tests, whole networks); a "
+        "time-boxed run deselects them with -m 'not slow_on_gpu'")
+    problem = run_problem()
+    if problem:  # here rather than at import: pytest reports an exit from a hook as one line, not a traceback
+        pytest.exit(problem, returncode=pytest.ExitCode.USAGE_ERROR)
+    if ON_CUDA:
+        # cuDNN convolutions default to TF32 (10-bit mantissa): fp32 results would miss the fp32 tolerances on every
+        # path alike. The tolerances are for IEEE fp32, as on CPU.
+        torch = sys.modules["torch"]
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+
+
+def pytest_report_header(config):
+    return f"{DEVICE_VAR}: {TEST_DEVICE} ({'compiled Triton kernels' if ON_CUDA else 'Triton interpreter'})"
+
+
+@pytest.fixture
+def device():
+    """The device the tensors of device-parametrised tests live on: ``cpu`` or the current CUDA device."""
+    return TEST_DEVICE
