@@ -298,7 +298,7 @@ def bam_apply(x, mc, ms, *, combine="sum", backend=None):
 # The fused wiring below routes x through a junction whose backward runs last and writes dx once:
 #   apply backward   reads g, x -> dmc, dms (reductions only)                                  2 passes
 #   conv backward    writes dx_conv (torch)                                                     1 pass
-#   junction         reads g, dx_conv; writes dx = g·(1+s) + dpool/(H·W) + dx_conv over dx_conv  3 passes
+#   junction         reads g, dx_conv; writes dx = g·(1+s) + dpool/(H·W) + dx_conv              3 passes
 # 6 passes in all (s comes from the small maps, so the last step needs no x). The reductions must finish before the
 # branches' backward can start and torch writes dx_conv, so g is read twice: the floor for this dependency order.
 

@@ -7,11 +7,14 @@ callers (``bam_triton.ops``) validate arguments and pick the backend before any 
 - :mod:`.apply`: fused attention-apply forward.
 - :mod:`.apply_bwd`: fused attention-apply backward: single pass (``apply_bwd``), or the reductions
   (``apply_bwd_reduce``) and dx with the pooling and conv gradients folded in (``apply_bwd_dx``).
-"""
-from ._common import INTERPRETED, memory_plan
-from .apply import apply_fwd
-from .apply_bwd import apply_bwd, apply_bwd_dx, apply_bwd_reduce
-from .pool import channel_pool_fwd
 
-__all__ = ["INTERPRETED", "memory_plan", "apply_fwd", "apply_bwd", "apply_bwd_dx", "apply_bwd_reduce",
-           "channel_pool_fwd"]
+Each launcher has a pure ``*_plan`` function (shape, dtype, layout, SM count -> :class:`LaunchPlan`: the kernel, its
+grid, scalars, constexprs and buffers); the launch, ``bam-triton inspect`` and the tests all use it.
+"""
+from ._common import INTERPRETED, PINNED, LaunchPlan, memory_plan
+from .apply import apply_fwd, apply_fwd_plan
+from .apply_bwd import apply_bwd, apply_bwd_dx, apply_bwd_reduce, dx_plan, reduce_plan
+from .pool import channel_pool_fwd, channel_pool_plan
+
+__all__ = ["INTERPRETED", "PINNED", "LaunchPlan", "memory_plan", "apply_fwd", "apply_fwd_plan", "apply_bwd",
+           "apply_bwd_dx", "apply_bwd_reduce", "dx_plan", "reduce_plan", "channel_pool_fwd", "channel_pool_plan"]

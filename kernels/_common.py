@@ -1,4 +1,6 @@
-"""What the kernels share: interpreter detection, autotune config lists, the memory plan of an input, flat indexing."""
+"""What the kernels share: interpreter detection, autotune config lists and keys, the memory plan of an input, flat
+indexing, and the one launch helper (device guard, launch lock)."""
+import contextlib
 import functools
 import math
 import os
@@ -11,6 +13,10 @@ import triton.language as tl
 
 # Triton decides at import time whether @triton.jit builds GPU code or runs under its CPU interpreter.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+# BAM_TRITON_AUTOTUNE=0 pins every kernel to the first config its pruner keeps: no timing, so the same shape gets the
+# same config (and bitwise the same result) in every process on the same GPU model. Read when the kernels are imported.
+AUTOTUNE_ENV_VAR = "BAM_TRITON_AUTOTUNE"
+PINNED = os.environ.get(AUTOTUNE_ENV_VAR, "1").strip().lower() in ("0", "false", "off", "no")
 
 # Largest BLOCK in the elementwise configs: flat indices run up to cdiv(n, BLOCK)·BLOCK - 1, so int32 offsets are safe
 # only while n + MAX_BLOCK stays below 2**31.
@@ -78,12 +84,17 @@ def _multiprocessors(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def target_programs(device):
-    """How many programs a grid should have on ``device`` before splitting work (4 per SM, at least 1024)."""
+def sm_count(device):
+    """SMs of a CUDA ``device`` (cached per device), or None for CPU tensors (the interpreter)."""
     if device.type != "cuda":
-        return MIN_TARGET_PROGRAMS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return max(MIN_TARGET_PROGRAMS, 4 * _multiprocessors(index))
+        return None
+    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def target_programs(sms):
+    """How many programs a grid should have on a GPU with ``sms`` SMs (None: no GPU) before splitting work: 4 per SM,
+    at least 1024."""
+    return MIN_TARGET_PROGRAMS if sms is None else max(MIN_TARGET_PROGRAMS, 4 * sms)
 
 
 def keep_contiguous_configs(configs, named_args, **kwargs):
@@ -120,8 +131,9 @@ def row_group(c, hw, element_size):
 
 def row_tile_pruner(max_per_thread):
     """An ``early_config_prune`` for a row-group kernel: keep tiles [BLOCK_R, BLOCK_L] of 1K-8K elements with at most
-    ``max_per_thread`` per thread (BLOCK_L is the group row rounded up to a power of two, fixed by the shape); keeps
-    the smallest tile if none fits."""
+    ``max_per_thread`` per thread (BLOCK_L is the group row rounded up to a power of two, fixed by the shape). Tiny
+    rows (H·W of 1-4) reach 1K elements with no config: keep the largest tile that fits in ``max_per_thread`` then,
+    and the smallest tile only if nothing fits."""
 
     def prune(configs, named_args, **kwargs):
         block_l = kwargs.get("BLOCK_L", named_args.get("BLOCK_L"))
@@ -129,9 +141,14 @@ def row_tile_pruner(max_per_thread):
         def elements(config):
             return config.kwargs["BLOCK_R"] * block_l
 
-        kept = [cf for cf in configs
-                if 1024 <= elements(cf) <= 8192 and elements(cf) <= max_per_thread * 32 * cf.num_warps]
-        return kept or [min(configs, key=elements)]
+        fitting = [cf for cf in configs if elements(cf) <= min(8192, max_per_thread * 32 * cf.num_warps)]
+        kept = [cf for cf in fitting if elements(cf) >= 1024]
+        if kept:
+            return kept
+        if fitting:
+            largest = max(elements(cf) for cf in fitting)
+            return [cf for cf in fitting if elements(cf) == largest]
+        return [min(configs, key=elements)]
 
     return prune
 
@@ -148,12 +165,36 @@ def driver_timer(kernel_call, quantiles):
     return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
 
 
-def autotune(kind, key, **options):
-    """``triton.autotune`` over the ``kind`` config list, timed by :func:`driver_timer`. The interpreter cannot time
-    configs, so there it runs the first config of the list only."""
+def n_bucket(n):
+    """The batch size as the autotuners see it: the next power of two. Grids and splits scale with N, so the best
+    config can too, but every new N re-tuning (~1 s per kernel per BAM shape) would stall dynamic batching."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _pinned(prune):
+    """Wrap ``prune`` (or none) so that only the first config it keeps remains: the autotuner then times nothing."""
+
+    def first_kept(configs, named_args, **kwargs):
+        kept = prune(configs, named_args, **kwargs) if prune else configs
+        return kept[:1]
+
+    return first_kept
+
+
+def autotune(kind, key, prune=None):
+    """``triton.autotune`` over the ``kind`` config list, keyed on ``key``, pruned by ``prune``, timed by
+    :func:`driver_timer`. The interpreter cannot time configs, so there it runs the first config of the list only;
+    with ``BAM_TRITON_AUTOTUNE=0`` the first config ``prune`` keeps runs, untimed.
+
+    No kernel may write over one of its inputs: the autotuner runs every config on the same arguments, and
+    ``restore_value`` would time its clone and restore together with the kernel."""
     configs = gpu_configs(kind)
-    return triton.autotune(configs=configs[:1] if INTERPRETED else configs, key=key, do_bench=driver_timer,
-                           **options)
+    if INTERPRETED:
+        configs, prune = configs[:1], None
+    elif PINNED:
+        prune = _pinned(prune)
+    options = {"prune_configs_by": {"early_config_prune": prune}} if prune else {}
+    return triton.autotune(configs=configs, key=key, do_bench=driver_timer, **options)
 
 
 def all_configs(kind):
@@ -182,11 +223,20 @@ class MemoryPlan:
     index_64: bool  # flat offsets may pass 2**31 - 1
 
 
-def memory_plan(x):
-    n, c, h, w = x.shape
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+def layout_plan(shape, channels_last):
+    """The :class:`MemoryPlan` of a dense tensor of ``shape`` in NCHW or channels_last order."""
+    n, c, h, w = shape
     inner, mid = (c, h * w) if channels_last else (h * w, c)
-    return MemoryPlan(channels_last, inner, mid, x.numel() + MAX_BLOCK >= 2**31)
+    return MemoryPlan(channels_last, inner, mid, n * c * h * w + MAX_BLOCK >= 2**31)
+
+
+def is_channels_last(x):
+    """Whether dense ``x`` is laid out channels_last (a tensor that is both, e.g. C = 1 or H = W = 1, counts as NCHW)."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def memory_plan(x):
+    return layout_plan(x.shape, is_channels_last(x))
 
 
 @triton.jit
@@ -199,13 +249,77 @@ def flat_index(pid, BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
     return start + tl.arange(0, BLOCK)
 
 
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What a launcher launches for one input description, computed by a pure function of the shape, dtype, layout
+    and SM count (the ``*_plan`` functions beside each kernel). The launch itself (:func:`launch`), ``bam-triton
+    inspect`` and the tests all read these, so they cannot drift apart.
+
+    ``grid`` axes are ``(count, extent, block)``: ``count · cdiv(extent, meta[block])``, or ``count`` when ``block``
+    is None (``meta`` is the config the autotuner picks). ``scalars`` are the runtime int arguments after the tensors,
+    in signature order; ``buffers`` the (shape, dtype) of each small output or partial-sum buffer the launcher
+    allocates; ``tuning_key`` the values of the autotuner's key."""
+
+    kernel: object  # the autotuned kernel (a triton Autotuner)
+    grid: tuple
+    scalars: tuple
+    constexprs: tuple  # (name, value) pairs
+    buffers: tuple = ()  # (name, shape, dtype) triples
+
+    def grid_for(self, meta):
+        return tuple(count * (-(-extent // meta[block]) if block else 1) for count, extent, block in self.grid)
+
+    def buffer(self, name):
+        return next((shape, dtype) for key, shape, dtype in self.buffers if key == name)
+
+    @property
+    def kernel_name(self):
+        return getattr(self.kernel, "base_fn", self.kernel).__name__
+
+    def scalar_names(self):
+        """Names of the runtime scalar arguments: those right after the pointer (``*_ptr``) arguments."""
+        names = self.kernel.arg_names
+        first = sum(name.endswith("_ptr") for name in names)
+        return names[first:first + len(self.scalars)]
+
+    @property
+    def tuning_key(self):
+        values = dict(zip(self.scalar_names(), self.scalars), **dict(self.constexprs))
+        return tuple(values[name] for name in self.kernel.keys)
+
+
+def device_guard(device):
+    """Make ``device`` the current CUDA device while a kernel launches: Triton launches on the current device and its
+    current stream, which need not be the inputs' device. Nothing to do for CPU tensors (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 # Launches are serialised: the interpreter patches triton.language while a kernel runs, and the autotuner keeps
 # per-kernel state (the arguments and timings of the config search) while it tunes; neither is thread-safe. Holding
 # a lock for the host side of a launch costs well under a microsecond; GPU execution is not serialised by it.
 _LAUNCH_LOCK = threading.Lock()
 
 
-def launch(kernel, grid, *args, **kwargs):
-    """``kernel[grid](*args, **kwargs)``, one thread at a time."""
-    with _LAUNCH_LOCK:
-        return kernel[grid](*args, **kwargs)
+def launch(plan, *tensors, config=None):
+    """Launch ``plan`` on ``tensors`` on their device and that device's current stream, one thread at a time: through
+    the autotuner, or with ``config`` = (meta, num_warps) straight through the jit function (tests, every config).
+    Returns the meta-parameters of the launch that ran (the autotuner evaluates the grid of the final launch last).
+
+    Scalars are ints by construction: compiled Triton types a Python float as fp32, which would cost fp64 inputs
+    precision (the interpreter keeps it a double and would not show it)."""
+    floats = [a for a in (*plan.scalars, *dict(plan.constexprs).values()) if isinstance(a, float)]
+    if floats:
+        raise TypeError(f"bam_triton internal error: float scalar arguments {floats} would be fp32 on a GPU")
+    used = {}
+
+    def grid(meta):
+        used["meta"] = meta
+        return plan.grid_for(meta)
+
+    with _LAUNCH_LOCK, device_guard(tensors[0].device):
+        if config is None:
+            plan.kernel[grid](*tensors, *plan.scalars, **dict(plan.constexprs))
+        else:
+            meta, warps = config
+            plan.kernel.fn[grid](*tensors, *plan.scalars, **dict(plan.constexprs), **meta, num_warps=warps)
+    return used.get("meta")

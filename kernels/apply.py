@@ -16,11 +16,13 @@ are compile-time constants, so these divisions compile to multiply-high and shif
 division; a network has a handful of BAM shapes, so the specialisation costs a handful of compiles. ``⊕`` commutes,
 so swapping the maps changes nothing. Offsets are int32 unless ``x`` has 2**31 elements or more (``INDEX_64``).
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, autotune, flat_index, launch, memory_plan
+from ._common import LaunchPlan, acc_dtype, autotune, flat_index, is_channels_last, launch, layout_plan, n_bucket
 
 COMBINE_SUM = 0
 COMBINE_PRODUCT = 1
@@ -59,14 +61,16 @@ def gather_maps(row_map_ptr, col_map_ptr, idx, mask, INNER: tl.constexpr, MID: t
     return row, col
 
 
-@autotune("elementwise", key=["n_elements", "INNER", "MID"])
-@triton.jit
+# Keyed on the per-image shape (INNER, MID) and the batch bucket, not on n_elements: every new batch size would re-tune.
+@autotune("elementwise", key=["batch_bucket", "INNER", "MID"])
+@triton.jit(do_not_specialize=["batch_bucket"])
 def apply_fwd_kernel(
     x_ptr,  # (N, C, H, W) in memory order (n, c, hw) or (n, hw, c), dense
     row_map_ptr,  # N·(n_elements // (N·INNER)) values, see the module docstring
     col_map_ptr,  # N·INNER values
     out_ptr,  # same shape and memory order as x
     n_elements,
+    batch_bucket,  # tuning key only: N rounded up to a power of two (_common.n_bucket)
     INNER: tl.constexpr,
     MID: tl.constexpr,
     COMBINE: tl.constexpr,
@@ -82,14 +86,21 @@ def apply_fwd_kernel(
     tl.store(out_ptr + idx, (x * (1.0 + s)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def apply_fwd(x, mc, ms, combine):
+def apply_fwd_plan(shape, dtype, channels_last, combine):
+    """The launch of :func:`apply_fwd` for a dense ``shape`` input of ``dtype``: one flat grid over every element."""
+    plan = layout_plan(shape, channels_last)
+    n_elements = math.prod(shape)
+    return LaunchPlan(apply_fwd_kernel, grid=((1, n_elements, "BLOCK"),), scalars=(n_elements, n_bucket(shape[0])),
+                      constexprs=(("INNER", plan.inner), ("MID", plan.mid), ("COMBINE", COMBINE_CODES[combine]),
+                                  ("INDEX_64", plan.index_64), ("ACC", acc_dtype(dtype))))
+
+
+def apply_fwd(x, mc, ms, combine, config=None):
     """Launch :func:`apply_fwd_kernel`. ``x`` dense NCHW or channels_last; ``mc`` (N, C), ``ms`` (N, H·W), both
-    contiguous. Returns ``out`` in ``x``'s memory format. Arguments are validated by the op layer."""
+    contiguous. Returns ``out`` in ``x``'s memory format. ``config`` forces one (meta, num_warps) config (tests).
+    Arguments are validated by the op layer."""
+    channels_last = is_channels_last(x)
     out = torch.empty_like(x)  # x is dense, so empty_like keeps its strides (memory format)
-    plan = memory_plan(x)
-    row_map, col_map = (ms, mc) if plan.channels_last else (mc, ms)
-    n_elements = x.numel()
-    grid = lambda meta: (triton.cdiv(n_elements, meta["BLOCK"]),)  # noqa: E731
-    launch(apply_fwd_kernel, grid, x, row_map, col_map, out, n_elements, INNER=plan.inner, MID=plan.mid,
-           COMBINE=COMBINE_CODES[combine], INDEX_64=plan.index_64, ACC=acc_dtype(x.dtype))
+    row_map, col_map = (ms, mc) if channels_last else (mc, ms)
+    launch(apply_fwd_plan(tuple(x.shape), x.dtype, channels_last, combine), x, row_map, col_map, out, config=config)
     return out

@@ -30,18 +30,22 @@ tile, written straight to (N, C)); its dms is a column sum over the split's rows
 ``apply_bwd_dx_kernel`` is elementwise over the flat range of ``x``, like ``apply_fwd_kernel`` (same INNER/MID
 indexing of the small maps, so loads and stores vectorise to 128 bits for any H·W):
 ``dx = g·(1 + s) + dpool[n, c] / (H·W) + dx_extra``. ``dpool`` is the gradient of the channel pooling's output (its
-broadcast is folded here) and ``dx_extra`` another gradient of ``x`` (e.g. the spatial branch's conv); ``dx`` may be
-written in place over ``dx_extra``: each element is read before the same program writes it. It does not read ``x``.
+broadcast is folded here) and ``dx_extra`` another gradient of ``x`` (e.g. the spatial branch's conv). ``dx`` is a fresh tensor, never written
+over ``dx_extra``: the autotuner runs every config on the same arguments, and restoring an in-place buffer between
+them would be timed with the kernel. It does not read ``x``.
 
 Offsets within an image are int32 and image bases int64 (the op layer checks C·H·W < 2**31); the flat kernel uses the
 memory plan's INDEX_64 as the forward does.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (acc_dtype, all_configs, autotune, flat_index, keep_contiguous_configs, launch,
-                      memory_plan, row_group, row_tile_pruner, target_programs)
+from ._common import (LaunchPlan, acc_dtype, all_configs, autotune, flat_index, is_channels_last,
+                      keep_contiguous_configs, launch, layout_plan, n_bucket, row_group, row_tile_pruner, sm_count,
+                      target_programs)
 from .apply import COMBINE_CODES, attention_logit, col_map_index, gather_maps, row_map_index
 
 # A channel split is a multiple of every BLOCK_C (powers of two), so only the C tail is ever masked.
@@ -73,9 +77,8 @@ def _tile_map_grads(g_ptr, x_ptr, dx_ptr, offsets, mask, mc, ms, COMBINE: tl.con
         return tl.where(mask, da * ms, 0.0), tl.where(mask, da * mc, 0.0)
 
 
-@autotune("reduce2d", key=["C", "HW", "CHANNELS_LAST", "WRITE_DX"],
-          prune_configs_by={"early_config_prune": keep_contiguous_configs})
-@triton.jit
+@autotune("reduce2d", key=["batch_bucket", "C", "HW", "CHANNELS_LAST", "WRITE_DX"], prune=keep_contiguous_configs)
+@triton.jit(do_not_specialize=["batch_bucket"])
 def apply_bwd_reduce_kernel(
     g_ptr,  # (N, C, H, W), same strides as x
     x_ptr,  # (N, C, H, W), dense NCHW or NHWC
@@ -87,6 +90,7 @@ def apply_bwd_reduce_kernel(
     C,
     HW,
     c_per_split,  # multiple of every BLOCK_C
+    batch_bucket,  # tuning key only: N rounded up to a power of two (_common.n_bucket)
     COMBINE: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -136,9 +140,8 @@ def apply_bwd_reduce_kernel(
 
 # At most 8 elements per thread: with g, x, the maps and an accumulator per element, 16 took 128-142 registers on
 # sm_90 and spilled in fp32 at 7x7 (bam-triton inspect).
-@autotune("rows", key=["C", "HW", "GROUP", "WRITE_DX"],
-          prune_configs_by={"early_config_prune": row_tile_pruner(max_per_thread=8)})
-@triton.jit
+@autotune("rows", key=["batch_bucket", "C", "HW", "GROUP", "WRITE_DX"], prune=row_tile_pruner(max_per_thread=8))
+@triton.jit(do_not_specialize=["batch_bucket"])
 def apply_bwd_reduce_rows_kernel(
     g_ptr,  # (N, C, H, W), dense NCHW like x
     x_ptr,  # (N, C, H, W), dense NCHW, C divisible by GROUP
@@ -149,6 +152,7 @@ def apply_bwd_reduce_rows_kernel(
     dms_partial_ptr,  # (N, n_splits, GROUP·HW): column sums of one split, per group-row position
     C,
     rows_per_split,  # group rows per split, a multiple of every BLOCK_R
+    batch_bucket,  # tuning key only: N rounded up to a power of two (_common.n_bucket)
     HW: tl.constexpr,  # a constexpr, so the compiler can prove group rows 16-byte aligned
     GROUP: tl.constexpr,  # K channels per group row
     COMBINE: tl.constexpr,
@@ -197,18 +201,17 @@ def _channel_index(idx, INNER: tl.constexpr, MID: tl.constexpr, CHANNELS_LAST: t
         return row_map_index(idx, INNER)
 
 
-# restore_value: dx may be written in place over dx_extra, and the autotuner runs every config on the same buffers.
-@autotune("elementwise", key=["n_elements", "INNER", "MID", "CHANNELS_LAST", "HAS_DPOOL", "HAS_EXTRA"],
-          restore_value=["dx_ptr"])
-@triton.jit
+@autotune("elementwise", key=["batch_bucket", "INNER", "MID", "CHANNELS_LAST", "HAS_DPOOL", "HAS_EXTRA"])
+@triton.jit(do_not_specialize=["batch_bucket"])
 def apply_bwd_dx_kernel(
     g_ptr,  # (N, C, H, W) in memory order (n, c, hw) or (n, hw, c), dense
     row_map_ptr,  # mc for NCHW, ms for NHWC (see kernels/apply.py)
     col_map_ptr,  # ms for NCHW, mc for NHWC
     dpool_ptr,  # (N, C), any float dtype; read only when HAS_DPOOL
-    dx_extra_ptr,  # like g; read only when HAS_EXTRA (may be dx_ptr itself)
+    dx_extra_ptr,  # like g; read only when HAS_EXTRA; never dx_ptr itself
     dx_ptr,  # like g
     n_elements,
+    batch_bucket,  # tuning key only: N rounded up to a power of two (_common.n_bucket)
     INNER: tl.constexpr,
     MID: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
@@ -238,85 +241,98 @@ def apply_bwd_dx_kernel(
     tl.store(dx_ptr + idx, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _reduce(g, x, mc, ms, combine, dx):
-    """Launch :func:`apply_bwd_reduce_kernel` (writing ``dx`` too unless it is None); returns (dmc, dms)."""
+def reduce_plan(shape, dtype, channels_last, combine, write_dx, sms=None):
+    """The launch of the backward reductions (with dx stored when ``write_dx``) for a dense ``shape`` input of
+    ``dtype`` on a GPU with ``sms`` SMs: the row-group kernel (NCHW with unaligned small H·W) or the 2D-tile kernel,
+    each with its channel split. Buffers: ``dmc`` (complete, row-group kernel) or ``dmc_partial`` (per hw block, sized
+    for the smallest BLOCK_HW of any config), and ``dms_partial`` (per split)."""
+    n, c, h, w = shape
+    hw = h * w
+    partial_dtype = torch.promote_types(dtype, torch.float32)
+    target = target_programs(sms)
+    common = (("COMBINE", COMBINE_CODES[combine]), ("WRITE_DX", write_dx), ("ACC", acc_dtype(dtype)))
+    group = None if channels_last else row_group(c, hw, dtype.itemsize)
+    if group is not None:
+        n_rows = c // group
+        # Split the channels only as far as the GPU needs programs, and at most until the dms partials (4 bytes per
+        # group-row position per split) reach 1/16 of the bytes of g and x that the split reads.
+        max_splits = max(1, n_rows * 2 * dtype.itemsize // 64)
+        n_splits = max(1, min(-(-target // n), max_splits, -(-n_rows // _ROW_SPLIT_UNIT)))
+        rows_per_split = -(-(-(-n_rows // n_splits)) // _ROW_SPLIT_UNIT) * _ROW_SPLIT_UNIT
+        n_splits = -(-n_rows // rows_per_split)
+        return LaunchPlan(apply_bwd_reduce_rows_kernel, grid=((n, 1, None), (n_splits, 1, None)),
+                          scalars=(c, rows_per_split, n_bucket(n)),
+                          constexprs=(("HW", hw), ("GROUP", group), ("BLOCK_L", triton.next_power_of_2(group * hw)))
+                          + common,
+                          buffers=(("dmc", (n, c), partial_dtype), ("dms_partial", (n, n_splits * group, hw),
+                                                                     partial_dtype)))
+    # Split channels only when images x hw blocks alone give too few programs.
+    base_programs = n * -(-hw // _TYPICAL_BLOCK_HW)
+    n_splits = max(1, min(-(-target // base_programs), -(-c // _C_SPLIT_UNIT)))
+    c_per_split = -(-(-(-c // n_splits)) // _C_SPLIT_UNIT) * _C_SPLIT_UNIT
+    n_splits = -(-c // c_per_split)
+    return LaunchPlan(apply_bwd_reduce_kernel, grid=((n, hw, "BLOCK_HW"), (n_splits, 1, None)),
+                      scalars=(c, hw, c_per_split, n_bucket(n)),
+                      constexprs=(("CHANNELS_LAST", channels_last),) + common,
+                      buffers=(("dmc_partial", (n * -(-hw // _MIN_BLOCK_HW) * c,), partial_dtype),
+                               ("dms_partial", (n, n_splits, hw), partial_dtype)))
+
+
+def _reduce(g, x, mc, ms, combine, dx, config):
+    """Launch :func:`reduce_plan`'s kernel (writing ``dx`` too unless it is None); returns (dmc, dms)."""
     n, c, h, w = x.shape
     hw = h * w
-    plan = memory_plan(x)
-    partial_dtype = torch.promote_types(x.dtype, torch.float32)
-    group = None if plan.channels_last else row_group(c, hw, x.element_size())
-    if group is not None:
-        return _reduce_rows(g, x, mc, ms, combine, dx, group, partial_dtype)
-    # Split channels only when images x hw blocks alone give too few programs.
-    base_programs = n * triton.cdiv(hw, _TYPICAL_BLOCK_HW)
-    n_splits = max(1, min(triton.cdiv(target_programs(x.device), base_programs), triton.cdiv(c, _C_SPLIT_UNIT)))
-    c_per_split = triton.cdiv(triton.cdiv(c, n_splits), _C_SPLIT_UNIT) * _C_SPLIT_UNIT
-    n_splits = triton.cdiv(c, c_per_split)
-    dms_partial = torch.empty((n, n_splits, hw), device=x.device, dtype=partial_dtype)
-    # The number of hw blocks depends on the config the autotuner picks: size the buffer for the most blocks and
-    # note the count of the launch that ran (the grid is evaluated last for the final launch).
-    dmc_partial = torch.empty(n * triton.cdiv(hw, _MIN_BLOCK_HW) * c, device=x.device, dtype=partial_dtype)
-    launched = {}
-
-    def grid(meta):
-        launched["hw_blocks"] = triton.cdiv(hw, meta["BLOCK_HW"])
-        return (n * launched["hw_blocks"], n_splits)
-
-    launch(apply_bwd_reduce_kernel, grid, g, x, mc, ms, g if dx is None else dx, dmc_partial, dms_partial, c, hw,
-           c_per_split, COMBINE=COMBINE_CODES[combine], CHANNELS_LAST=plan.channels_last, WRITE_DX=dx is not None,
-           ACC=acc_dtype(x.dtype))  # dx_ptr = g when WRITE_DX is off: never stored to
-    hw_blocks = launched["hw_blocks"]
-    dmc = dmc_partial[: n * hw_blocks * c].view(n, hw_blocks, c)
-    dmc = dmc.view(n, c) if hw_blocks == 1 else dmc.sum(dim=1)
-    dms = dms_partial.view(n, hw) if n_splits == 1 else dms_partial.sum(dim=1)
+    plan = reduce_plan(tuple(x.shape), x.dtype, is_channels_last(x), combine, dx is not None, sm_count(x.device))
+    dms_shape, partial_dtype = plan.buffer("dms_partial")
+    dms_partial = torch.empty(dms_shape, device=x.device, dtype=partial_dtype)
+    dx_arg = g if dx is None else dx  # dx_ptr = g when WRITE_DX is off: never stored to
+    if any(name == "dmc" for name, _, _ in plan.buffers):  # the row-group kernel: complete dmc sums
+        dmc = torch.empty(plan.buffer("dmc")[0], device=x.device, dtype=partial_dtype)
+        launch(plan, g, x, mc, ms, dx_arg, dmc, dms_partial, config=config)
+    else:
+        dmc_partial = torch.empty(plan.buffer("dmc_partial")[0], device=x.device, dtype=partial_dtype)
+        meta = launch(plan, g, x, mc, ms, dx_arg, dmc_partial, dms_partial, config=config)
+        # The number of hw blocks depends on the config that ran: the buffer is sized for the most.
+        hw_blocks = triton.cdiv(hw, meta["BLOCK_HW"])
+        dmc = dmc_partial[: n * hw_blocks * c].view(n, hw_blocks, c)
+        dmc = dmc.view(n, c) if hw_blocks == 1 else dmc.sum(dim=1)
+    dms = dms_partial.view(n, hw) if dms_shape[1] == 1 else dms_partial.sum(dim=1)
     return dmc, dms
 
 
-def _reduce_rows(g, x, mc, ms, combine, dx, group, partial_dtype):
-    """Launch :func:`apply_bwd_reduce_rows_kernel` (NCHW, ``group`` channels per row); returns (dmc, dms)."""
-    n, c, h, w = x.shape
-    hw, n_rows = h * w, c // group
-    # Split the channels only as far as the GPU needs programs, and at most until the dms partials (4 bytes per
-    # group-row position per split) reach 1/16 of the bytes of g and x that the split reads.
-    max_splits = max(1, n_rows * 2 * x.element_size() // 64)
-    n_splits = max(1, min(triton.cdiv(target_programs(x.device), n), max_splits, triton.cdiv(n_rows, _ROW_SPLIT_UNIT)))
-    rows_per_split = triton.cdiv(triton.cdiv(n_rows, n_splits), _ROW_SPLIT_UNIT) * _ROW_SPLIT_UNIT
-    n_splits = triton.cdiv(n_rows, rows_per_split)
-    dmc = torch.empty((n, c), device=x.device, dtype=partial_dtype)
-    dms_partial = torch.empty((n, n_splits * group, hw), device=x.device, dtype=partial_dtype)
-    launch(apply_bwd_reduce_rows_kernel, (n, n_splits), g, x, mc, ms, g if dx is None else dx, dmc, dms_partial, c,
-           rows_per_split, HW=hw, GROUP=group, COMBINE=COMBINE_CODES[combine],
-           BLOCK_L=triton.next_power_of_2(group * hw), WRITE_DX=dx is not None, ACC=acc_dtype(x.dtype))
-    dms = dms_partial.view(n, hw) if n_splits * group == 1 else dms_partial.sum(dim=1)
-    return dmc, dms
-
-
-def apply_bwd(g, x, mc, ms, combine):
+def apply_bwd(g, x, mc, ms, combine, config=None):
     """Single-pass backward: returns ``(dx, dmc, dms)``; dx in ``x``'s dtype and memory format, dmc (N, C) and
     dms (N, H·W) fp32 (fp64 for fp64 inputs). ``g`` has ``x``'s strides; ``mc`` (N, C) and ``ms`` (N, H·W) are
-    contiguous. Arguments are validated by the op layer."""
+    contiguous. ``config`` forces one (meta, num_warps) config (tests). Arguments are validated by the op layer."""
     dx = torch.empty_like(x)  # x is dense, so empty_like keeps its strides (memory format)
-    dmc, dms = _reduce(g, x, mc, ms, combine, dx)
+    dmc, dms = _reduce(g, x, mc, ms, combine, dx, config)
     return dx, dmc, dms
 
 
-def apply_bwd_reduce(g, x, mc, ms, combine):
+def apply_bwd_reduce(g, x, mc, ms, combine, config=None):
     """The reductions only: returns ``(dmc, dms)`` as :func:`apply_bwd` does, without writing dx."""
-    return _reduce(g, x, mc, ms, combine, None)
+    return _reduce(g, x, mc, ms, combine, None, config)
 
 
-def apply_bwd_dx(g, x, mc, ms, combine, dpool=None, dx_extra=None):
-    """``dx = g·(1 + s) [+ dpool / (H·W)] [+ dx_extra]`` in ``x``'s dtype and memory format. ``dpool`` (N, C)
-    contiguous, any float dtype; ``dx_extra`` has ``x``'s dtype and strides and receives dx in place when given.
-    Arguments are validated by the op layer."""
-    n, c, h, w = x.shape
-    plan = memory_plan(x)
-    dx = torch.empty_like(x) if dx_extra is None else dx_extra
-    row_map, col_map = (ms, mc) if plan.channels_last else (mc, ms)
-    n_elements = x.numel()
-    grid = lambda meta: (triton.cdiv(n_elements, meta["BLOCK"]),)  # noqa: E731
-    dpool_arg = dx if dpool is None else dpool  # absent inputs are passed as dx: never read
-    launch(apply_bwd_dx_kernel, grid, g, row_map, col_map, dpool_arg, dx, dx, n_elements, INNER=plan.inner,
-           MID=plan.mid, CHANNELS_LAST=plan.channels_last, COMBINE=COMBINE_CODES[combine], INDEX_64=plan.index_64,
-           HAS_DPOOL=dpool is not None, HAS_EXTRA=dx_extra is not None, ACC=acc_dtype(x.dtype))
+def dx_plan(shape, dtype, channels_last, combine, has_dpool, has_extra):
+    """The launch of :func:`apply_bwd_dx` for a dense ``shape`` input of ``dtype``: one flat grid, as the forward."""
+    plan = layout_plan(shape, channels_last)
+    n_elements = math.prod(shape)
+    return LaunchPlan(apply_bwd_dx_kernel, grid=((1, n_elements, "BLOCK"),), scalars=(n_elements, n_bucket(shape[0])),
+                      constexprs=(("INNER", plan.inner), ("MID", plan.mid), ("CHANNELS_LAST", channels_last),
+                                  ("COMBINE", COMBINE_CODES[combine]), ("INDEX_64", plan.index_64),
+                                  ("HAS_DPOOL", has_dpool), ("HAS_EXTRA", has_extra), ("ACC", acc_dtype(dtype))))
+
+
+def apply_bwd_dx(g, x, mc, ms, combine, dpool=None, dx_extra=None, config=None):
+    """``dx = g·(1 + s) [+ dpool / (H·W)] [+ dx_extra]`` in ``x``'s dtype and memory format, a new tensor. ``dpool``
+    (N, C) contiguous, any float dtype; ``dx_extra`` has ``x``'s dtype and strides. ``config`` forces one
+    (meta, num_warps) config (tests). Arguments are validated by the op layer."""
+    channels_last = is_channels_last(x)
+    dx = torch.empty_like(x)  # x is dense, so empty_like keeps its strides (memory format)
+    row_map, col_map = (ms, mc) if channels_last else (mc, ms)
+    plan = dx_plan(tuple(x.shape), x.dtype, channels_last, combine, dpool is not None, dx_extra is not None)
+    # Absent inputs are passed as g: never read.
+    launch(plan, g, row_map, col_map, g if dpool is None else dpool, g if dx_extra is None else dx_extra, dx,
+           config=config)
     return dx

@@ -24,20 +24,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (POOL_SPLIT_UNIT, acc_dtype, autotune, keep_contiguous_configs, launch, row_group,
-                      row_tile_pruner, target_programs)
+from ._common import (POOL_SPLIT_UNIT, LaunchPlan, acc_dtype, autotune, keep_contiguous_configs, launch, n_bucket,
+                      row_group, row_tile_pruner, sm_count, target_programs)
 
 
-@autotune("pool", key=["C", "HW", "CHANNELS_LAST"],
-          prune_configs_by={"early_config_prune": keep_contiguous_configs})
-@triton.jit
+@autotune("pool", key=["batch_bucket", "C", "HW", "CHANNELS_LAST"], prune=keep_contiguous_configs)
+@triton.jit(do_not_specialize=["batch_bucket"])
 def channel_pool_kernel(
     x_ptr,  # (N, C, H, W), dense NCHW or NHWC
-    out_ptr,  # (N, n_splits, C): (pre-scaled) partial means
+    out_ptr,  # (N, n_splits, C): partial means (each split's sum over H·W divided by H·W)
     C,
     HW,
     hw_per_split,  # multiple of POOL_SPLIT_UNIT, hence of BLOCK_HW
-    inv_hw,  # 1 / (H·W): each partial is pre-scaled, so the splits sum to the mean
+    batch_bucket,  # tuning key only: N rounded up to a power of two (_common.n_bucket)
     CHANNELS_LAST: tl.constexpr,
     ACC: tl.constexpr,  # accumulation dtype: fp32 (fp64 for fp64 inputs)
     BLOCK_C: tl.constexpr,
@@ -69,17 +68,18 @@ def channel_pool_kernel(
             acc += tl.load(image + c[:, None] * HW + hw[None, :], mask=mask, other=0.0).to(ACC)
         sums = tl.sum(acc, axis=1)
     out = out_ptr + (n * n_splits + split) * C + c
-    tl.store(out, (sums * inv_hw).to(out_ptr.dtype.element_ty), mask=c_mask)
+    # Divided by H·W in ACC: a float argument for 1 / (H·W) would be fp32 on a GPU even for fp64 inputs.
+    tl.store(out, (sums / tl.cast(HW, ACC)).to(out_ptr.dtype.element_ty), mask=c_mask)
 
 
 # Up to 16 elements per thread: one load and a few adds each, ~40 registers (bam-triton inspect).
-@autotune("rows", key=["C", "HW", "GROUP"],
-          prune_configs_by={"early_config_prune": row_tile_pruner(max_per_thread=16)})
-@triton.jit
+@autotune("rows", key=["batch_bucket", "C", "HW", "GROUP"], prune=row_tile_pruner(max_per_thread=16))
+@triton.jit(do_not_specialize=["batch_bucket"])
 def channel_pool_rows_kernel(
     x_ptr,  # (N, C, H, W), dense NCHW, C divisible by GROUP
     out_ptr,  # (N, C): the means
     C,
+    batch_bucket,  # tuning key only: N rounded up to a power of two (_common.n_bucket)
     HW: tl.constexpr,  # a constexpr, so the compiler can prove group rows (GROUP·HW elements) 16-byte aligned
     GROUP: tl.constexpr,  # K channels per group row
     ACC: tl.constexpr,  # accumulation dtype: fp32 (fp64 for fp64 inputs)
@@ -106,30 +106,40 @@ def channel_pool_rows_kernel(
 def pool_split(n, c, hw, target):
     """(n_splits, hw_per_split) of the pooling grid: split H·W only when the (image, channel block) grid alone has
     fewer than ``target`` programs; each split is a multiple of POOL_SPLIT_UNIT."""
-    base_programs = n * triton.cdiv(c, 64)
-    n_splits = max(1, min(triton.cdiv(target, base_programs), triton.cdiv(hw, POOL_SPLIT_UNIT)))
-    hw_per_split = triton.cdiv(triton.cdiv(hw, n_splits), POOL_SPLIT_UNIT) * POOL_SPLIT_UNIT
-    return triton.cdiv(hw, hw_per_split), hw_per_split
+    base_programs = n * -(-c // 64)
+    n_splits = max(1, min(-(-target // base_programs), -(-hw // POOL_SPLIT_UNIT)))
+    hw_per_split = -(-(-(-hw // n_splits)) // POOL_SPLIT_UNIT) * POOL_SPLIT_UNIT
+    return -(-hw // hw_per_split), hw_per_split
 
 
-def channel_pool_fwd(x, channels_last):
-    """Launch :func:`channel_pool_kernel` on a dense (N, C, H, W) ``x``; returns (N, C) in ``x``'s dtype.
-    Arguments are validated by the op layer."""
-    n, c, h, w = x.shape
+def channel_pool_plan(shape, dtype, channels_last, sms=None):
+    """The launch of :func:`channel_pool_fwd` for a dense ``shape`` input of ``dtype`` on a GPU with ``sms`` SMs: the
+    row-group kernel (NCHW with unaligned small H·W) or the 2D-tile kernel with its H·W split. Buffer ``out`` is the
+    (N, n_splits, C) result: the means when n_splits is 1, fp32 partial means otherwise."""
+    n, c, h, w = shape
     hw = h * w
-    group = None if channels_last else row_group(c, hw, x.element_size())
+    acc = acc_dtype(dtype)
+    group = None if channels_last else row_group(c, hw, dtype.itemsize)
     if group is not None:
-        out = torch.empty((n, c), device=x.device, dtype=x.dtype)
-        grid = lambda meta: (n * triton.cdiv(c // group, meta["BLOCK_R"]),)  # noqa: E731
-        launch(channel_pool_rows_kernel, grid, x, out, c, HW=hw, GROUP=group, ACC=acc_dtype(x.dtype),
-               BLOCK_L=triton.next_power_of_2(group * hw))
-        return out
-    n_splits, hw_per_split = pool_split(n, c, hw, target_programs(x.device))
-    out_dtype = x.dtype if n_splits == 1 else torch.promote_types(x.dtype, torch.float32)
-    partial = torch.empty((n, n_splits, c), device=x.device, dtype=out_dtype)
-    grid = lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"]), n_splits)  # noqa: E731
-    launch(channel_pool_kernel, grid, x, partial, c, hw, hw_per_split, 1.0 / hw, CHANNELS_LAST=channels_last,
-           ACC=acc_dtype(x.dtype))
-    if n_splits == 1:
-        return partial.view(n, c)
-    return partial.sum(dim=1).to(x.dtype)
+        return LaunchPlan(channel_pool_rows_kernel, grid=((n, c // group, "BLOCK_R"),), scalars=(c, n_bucket(n)),
+                          constexprs=(("HW", hw), ("GROUP", group), ("ACC", acc),
+                                      ("BLOCK_L", triton.next_power_of_2(group * hw))),
+                          buffers=(("out", (n, 1, c), dtype),))
+    n_splits, hw_per_split = pool_split(n, c, hw, target_programs(sms))
+    out_dtype = dtype if n_splits == 1 else torch.promote_types(dtype, torch.float32)
+    return LaunchPlan(channel_pool_kernel, grid=((n, c, "BLOCK_C"), (n_splits, 1, None)),
+                      scalars=(c, hw, hw_per_split, n_bucket(n)),
+                      constexprs=(("CHANNELS_LAST", channels_last), ("ACC", acc)),
+                      buffers=(("out", (n, n_splits, c), out_dtype),))
+
+
+def channel_pool_fwd(x, channels_last, config=None):
+    """Launch :func:`channel_pool_plan`'s kernel on a dense (N, C, H, W) ``x``; returns (N, C) in ``x``'s dtype.
+    ``config`` forces one (meta, num_warps) config (tests). Arguments are validated by the op layer."""
+    plan = channel_pool_plan(tuple(x.shape), x.dtype, channels_last, sm_count(x.device))
+    shape, dtype = plan.buffer("out")
+    out = torch.empty(shape, device=x.device, dtype=dtype)
+    launch(plan, x, out, config=config)
+    if shape[1] == 1:
+        return out.view(shape[0], shape[2])
+    return out.sum(dim=1).to(x.dtype)

@@ -1,6 +1,6 @@
 """The backward Triton kernels of the attention-apply step (kernels/apply_bwd.py) through Triton's CPU interpreter,
 against float64 references that torch.autograd computes from the forward formula (never from the backward formulas
-the kernels implement): the three launchers, dx in place over ``dx_extra`` with the pooling gradient folded in, maps
+the kernels implement): the three launchers, dx with ``dx_extra`` and the pooling gradient folded in, maps
 in fp32 and in x's dtype, inputs left untouched, determinism, and every GPU config through the raw jit functions.
 
 Tolerances: dx is stored in x's dtype, so it is held to the package's table ``bam_triton.TOLERANCES`` (fp32 1e-5,
@@ -144,9 +144,9 @@ def test_maps_in_fp32_or_x_dtype(dtype, channels_last, map_dtype):
 @pytest.mark.parametrize("parts", ["dpool+extra", "dpool", "extra"])
 @pytest.mark.parametrize("channels_last", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_dx_folds_dpool_and_writes_into_dx_extra(dtype, channels_last, parts):
-    """dx = g·(1+s) + dpool/(H·W) + dx_extra, written in place over dx_extra when it is given; dpool in fp32 and in
-    x's dtype."""
+def test_dx_folds_dpool_and_dx_extra(dtype, channels_last, parts):
+    """dx = g·(1+s) + dpool/(H·W) + dx_extra, a new tensor in x's layout (every input left untouched, dx_extra
+    included: the autotuner runs each config on the same arguments); dpool in fp32 and in x's dtype."""
     shape = (2, 37, 9, 11)
     gen = _seed("fold", dtype, channels_last, parts)
     g, x, mc, ms = make_inputs(shape, dtype, channels_last, gen)
@@ -155,12 +155,12 @@ def test_dx_folds_dpool_and_writes_into_dx_extra(dtype, channels_last, parts):
         extra = torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=_fmt(x)) if "extra" in parts \
             else None
         ref = reference(g, x, mc, ms, combine, dpool=dpool, dx_extra=extra)
-        before = [t.clone() for t in (g, x, mc, ms) + ((dpool,) if dpool is not None else ())]
+        inputs = [t for t in (g, x, mc, ms, dpool, extra) if t is not None]
+        before = [t.clone() for t in inputs]
         dx = apply_bwd_dx(g, x, mc, ms, combine, dpool=dpool, dx_extra=extra)
-        if extra is not None:
-            assert dx is extra
+        assert all(dx.data_ptr() != t.data_ptr() for t in inputs)
         assert_dx(dx, ref[0], x)
-        for t, t0 in zip((g, x, mc, ms, dpool), before):
+        for t, t0 in zip(inputs, before):
             assert torch.equal(t, t0)
 
 
@@ -208,6 +208,9 @@ class _GridSpy:
 
         return run
 
+    def __getattr__(self, name):  # keys, arg_names, fn: those of the kernel
+        return getattr(self.kernel, name)
+
 
 def test_channels_split_only_when_programs_are_few(monkeypatch):
     spy = _GridSpy(bwd_mod.apply_bwd_reduce_kernel)
@@ -237,40 +240,37 @@ def test_reduce_config_list():
     assert bwd_mod._MIN_BLOCK_HW == min(meta["BLOCK_HW"] for meta, _ in REDUCE_CONFIGS) >= 32
 
 
-def _raw_reduce(g, x, mc, ms, combine, meta, warps, c_per_split, write_dx):
-    n, c, h, w = x.shape
-    hw = h * w
-    hw_blocks, splits = triton.cdiv(hw, meta["BLOCK_HW"]), triton.cdiv(c, c_per_split)
-    dmc_partial = torch.full((n, hw_blocks, c), float("nan"))
-    dms_partial = torch.full((n, splits, hw), float("nan"))
-    dx = torch.full_like(x, float("nan"))
-    bwd_mod.apply_bwd_reduce_kernel.fn[(n * hw_blocks, splits)](
-        g, x, mc, ms, dx, dmc_partial, dms_partial, c, hw, c_per_split, COMBINE=COMBINE_CODES[combine],
-        CHANNELS_LAST=_common.memory_plan(x).channels_last, WRITE_DX=write_dx, ACC=tl.float32, num_warps=warps, **meta)
-    return dx, dmc_partial.sum(dim=1), dms_partial.sum(dim=1)
+def _forced_reduce(g, x, mc, ms, combine, config, write_dx):
+    """The reduce launchers with ``config`` forced: (dx or None, dmc, dms), and g checked untouched (the kernel gets
+    g as its dx pointer when dx is not written)."""
+    g_before = g.clone()
+    if write_dx:
+        dx, dmc, dms = apply_bwd(g, x, mc, ms, combine, config=config)
+    else:
+        dx, (dmc, dms) = None, apply_bwd_reduce(g, x, mc, ms, combine, config=config)
+    assert torch.equal(g, g_before)
+    return dx, dmc, dms
 
 
-def check_raw_reduce(result, ref, x, write_dx):
-    """A raw reduce kernel's (dx, dmc, dms) against the reference; dx NaN-filled and never stored when not written."""
+def check_forced_reduce(result, ref, x):
     dx, dmc, dms = result
     assert_map_grad(dmc, ref[1])
     assert_map_grad(dms, ref[2])
-    if write_dx:
+    if dx is not None:
         assert_dx(dx, ref[0], x)
-    else:
-        assert dx.isnan().all()  # WRITE_DX off: dx_ptr is never stored to
 
 
 @pytest.mark.parametrize("config", REDUCE_CONFIGS, ids=_common.config_id)
 @pytest.mark.parametrize("channels_last", LAYOUTS, ids=LAYOUT_IDS)
 def test_reduce_kernel_every_config(config, channels_last):
     meta, warps = config
-    shape = (2, 150, 9, 11)  # H·W = 99, C = 150: ragged on both axes; 2 channel splits of 128
+    shape = (2, 150, 9, 11)  # H·W = 99, C = 150: ragged on both axes; 3 channel splits of 64, the last ragged
+    plan = bwd_mod.reduce_plan(shape, torch.float32, channels_last, "sum", True)
+    assert plan.scalars[2] == bwd_mod._C_SPLIT_UNIT and plan.grid[1][0] == 3
     g, x, mc, ms = make_inputs(shape, torch.float32, channels_last, _seed("reduce-cfg", channels_last))
     for combine, write_dx in (("sum", True), ("product", False)):
         ref = reference(g, x, mc, ms, combine)
-        check_raw_reduce(_raw_reduce(g, x, mc, ms, combine, meta, warps, bwd_mod._C_SPLIT_UNIT, write_dx), ref, x,
-                         write_dx)
+        check_forced_reduce(_forced_reduce(g, x, mc, ms, combine, config, write_dx), ref, x)
 
 
 @pytest.mark.parametrize("config", ELEMENTWISE_CONFIGS, ids=_common.config_id)
@@ -282,16 +282,9 @@ def test_dx_kernel_every_config(config, channels_last):
     g, x, mc, ms = make_inputs(shape, torch.float32, channels_last, gen)
     dpool = torch.randn(shape[:2], generator=gen)
     extra = torch.randn(shape, generator=gen).contiguous(memory_format=_fmt(x))
-    plan = _common.memory_plan(x)
-    row_map, col_map = (ms, mc) if plan.channels_last else (mc, ms)
     for combine in COMBINES:
         ref = reference(g, x, mc, ms, combine, dpool=dpool, dx_extra=extra)
-        dx = extra.clone()
-        bwd_mod.apply_bwd_dx_kernel.fn[(triton.cdiv(x.numel(), meta["BLOCK"]),)](
-            g, row_map, col_map, dpool, dx, dx, x.numel(), INNER=plan.inner, MID=plan.mid,
-            CHANNELS_LAST=plan.channels_last, COMBINE=COMBINE_CODES[combine], INDEX_64=False, HAS_DPOOL=True,
-            HAS_EXTRA=True, num_warps=warps, **meta)
-        assert_dx(dx, ref[0], x)
+        assert_dx(apply_bwd_dx(g, x, mc, ms, combine, dpool=dpool, dx_extra=extra, config=config), ref[0], x)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -330,26 +323,12 @@ def test_row_group_reduce_runs_and_splits(monkeypatch, shape, dtype):
         assert splits == ROW_GROUP_SPLITS[dtype]
 
 
-def _raw_reduce_rows(g, x, mc, ms, combine, meta, warps, write_dx):
-    n, c, h, w = x.shape
-    hw = h * w
-    group = _common.row_group(c, hw, x.element_size())
-    rows_per_split = bwd_mod._ROW_SPLIT_UNIT
-    splits = triton.cdiv(c // group, rows_per_split)
-    dmc = torch.full((n, c), float("nan"))
-    dms_partial = torch.full((n, splits * group, hw), float("nan"))
-    dx = torch.full_like(x, float("nan"))
-    bwd_mod.apply_bwd_reduce_rows_kernel.fn[(n, splits)](
-        g, x, mc, ms, dx, dmc, dms_partial, c, rows_per_split, HW=hw, GROUP=group, COMBINE=COMBINE_CODES[combine],
-        BLOCK_L=triton.next_power_of_2(group * hw), WRITE_DX=write_dx, ACC=tl.float32, num_warps=warps, **meta)
-    return dx, dmc, dms_partial.sum(dim=1)
-
-
 @pytest.mark.parametrize("config", _common.all_configs("rows"), ids=_common.config_id)
 def test_reduce_rows_kernel_every_config(config):
     meta, warps = config
     for dtype, shape in ((torch.float32, (2, 140, 7, 7)), (torch.float16, (2, 40, 7, 7))):
         g, x, mc, ms = make_inputs(shape, dtype, False, _seed("rows-cfg", shape))
+        assert bwd_mod.reduce_plan(shape, dtype, False, "sum", True).kernel is bwd_mod.apply_bwd_reduce_rows_kernel
         for combine, write_dx in (("product", True), ("sum", False)):
             ref = reference(g, x, mc, ms, combine)
-            check_raw_reduce(_raw_reduce_rows(g, x, mc, ms, combine, meta, warps, write_dx), ref, x, write_dx)
+            check_forced_reduce(_forced_reduce(g, x, mc, ms, combine, config, write_dx), ref, x)

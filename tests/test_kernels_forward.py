@@ -2,6 +2,7 @@
 float64 references written here: through the public ops (``backend="triton"``), through the launchers in
 ``bam_triton.kernels``, and through the raw jit functions with every GPU config of ``kernels._common.all_configs``."""
 import dataclasses
+import unittest.mock
 import zlib
 
 import pytest
@@ -110,6 +111,9 @@ class LaunchSpy:
 
         return launch
 
+    def __getattr__(self, name):  # keys, arg_names, fn: those of the kernel
+        return getattr(self.kernel, name)
+
 
 def test_interpreter_is_on():
     assert kernels.INTERPRETED, "tests/conftest.py must set TRITON_INTERPRET=1 before triton is imported"
@@ -195,16 +199,10 @@ def test_channel_pool_row_group_kernel(monkeypatch, shape, dtype):
 
 @pytest.mark.parametrize("config", _common.all_configs("rows"), ids=_common.config_id)
 def test_channel_pool_row_group_kernel_every_config(config):
-    meta, warps = config
     for dtype, shape in ((torch.float32, (2, 140, 7, 7)), (torch.float16, (2, 40, 7, 7))):
         x = make_x(shape, dtype, "nchw", _seed("pool-rows-cfg", shape))
-        n, c, h, w = shape
-        group = _common.row_group(c, h * w, x.element_size())
-        out = torch.full((n, c), float("nan"), dtype=dtype)
-        pool_mod.channel_pool_rows_kernel.fn[(n * triton.cdiv(c // group, meta["BLOCK_R"]),)](
-            x, out, c, HW=h * w, GROUP=group, ACC=tl.float32, BLOCK_L=triton.next_power_of_2(group * h * w),
-            num_warps=warps, **meta)
-        assert_close(out, ref_pool(x), dtype)
+        assert kernels.channel_pool_plan(shape, dtype, False).kernel is pool_mod.channel_pool_rows_kernel
+        assert_close(kernels.channel_pool_fwd(x, False, config=config), ref_pool(x), dtype)
 
 
 def test_channel_pool_fp64_accumulates_in_fp64():
@@ -303,33 +301,21 @@ def test_config_lists_are_the_gpu_lists():
 
 @pytest.mark.parametrize("config", POOL_CONFIGS, ids=_common.config_id)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("shape,hw_per_split", [((2, 37, 5, 7), 1024), ((1, 5, 33, 35), 1024)],
-                         ids=["2x37x5x7", "1x5x33x35-split"])
-def test_pool_kernel_every_config(config, channels_last, shape, hw_per_split):
-    meta, warps = config
-    n, c, h, w = shape
-    hw = h * w
-    n_splits = triton.cdiv(hw, hw_per_split)
+@pytest.mark.parametrize("shape,n_splits", [((2, 37, 5, 7), 1), ((1, 5, 33, 35), 2)], ids=["2x37x5x7", "1x5x33x35-split"])
+def test_pool_kernel_every_config(config, channels_last, shape, n_splits):
+    plan = kernels.channel_pool_plan(shape, torch.float32, channels_last)
+    assert plan.kernel is pool_mod.channel_pool_kernel and plan.buffer("out")[0][1] == n_splits
     x = make_x(shape, torch.float32, "channels_last" if channels_last else "nchw", _seed("pool-cfg", shape))
-    partial = torch.full((n, n_splits, c), float("nan"))
-    grid = (n * triton.cdiv(c, meta["BLOCK_C"]), n_splits)
-    pool_mod.channel_pool_kernel.fn[grid](x, partial, c, hw, hw_per_split, 1.0 / hw, CHANNELS_LAST=channels_last,
-                                          ACC=tl.float32, num_warps=warps, **meta)
-    assert_close(partial.sum(dim=1), ref_pool(x), torch.float32)
+    assert_close(kernels.channel_pool_fwd(x, channels_last, config=config), ref_pool(x), torch.float32)
 
 
 def _raw_apply(x, mc, ms, combine, meta, warps, index_64=False):
-    """Launch apply_fwd_kernel.fn directly; the maps swap roles for channels_last (see kernels/apply.py)."""
+    """The apply launcher with config (meta, warps) forced, and 64-bit indices forced on with ``index_64``."""
     n, c, h, w = x.shape
-    channels_last = not x.is_contiguous()
-    row_map, col_map = (ms.reshape(n, h * w), mc) if channels_last else (mc, ms.reshape(n, h * w))
-    inner, mid = (c, h * w) if channels_last else (h * w, c)
-    out = torch.full_like(x, float("nan"))
-    grid = (triton.cdiv(x.numel(), meta["BLOCK"]),)
-    apply_mod.apply_fwd_kernel.fn[grid](x, row_map.contiguous(), col_map.contiguous(), out, x.numel(), INNER=inner,
-                                        MID=mid, COMBINE=apply_mod.COMBINE_CODES[combine], INDEX_64=index_64,
-                                        num_warps=warps, **meta)
-    return out
+    real_plan = apply_mod.layout_plan
+    forced = (lambda *a: dataclasses.replace(real_plan(*a), index_64=True)) if index_64 else real_plan
+    with unittest.mock.patch.object(apply_mod, "layout_plan", forced):
+        return kernels.apply_fwd(x, mc, ms.reshape(n, h * w), combine, config=(meta, warps))
 
 
 @pytest.mark.parametrize("config", ELEMENTWISE_CONFIGS, ids=_common.config_id)
@@ -397,8 +383,8 @@ def test_apply_launcher_passes_index_64_from_the_plan(monkeypatch):
     assert_close(kernels.apply_fwd(x, mc, ms.reshape(2, 20), "sum"), ref, torch.float32)
     assert spy.launches[-1][1]["INDEX_64"] is False
 
-    real_plan = apply_mod.memory_plan
-    monkeypatch.setattr(apply_mod, "memory_plan", lambda t: dataclasses.replace(real_plan(t), index_64=True))
+    real_plan = apply_mod.layout_plan
+    monkeypatch.setattr(apply_mod, "layout_plan", lambda *a: dataclasses.replace(real_plan(*a), index_64=True))
     assert_close(kernels.apply_fwd(x, mc, ms.reshape(2, 20), "sum"), ref, torch.float32)
     assert spy.launches[-1][1]["INDEX_64"] is True
 
