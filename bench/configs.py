@@ -3,8 +3,10 @@
 Triton's ``Autotuner`` keeps ``.cache`` ({tuning key: Config}) and sets ``.best_config`` on every launch. Where the
 installed Triton supports it (``cache_results``, Triton >= 3.2), tuning results are also written to Triton's cache
 directory (``TRITON_CACHE_DIR``, default ``~/.triton/cache``) and reused by later processes: ``enable_persistence``
-switches that on for our kernels (the interpreter never tunes and never caches).
+switches that on for our kernels (the interpreter never tunes and never caches). Triton 3.2 and 3.3 have
+``cache_results`` but not ``triton.knobs`` (3.4), so each of the two is looked for by itself.
 """
+import os
 import sys
 
 
@@ -42,15 +44,49 @@ def enable_persistence():
     tuners = autotuners()
     if not tuners:
         return "no autotuned kernels loaded"
+    if interpreting():
+        return "interpreter: nothing is tuned or cached"
     if not all(hasattr(t, "cache_results") for t in tuners.values()):
         return f"triton {triton.__version__}: no on-disk autotune cache (needs triton >= 3.2); configs re-tuned per run"
-    from triton import knobs
-
-    if getattr(knobs.runtime, "interpret", False):
-        return "interpreter: nothing is tuned or cached"
     for t in tuners.values():
         t.cache_results = True
-    return f"on-disk autotune cache on (triton {triton.__version__}, dir {knobs.cache.dir})"
+    return f"on-disk autotune cache on (triton {triton.__version__}, dir {cache_dir()})"
+
+
+def _knobs():
+    """``triton.knobs`` (Triton >= 3.4), or None."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return None
+    return knobs
+
+
+def interpreting():
+    """Whether triton runs its CPU interpreter: ``knobs.runtime.interpret``, else (Triton < 3.4) the environment
+    variable triton itself reads at import."""
+    knobs = _knobs()
+    runtime = getattr(knobs, "runtime", None)
+    if runtime is not None and hasattr(runtime, "interpret"):
+        return bool(runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def cache_dir():
+    """Triton's cache directory: ``knobs.cache.dir``, else (Triton < 3.4) ``TRITON_CACHE_DIR`` or
+    ``triton.runtime.cache.default_cache_dir()`` (``~/.triton/cache``), as its FileCacheManager picks it."""
+    knobs = _knobs()
+    found = getattr(getattr(knobs, "cache", None), "dir", None)
+    if found:
+        return found
+    if os.environ.get("TRITON_CACHE_DIR", "").strip():
+        return os.environ["TRITON_CACHE_DIR"].strip()
+    try:
+        from triton.runtime.cache import default_cache_dir
+
+        return default_cache_dir()
+    except ImportError:
+        return os.path.join(os.path.expanduser("~"), ".triton", "cache")
 
 
 def config_str(config):
