@@ -4,6 +4,11 @@ Output: ``sweep.csv`` (one row per shape x dtype x layout x op x provider x timi
 environment, the copy bandwidth, the chosen autotune configs, the skipped providers and the rows), a progress line on
 stderr and a summary table on stdout. GB/s use the op's minimal bytes (:func:`bench.traffic.minimal_bytes`).
 
+On CUDA the cases run most important first (:func:`plan`): every case's non-compiled providers, then
+``torch.compile`` of the authors' apply step (the apply targets compare against it), then the other compiled ones,
+which cost a compile each. ``--time-budget`` stops starting new cases after that many seconds and lists the ones left
+out. The CSV and JSON are rewritten after every case, so a run stopped from outside keeps what it measured.
+
 Without CUDA the Triton kernels cannot be timed: the CPU providers are measured, and ``--interpret`` also runs the
 kernels through Triton's interpreter to validate them on every shape (rows with ``timing_mode="interpreter"``: their
 times are the interpreter's and are never used for speedups or plots).
@@ -31,6 +36,14 @@ LAYOUTS = ("nchw", "channels_last")
 DEFAULT_OPS = ("pool", "apply-fwd", "apply-bwd", "bam-fwd", "bam-fwd-bwd")
 # Shapes whose x is at most this big also get CUDA-graph replay timings (launch overhead matters there).
 CUDAGRAPH_MAX_BYTES = 16 * 2**20
+# Ops whose timed fn cannot be captured in a CUDA graph: do_bench timings only (sweep.json: cudagraph_skipped_ops).
+CUDAGRAPH_SKIPPED_OPS = {
+    "apply-bwd": "its fn is torch.autograd.grad of a graph whose forward ran once, before and outside the capture; "
+                 "autograd runs each backward kernel on the stream of its forward op, not on the capturing stream, "
+                 "so the capture is invalid (bam-fwd-bwd times forward and backward together, capturable)",
+}
+# On CUDA, the order in which the sweep runs ops (most important first; see plan).
+OP_PRIORITY = ("apply-fwd", "apply-bwd", "pool", "bam-fwd", "bam-fwd-bwd")
 
 COLUMNS = ["device", "provider", "op", "N", "C", "H", "W", "dtype", "layout", "combine", "median_ms", "p20_ms",
            "p80_ms", "reps", "gbps", "frac_copy_bw"] + [f"speedup_vs_{p.replace('-', '_')}" for p in PROVIDERS] + \
@@ -74,16 +87,17 @@ def _csv_choice(choices, what):
     return parse
 
 
-def _number(kind, minimum):
-    """An argparse type: ``kind`` (int or float) of at least ``minimum``."""
+def _number(kind, minimum, above=False):
+    """An argparse type: ``kind`` (int or float) of at least ``minimum`` (greater than it if ``above``)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not value >= minimum:
+        if value is None or not (value > minimum if above else value >= minimum):
             what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {what} >= {minimum}")
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {what} {'>' if above else '>='} "
+                                             f"{minimum}")
         return value
     return parse
 
@@ -142,6 +156,9 @@ def add_sweep_args(p):
                         "for fresh temporaries (as the CUDA caching allocator behaves); 'system' leaves malloc as it "
                         "is, where such faults come and go with the process's allocation history")
     p.add_argument("--no-cudagraph", action="store_true", help="CUDA: skip the CUDA-graph replay timings")
+    p.add_argument("--time-budget", type=_number(float, 0, above=True), default=None, metavar="SECONDS",
+                   help="start no new case after this many seconds from the sweep's start; the cases left out are "
+                        "printed and listed in sweep.json (not_run). Default: no limit")
 
 
 def grid(args):
@@ -271,10 +288,53 @@ def providers_for(device, requested, interpret):
     return run, skipped
 
 
+def plan(device, shapes, dtypes, layouts, ops, providers):
+    """The sweep's units of work, in the order they run: ``(shape, dtype, layout, op, [providers])``.
+
+    On CPU one unit per case with all its providers, in grid order: they are timed together in interleaved rounds.
+    On CUDA each provider is timed by itself, so the cases are split and run most important first: (0) the
+    non-compiled providers of every case (apply-fwd, apply-bwd, pool, bam-fwd, bam-fwd-bwd), (1) authors-compiled on
+    the apply ops (the apply step is to be no slower than torch.compile), (2) triton-compiled on the apply ops,
+    (3) the compiled providers of the other ops. A ``torch.compile`` costs seconds per case, so a time budget cuts
+    those first."""
+    cases = [(shape, dt, lay, op) for shape in shapes for dt in dtypes for lay in layouts for op in ops]
+    if device.type != "cuda":
+        return [case + (list(providers),) for case in cases]
+    eager = [p for p in providers if not p.endswith("-compiled")]
+    compiled = [p for p in providers if p.endswith("-compiled")]
+
+    def tier(op, provider):
+        if provider is None:
+            return 0
+        if op in ("apply-fwd", "apply-bwd"):
+            return 1 if provider == "authors-compiled" else 2
+        return 3
+
+    keyed = []
+    for index, case in enumerate(cases):
+        op = case[3]
+        rank = OP_PRIORITY.index(op) if op in OP_PRIORITY else len(OP_PRIORITY)
+        if eager:
+            keyed.append(((0, rank, 0, index), case + (eager,)))
+        for j, p in enumerate(compiled):
+            keyed.append(((tier(op, p), rank, j, index), case + ([p],)))
+    return [unit for _, unit in sorted(keyed, key=lambda item: item[0])]
+
+
+def _unit_entry(unit, reason=None):
+    shape, dt, lay, op, providers = unit
+    entry = dict(op=op, shape=list(shape), dtype=dt, layout=lay, providers=list(providers))
+    if reason:
+        entry["reason"] = reason
+    return entry
+
+
 def run_sweep(args):
     from . import configs
     from .timing import copy_bandwidth, steady_cpu_allocator
 
+    t_start = time.time()
+    budget = getattr(args, "time_budget", None)
     device, shapes, dtypes, layouts, ops = grid(args)
     interpret = bool(args.interpret) and device.type == "cpu"
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -308,31 +368,44 @@ def run_sweep(args):
                copy_into_bandwidth_gbps=copy["copy_into_gbps"], copy_bandwidth_mib=args.copy_mib,
                autotune_persistence=persistence, cpu_cache_flush_mib=0 if device.type == "cuda" else args.flush_mib)
 
-    cases = [(shape, dt, lay, op) for shape in shapes for dt in dtypes for lay in layouts for op in ops]
-    progress = Progress(len(cases) * len(providers))
-    rows, failures, chosen = [], [], {}
-    for shape, dt, lay, op in cases:
-        rows.extend(_run_case(args, device, shape, dt, lay, op, providers, bw, progress, failures, chosen))
-    progress.close()
-    _add_speedups(rows)
-
-    csv_path = os.path.join(args.out, "sweep.csv")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: _fmt(r.get(k)) for k in COLUMNS})
+    units = plan(device, shapes, dtypes, layouts, ops, providers)
+    progress = Progress(sum(len(unit[-1]) for unit in units))
+    rows, failures, chosen, not_run = [], [], {}, []
+    cudagraph_skipped = ({op: why for op, why in CUDAGRAPH_SKIPPED_OPS.items() if op in ops}
+                         if device.type == "cuda" and not args.no_cudagraph else {})
     meta = {"environment": env, "grid": {"shapes": [list(s) for s in shapes], "dtypes": dtypes, "layouts": layouts,
                                          "ops": ops, "combine": args.combine},
-            "providers": providers, "skipped_providers": skipped, "failures": failures,
-            "minimal_bytes": MINIMAL_BYTES_DOC, "chosen_configs": chosen,
-            "all_tuned_configs": configs.all_tuned(), "rows": rows}
-    json_path = os.path.join(args.out, "sweep.json")
-    with open(json_path, "w") as f:
-        json.dump(meta, f, indent=1, default=str)
+            "providers": providers, "skipped_providers": skipped, "cudagraph_skipped_ops": cudagraph_skipped,
+            "time_budget_s": budget, "finished": False, "failures": failures, "not_run": not_run, "pending": [],
+            "minimal_bytes": MINIMAL_BYTES_DOC, "chosen_configs": chosen, "all_tuned_configs": {}, "rows": rows}
+    # finished stays False and pending lists what is left until the end: a run killed from outside says so.
+    meta["pending"] = [_unit_entry(u) for u in units]
+    _write_results(args.out, meta)
+    for i, unit in enumerate(units):
+        if budget is not None and time.time() - t_start >= budget:
+            not_run.extend(_unit_entry(u, "time budget") for u in units[i:])
+            break
+        shape, dt, lay, op, unit_providers = unit
+        rows.extend(_run_case(args, device, shape, dt, lay, op, unit_providers, bw, progress, failures, chosen))
+        _add_speedups(rows)
+        meta["pending"] = [_unit_entry(u) for u in units[i + 1:]]
+        meta["all_tuned_configs"] = configs.all_tuned()
+        meta["elapsed_s"] = round(time.time() - t_start, 1)
+        csv_path, json_path = _write_results(args.out, meta)
+    progress.close()
+    meta.update(finished=True, pending=[], all_tuned_configs=configs.all_tuned(),
+                elapsed_s=round(time.time() - t_start, 1))
+    csv_path, json_path = _write_results(args.out, meta)
     print(summary_table(rows, env))
     for p, why in skipped.items():
         print(f"not run: {p}: {why}")
+    for op, why in cudagraph_skipped.items():
+        print(f"no cudagraph timing: {op}: {why}")
+    if not_run:
+        print(f"not run: time budget ({budget:g} s) reached: {len(not_run)} case(s) left out:")
+        for entry in not_run:
+            print(f"  {entry['op']} {'x'.join(map(str, entry['shape']))} {entry['dtype']} {entry['layout']}: "
+                  f"{', '.join(entry['providers'])}")
     for fail in failures:
         print(f"failed: {fail['provider']} {fail['op']} {fail['shape']} {fail['dtype']} {fail['layout']}: "
               f"{fail['error']}")
@@ -342,6 +415,22 @@ def run_sweep(args):
         print(f"VALIDATION FAILED for {len(bad)} row(s): see the valid/max_abs_err columns", file=sys.stderr)
         return 1
     return 0
+
+
+def _write_results(out, meta):
+    """Write sweep.csv and sweep.json (rows so far, speedups included); returns their paths."""
+    csv_path, json_path = os.path.join(out, "sweep.csv"), os.path.join(out, "sweep.json")
+    # Each file is written aside and moved into place: a run stopped mid-write leaves the previous version whole.
+    with open(csv_path + ".tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for r in meta["rows"]:
+            writer.writerow({k: _fmt(r.get(k)) for k in COLUMNS})
+    os.replace(csv_path + ".tmp", csv_path)
+    with open(json_path + ".tmp", "w") as f:
+        json.dump(meta, f, indent=1, default=str)
+    os.replace(json_path + ".tmp", json_path)
+    return csv_path, json_path
 
 
 def _fmt(v):
@@ -392,7 +481,8 @@ def _run_case(args, device, shape, dt, lay, op, providers, copy_bw, progress, fa
                 modes[provider].append(("interpreter", (ms, ms, ms), 1, None))
             elif device.type == "cuda":
                 modes[provider].append(("do_bench",) + cuda_do_bench(fn) + (None,))
-                if not args.no_cudagraph and n * c * h * w * dtype.itemsize <= CUDAGRAPH_MAX_BYTES:
+                if (not args.no_cudagraph and op not in CUDAGRAPH_SKIPPED_OPS
+                        and n * c * h * w * dtype.itemsize <= CUDAGRAPH_MAX_BYTES):
                     try:
                         modes[provider].append(("cudagraph",) + cuda_graph_bench(fn) + (None,))
                     except Exception as exc:  # graph capture of a compiled fn can fail: report, keep going

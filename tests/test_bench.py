@@ -3,9 +3,11 @@
 Everything here runs on a CPU-only machine. The AOT part compiles only the variants it asserts on, once per session,
 in two worker processes started without TRITON_INTERPRET (about 100 compiles, ~20-40 s on 2 cores).
 """
+import importlib
 import csv
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -369,7 +371,7 @@ def test_aot_128_bit_vectors_in_vectorised_kernels(aot_results):
             assert bits == [128], f"{where}: global {kind} widths {bits}, expected only 128-bit"
             # the whole per-thread slice moves in 128-bit vectors: elements/thread x itemsize / 16 instructions
             count = r["access"][arg][kind]["128"]
-            assert count == r["elements_per_thread"] * aot._ITEMSIZE[r["dtype"]] // 16, where
+            assert count == r["elements_per_thread"] * {"fp32": 4, "fp16": 2, "bf16": 2}[r["dtype"]] // 16, where
             checked[r["kernel"]] = checked.get(r["kernel"], 0) + 1
     # At least: elementwise 3 dtypes x 4 shapes x 2 layouts x 2 args; row-group 3 dtypes x 2 maps (NCHW) x args.
     # (The spill jobs, every config on both architectures, are checked too.)
@@ -415,4 +417,211 @@ def test_every_kernel_looks_up_its_timer_only_when_it_times():
     from bam_triton.kernels._common import driver_timer
 
     for name, _ in aot.kernel_names():
-        assert aot._autotuner(name).do_bench is driver_timer, name
+        module = next(m for m in ("apply", "apply_bwd", "pool")
+                      if hasattr(importlib.import_module(f"bam_triton.kernels.{m}"), name))
+        assert getattr(importlib.import_module(f"bam_triton.kernels.{module}"), name).do_bench is driver_timer, name
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CUDA-side logic with CUDA mocked: which timers run, the order of the cases, the time budget, tune's ops
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _FakeCase:
+    """An OpCase stand-in on CPU tensors: ``make`` records what was asked and returns a fn tagged with its op."""
+
+    made = []
+
+    def __init__(self, op, shape, dtype, channels_last, device, combine="product", seed=0):
+        self.op, self.shape = op, shape
+
+    def make(self, provider):
+        _FakeCase.made.append((self.op, provider))
+
+        def fn():
+            return torch.ones(self.shape[:2])
+
+        fn.op = self.op
+        return fn, (lambda out: out)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """CUDA "available", the GPU timers replaced: ``do_bench`` always works, the CUDA-graph timer raises for
+    apply-bwd as a real capture of its fn does (its backward kernels run on the forward's stream). Returns the list of
+    (timer, op) calls."""
+    from bam_triton.bench import configs, providers, sweep, timing
+
+    calls = []
+
+    def do_bench(fn):
+        calls.append(("do_bench", fn.op))
+        return (1.0, 0.9, 1.1), None
+
+    def graph_bench(fn):
+        calls.append(("cudagraph", fn.op))
+        if fn.op == "apply-bwd":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return (0.5, 0.4, 0.6), None
+
+    _FakeCase.made = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+    monkeypatch.setattr(providers, "OpCase", _FakeCase)
+    monkeypatch.setattr(timing, "cuda_do_bench", do_bench)
+    monkeypatch.setattr(timing, "cuda_graph_bench", graph_bench)
+    monkeypatch.setattr(timing, "copy_bandwidth", lambda device, mib=256: dict(
+        gbps=1000.0, clone_gbps=1000.0, copy_into_gbps=1000.0, method="clone"))
+    monkeypatch.setattr(sweep, "_sync", lambda device: None)
+    monkeypatch.setattr(sweep, "environment", lambda device: dict(
+        device=str(device), gpu="Fake GPU", cpu="cpu", cpu_cores=1, torch=torch.__version__, triton=None,
+        driver="0", sm="90"))
+    monkeypatch.setattr(configs, "load_kernels", lambda: None)
+    monkeypatch.setattr(configs, "enable_persistence", lambda: "fake")
+    return calls
+
+
+def test_cuda_sweep_times_apply_bwd_without_cudagraph_and_records_why(fake_cuda, tmp_path, capsys):
+    """apply-bwd's fn is autograd.grad on a graph built outside the capture, so it is never CUDA-graph timed (it used
+    to be, and every such row fell into failures); the other ops get both timings, nothing fails, and sweep.json and
+    the printout say why apply-bwd has no cudagraph rows."""
+    assert main(["sweep", "--shapes", "2x8x4x4", "--providers", "authors-eager,torch-path,triton",
+                 "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert data["failures"] == []
+    assert set(data["cudagraph_skipped_ops"]) == {"apply-bwd"}
+    assert "stream" in data["cudagraph_skipped_ops"]["apply-bwd"]
+    assert ("cudagraph", "apply-bwd") not in fake_cuda
+    modes = {}
+    for r in data["rows"]:
+        modes.setdefault(r["op"], set()).add(r["timing_mode"])
+    assert modes.pop("apply-bwd") == {"do_bench"}
+    assert modes and all(m == {"do_bench", "cudagraph"} for m in modes.values()), modes
+    assert len(data["rows"]) == 3 * (2 * 4 + 1)
+    assert "no cudagraph timing: apply-bwd" in capsys.readouterr().out
+
+
+def test_cuda_sweep_runs_the_most_important_cases_first():
+    """On CUDA: every case's non-compiled providers first (apply ops first), then authors-compiled on the apply ops,
+    then triton-compiled on them, then the compiled providers of the other ops. On CPU the grid's order, all
+    providers of a case together (they are timed in interleaved rounds)."""
+    from bam_triton.bench.providers import PROVIDERS
+    from bam_triton.bench.sweep import DEFAULT_OPS, plan
+
+    shapes = [(32, 256, 56, 56), (32, 1024, 14, 14)]
+    units = plan(torch.device("cuda"), shapes, ["fp16", "bf16"], ["nchw"], list(DEFAULT_OPS), list(PROVIDERS))
+    assert len(units) == 2 * 2 * 5 * 3
+    eager = ["authors-eager", "torch-path", "triton"]
+    head = units[:20]
+    assert all(u[-1] == eager for u in head)
+    assert [u[3] for u in head[:8]] == ["apply-fwd"] * 4 + ["apply-bwd"] * 4
+    assert [(u[3], u[-1]) for u in units[20:28]] == [("apply-fwd", ["authors-compiled"])] * 4 + \
+        [("apply-bwd", ["authors-compiled"])] * 4
+    assert all(u[-1] == ["triton-compiled"] and u[3].startswith("apply") for u in units[28:36])
+    assert all(u[3] in ("pool", "bam-fwd", "bam-fwd-bwd") for u in units[36:])
+    assert sorted(map(repr, units)) == sorted(map(repr, plan(torch.device("cuda"), shapes, ["fp16", "bf16"],
+                                                             ["nchw"], list(DEFAULT_OPS), list(PROVIDERS))))
+    cpu = plan(torch.device("cpu"), shapes, ["fp32"], ["nchw"], ["pool", "bam-fwd"], ["authors-eager", "torch-path"])
+    assert [(u[0], u[3], u[-1]) for u in cpu] == [(s, op, ["authors-eager", "torch-path"]) for s in shapes
+                                                  for op in ("pool", "bam-fwd")]
+
+
+def test_sweep_time_budget_starts_no_new_case_and_lists_the_rest(fake_cuda, tmp_path, monkeypatch, capsys):
+    """Each case "takes" 10 s of a fake clock: with --time-budget 25 the first three run, the rest are listed as
+    not run (time budget) in sweep.json and on stdout; the sweep still succeeds and says it finished."""
+    import types
+
+    from bam_triton.bench import sweep
+
+    clock = [0.0]
+    monkeypatch.setattr(sweep, "time", types.SimpleNamespace(time=lambda: clock[0], perf_counter=lambda: clock[0]))
+    real_run_case = sweep._run_case
+
+    def slow_case(*args, **kwargs):
+        clock[0] += 10
+        return real_run_case(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "_run_case", slow_case)
+    assert main(["sweep", "--shapes", "2x8x4x4,2x8x2x2", "--ops", "apply-fwd,pool", "--providers",
+                 "authors-eager,triton", "--out", str(tmp_path), "--time-budget", "25"]) == 0
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert data["finished"] and data["pending"] == [] and data["time_budget_s"] == 25
+    ran = [(r["op"], r["H"]) for r in data["rows"] if r["timing_mode"] == "do_bench" and r["provider"] == "triton"]
+    assert ran == [("apply-fwd", 4), ("apply-fwd", 2), ("pool", 4)]
+    assert data["not_run"] == [dict(op="pool", shape=[2, 8, 2, 2], dtype="fp16", layout="nchw",
+                                    providers=["authors-eager", "triton"], reason="time budget")]
+    out = capsys.readouterr().out
+    assert "not run: time budget (25 s) reached: 1 case(s) left out" in out and "pool 2x8x2x2 fp16 nchw" in out
+    _, csv_rows = _read_csv(tmp_path / "sweep.csv")
+    assert len(csv_rows) == len(data["rows"])
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "soon"])
+def test_sweep_time_budget_rejects_bad_values(value, capsys):
+    with pytest.raises(SystemExit):
+        main(["sweep", "--time-budget", value])
+    err = capsys.readouterr().err
+    assert "argument --time-budget" in err and "invalid" in err
+
+
+def test_tune_runs_the_requested_ops_and_by_default_every_kernel(fake_cuda, capsys):
+    """``--ops`` is honoured (it used to be ignored), and by default the ops cover every kernel: the training step
+    (bam-fwd-bwd) launches the backward reduction without dx and the dx kernel, which the op-level apply-bwd
+    does not."""
+    assert main(["tune", "--shapes", "2x8x4x4", "--ops", "apply-bwd,pool"]) == 0
+    assert _FakeCase.made == [("apply-bwd", "triton"), ("pool", "triton")]
+    _FakeCase.made = []
+    assert main(["tune", "--shapes", "2x8x4x4"]) == 0
+    ops = [op for op, _ in _FakeCase.made]
+    assert {"pool", "apply-fwd", "apply-bwd", "bam-fwd", "bam-fwd-bwd"} <= set(ops)
+    assert {p for _, p in _FakeCase.made} == {"triton"}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# configs: Triton 3.2 / 3.3 have Autotuner.cache_results but no triton.knobs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def triton_without_knobs(monkeypatch):
+    """A stand-in ``triton`` 3.2 package: ``runtime.cache.default_cache_dir`` and autotuners with ``cache_results``,
+    no ``knobs``. Returns the autotuners."""
+    import types
+
+    from bam_triton.bench import configs
+
+    fake = types.ModuleType("triton")
+    fake.__version__ = "3.2.0"
+    runtime = types.ModuleType("triton.runtime")
+    cache = types.ModuleType("triton.runtime.cache")
+    cache.default_cache_dir = lambda: "/home/someone/.triton/cache"
+    fake.runtime, runtime.cache = runtime, cache
+    for name, mod in (("triton", fake), ("triton.runtime", runtime), ("triton.runtime.cache", cache)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.delitem(sys.modules, "triton.knobs", raising=False)
+    tuners = {"apply_fwd_kernel": types.SimpleNamespace(cache_results=False),
+              "channel_pool_kernel": types.SimpleNamespace(cache_results=False)}
+    monkeypatch.setattr(configs, "autotuners", lambda: tuners)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return tuners
+
+
+def test_persistence_without_triton_knobs(triton_without_knobs, monkeypatch):
+    from bam_triton.bench import configs
+
+    with pytest.raises(ImportError):
+        from triton import knobs  # noqa: F401  (the stand-in is what an older Triton looks like)
+    msg = configs.enable_persistence()
+    assert msg == "on-disk autotune cache on (triton 3.2.0, dir /home/someone/.triton/cache)"
+    assert all(t.cache_results for t in triton_without_knobs.values())
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/scratch/tc")
+    assert configs.enable_persistence().endswith("dir /scratch/tc)")
+
+
+def test_interpreter_detected_without_triton_knobs(triton_without_knobs, monkeypatch):
+    from bam_triton.bench import configs
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert configs.enable_persistence() == "interpreter: nothing is tuned or cached"
+    assert not any(t.cache_results for t in triton_without_knobs.values())
