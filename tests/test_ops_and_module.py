@@ -1,6 +1,10 @@
-"""The op layer and the BAM module: the torch and Triton (interpreter) backends agree with a float64 reference in
+"""The op layer and the BAM module: the torch and Triton backends agree with a float64 reference in
 forward and backward; backend selection (``auto``, ``$BAM_TRITON_BACKEND``, no interpreter, no triton at all);
-argument validation naming the bad argument; empty inputs; parameter counts; ``extra_repr``; ``reset_parameters``."""
+argument validation naming the bad argument; empty inputs; parameter counts; ``extra_repr``; ``reset_parameters``.
+
+The op and module tests run on the ``device`` of this run (tests/devices.py): Triton's interpreter on CPU, compiled
+kernels on CUDA. The tests of CPU-only paths and of backend selection for CPU tensors build CPU tensors in either
+run."""
 import copy
 import json
 import os
@@ -17,6 +21,7 @@ from torch import nn
 import bam_triton
 from bam_triton import BAM, TOLERANCES, bam_apply, channel_pool
 from bam_triton import kernels
+from devices import cpu_only
 from reference import ref_apply, ref_grads
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -79,8 +84,10 @@ def with_backend(bam, backend, dtype=None):
     return m.to(dtype) if dtype is not None else m
 
 
-def make_x(shape=SHAPE, dtype=torch.float32, memory_format=torch.contiguous_format, seed="x"):
-    return torch.randn(shape, generator=_gen(seed, shape)).to(dtype).contiguous(memory_format=memory_format)
+def make_x(shape=SHAPE, dtype=torch.float32, memory_format=torch.contiguous_format, seed="x", device="cpu"):
+    """Drawn and rounded on CPU (the same values on every device), then moved."""
+    x = torch.randn(shape, generator=_gen(seed, shape)).to(dtype).to(device)
+    return x.contiguous(memory_format=memory_format)
 
 
 def run_bam(bam, x, train, grad_out=None, x_grad=True):
@@ -137,9 +144,9 @@ def _no_backend_env(monkeypatch):
 @pytest.mark.parametrize("memory_format", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("combine", COMBINES)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_bam_forward_backends_agree(train, combine, memory_format):
-    bam = make_bam(combine)
-    x = make_x(memory_format=memory_format)
+def test_bam_forward_backends_agree(train, combine, memory_format, device):
+    bam = make_bam(combine).to(device)
+    x = make_x(memory_format=memory_format, device=device)
     x_before = x.clone()
     ref, _, _, ref_buffers = run_bam(with_backend(bam, "torch").double(), x.double(), train, x_grad=False)
     for backend in ("torch", "triton"):
@@ -154,10 +161,10 @@ def test_bam_forward_backends_agree(train, combine, memory_format):
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_bam_forward_bf16_backends_agree(train):
+def test_bam_forward_bf16_backends_agree(train, device):
     """bf16 module and input; the reference is the same (bf16-rounded) weights and input in float64."""
-    bam = make_bam("product").to(torch.bfloat16)
-    x = make_x(dtype=torch.bfloat16, memory_format=torch.channels_last)
+    bam = make_bam("product").to(torch.bfloat16).to(device)
+    x = make_x(dtype=torch.bfloat16, memory_format=torch.channels_last, device=device)
     ref, *_ = run_bam(with_backend(bam, "torch").double(), x.double(), train, x_grad=False)
     for backend in ("torch", "triton"):
         out, *_ = run_bam(with_backend(bam, backend), x, train, x_grad=False)
@@ -165,11 +172,11 @@ def test_bam_forward_bf16_backends_agree(train):
         assert_close(out, ref, torch.bfloat16, what=f"{backend} output")
 
 
-def check_bam_gradients(combine, memory_format, x_grad, train, shape, dtype, keys=None):
+def check_bam_gradients(combine, memory_format, x_grad, train, shape, dtype, device, keys=None):
     """Both backends' gradients (x, and ``keys`` of run_bam's grads: all when None) against float64."""
-    bam = make_bam(combine).to(dtype)
-    x = make_x(shape, dtype, memory_format)
-    g = make_x(shape, dtype, seed="grad_out")
+    bam = make_bam(combine).to(dtype).to(device)
+    x = make_x(shape, dtype, memory_format, device=device)
+    g = make_x(shape, dtype, seed="grad_out", device=device)
     x_before = x.clone()
     _, ref_dx, ref_grads, _ = run_bam(with_backend(bam, "torch").double(), x.double(), train, g.double(), x_grad)
     n_params = len(list(bam.parameters()))
@@ -191,33 +198,34 @@ def check_bam_gradients(combine, memory_format, x_grad, train, shape, dtype, key
 @pytest.mark.parametrize("x_grad", [True, False], ids=["x-and-params", "params-only"])
 @pytest.mark.parametrize("memory_format", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("combine", COMBINES)
-def test_bam_gradients_fp32_eval(combine, memory_format, x_grad):
+def test_bam_gradients_fp32_eval(combine, memory_format, x_grad, device):
     """fp32, eval mode: gradients of x and of every parameter, both backends against float64 (x.requires_grad
     selects the fused block on the Triton path; params-only runs the plain apply backward)."""
-    check_bam_gradients(combine, memory_format, x_grad, False, SHAPE, torch.float32)
+    check_bam_gradients(combine, memory_format, x_grad, False, SHAPE, torch.float32, device)
 
 
 @pytest.mark.parametrize("x_grad", [True, False], ids=["x-and-params", "params-only"])
 @pytest.mark.parametrize("memory_format", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("combine", COMBINES)
-def test_bam_gradients_fp32_train(combine, memory_format, x_grad):
+def test_bam_gradients_fp32_train(combine, memory_format, x_grad, device):
     """fp32, train mode: dx and the gradients of the branch outputs (Mc, Ms). The parameter gradients are held to
     the table in float64 below: in train mode every bias before a BatchNorm has an exactly-zero gradient, whose
     fp32 value is rounding noise of torch's own layers of the order of the fp32 atol, whichever backend runs."""
-    check_bam_gradients(combine, memory_format, x_grad, True, TRAIN_GRAD_SHAPE, torch.float32, keys=["dmc", "dms"])
+    check_bam_gradients(combine, memory_format, x_grad, True, TRAIN_GRAD_SHAPE, torch.float32, device,
+                        keys=["dmc", "dms"])
 
 
 @pytest.mark.parametrize("memory_format", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("combine", COMBINES)
-def test_bam_gradients_fp64_train(combine, memory_format):
+def test_bam_gradients_fp64_train(combine, memory_format, device):
     """float64 (the kernels compute in fp64 for it), train mode: x and every parameter, the fp64 tolerance."""
-    check_bam_gradients(combine, memory_format, True, True, SHAPE, torch.float64)
+    check_bam_gradients(combine, memory_format, True, True, SHAPE, torch.float64, device)
 
 
 @pytest.mark.parametrize("memory_format", LAYOUTS, ids=LAYOUT_IDS)
-def test_channel_pool_gradient_backends_agree(memory_format):
-    x = make_x(memory_format=memory_format)
-    g = torch.randn(SHAPE[:2], generator=_gen("pool-g"))
+def test_channel_pool_gradient_backends_agree(memory_format, device):
+    x = make_x(memory_format=memory_format, device=device)
+    g = torch.randn(SHAPE[:2], generator=_gen("pool-g")).to(device)
     x64 = x.double().requires_grad_()
     (channel_pool(x64, backend="torch") * g.double()).sum().backward()
     for backend in ("torch", "triton"):
@@ -227,11 +235,11 @@ def test_channel_pool_gradient_backends_agree(memory_format):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
-def test_torch_channel_pool_gradient_is_a_broadcast_view(dtype):
+def test_torch_channel_pool_gradient_is_a_broadcast_view(dtype, device):
     """The torch path's pooling matches float64 and, for fp32/fp64, hands x a broadcast view of its (N, C) gradient
     (strides 0 over H, W), not a full-size tensor (``mean``'s backward would divide the view into one)."""
-    x = make_x(dtype=dtype).requires_grad_()
-    g = torch.randn(SHAPE[:2], generator=_gen("pool-view", dtype))
+    x = make_x(dtype=dtype, device=device).requires_grad_()
+    g = torch.randn(SHAPE[:2], generator=_gen("pool-view", dtype)).to(device)
     pooled = channel_pool(x, backend="torch")
     assert pooled.dtype == dtype
     assert_close(pooled, x.detach().double().mean(dim=(2, 3)), dtype=dtype, what="pooled")
@@ -242,10 +250,11 @@ def test_torch_channel_pool_gradient_is_a_broadcast_view(dtype):
 
 
 @pytest.mark.parametrize("combine", COMBINES)
-def test_bam_apply_gradients_backends_agree(combine):
+def test_bam_apply_gradients_backends_agree(combine, device):
     gen = _gen("apply-grad", combine)
-    x = make_x(memory_format=torch.channels_last)
-    mc, ms, g = torch.randn(2, C, generator=gen), torch.randn(2, 1, 7, 9, generator=gen), make_x(seed="g")
+    x = make_x(memory_format=torch.channels_last, device=device)
+    mc, ms = torch.randn(2, C, generator=gen).to(device), torch.randn(2, 1, 7, 9, generator=gen).to(device)
+    g = make_x(seed="g", device=device)
     leaves64 = [t.double().requires_grad_() for t in (x, mc, ms)]
     (bam_apply(*leaves64, combine=combine, backend="torch") * g.double()).sum().backward()
     for backend in ("torch", "triton"):
@@ -300,11 +309,11 @@ def test_torch_apply_on_cpu_runs_in_image_chunks(monkeypatch, combine, chunk, dt
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("combine", COMBINES)
-def test_bam_non_square_maps_pool_over_h_and_w(backend, combine):
+def test_bam_non_square_maps_pool_over_h_and_w(backend, combine, device):
     """H != W: the output is x·(1 + σ(Mc(mean over H and W) ⊕ Ms(x))), composed here from the module's branches."""
-    bam = make_bam(combine).eval()
+    bam = make_bam(combine).eval().to(device)
     bam.backend = backend
-    x = make_x((2, C, 5, 11))
+    x = make_x((2, C, 5, 11), device=device)
     with torch.no_grad():
         ref64 = copy.deepcopy(bam).double()
         x64 = x.double()
@@ -448,18 +457,20 @@ def test_auto_and_torch_never_launch_kernels_on_cpu(kernels_raise, backend):
 
 
 @pytest.mark.parametrize("what", ["channel_pool", "bam_apply", "BAM"])
-def test_triton_backend_launches_kernels(kernels_raise, what):
+def test_triton_backend_launches_kernels(kernels_raise, what, device):
     """The positive control of the test above: with backend='triton' the (patched) launchers are reached."""
-    x, mc, ms = make_x((2, 16, 5, 6)), torch.randn(2, 16), torch.randn(2, 5, 6)
+    x = make_x((2, 16, 5, 6), device=device)
+    mc, ms = torch.randn(2, 16, device=device), torch.randn(2, 5, 6, device=device)
     with pytest.raises(KernelLaunched):
         if what == "channel_pool":
             channel_pool(x, backend="triton")
         elif what == "bam_apply":
             bam_apply(x, mc, ms, backend="triton")
         else:
-            BAM(16, reduction=4, backend="triton")(x)
+            BAM(16, reduction=4, backend="triton").to(device)(x)
 
 
+@cpu_only("interpreter-only: backend='triton' resolves for a CPU tensor only under Triton's interpreter")
 def test_auto_resolves_to_torch_on_cpu_and_triton_on_cuda():
     from bam_triton import _backend
 
@@ -470,6 +481,7 @@ def test_auto_resolves_to_torch_on_cpu_and_triton_on_cuda():
     assert _backend.resolve("triton", torch.device("cpu")) == "triton"  # under the interpreter
 
 
+@cpu_only("interpreter-only: selects backend='triton' for CPU tensors, and on CUDA 'auto' would launch kernels too")
 def test_env_var_sets_the_default_backend(monkeypatch, kernels_raise):
     x, mc, ms = make_x((2, 16, 5, 6)), torch.randn(2, 16), torch.randn(2, 5, 6)
     bam = BAM(16, reduction=4)  # backend=None: follows the variable at each call
@@ -662,10 +674,10 @@ def test_bad_input_names_the_argument(case):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_batch_of_one_works_in_eval(backend):
-    bam = make_bam().eval()
+def test_batch_of_one_works_in_eval(backend, device):
+    bam = make_bam().eval().to(device)
     bam.backend = backend
-    x = make_x((1, C, 6, 5))
+    x = make_x((1, C, 6, 5), device=device)
     ref = with_backend(bam, "torch").double()(x.double())
     with torch.no_grad():
         assert_close(bam(x), ref)
@@ -680,11 +692,11 @@ EMPTY_IDS = ["N0", "H0", "W0"]
 
 
 @pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=EMPTY_IDS)
-def test_empty_ops(kernels_raise, shape):
+def test_empty_ops(kernels_raise, shape, device):
     n, c, h, w = shape
-    x = torch.randn(shape, requires_grad=True)
-    mc = torch.randn(n, c, requires_grad=True)
-    ms = torch.randn(n, h, w, requires_grad=True)
+    x = torch.randn(shape, device=device, requires_grad=True)
+    mc = torch.randn(n, c, device=device, requires_grad=True)
+    ms = torch.randn(n, h, w, device=device, requires_grad=True)
     pooled = channel_pool(x, backend="triton")
     assert pooled.shape == (n, c) and pooled.dtype == x.dtype
     if n > 0:
@@ -698,9 +710,9 @@ def test_empty_ops(kernels_raise, shape):
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=EMPTY_IDS)
-def test_empty_module(kernels_raise, shape, train):
-    bam = BAM(8, reduction=4, backend="triton").train(train)
-    x = torch.randn(shape, requires_grad=True)
+def test_empty_module(kernels_raise, shape, train, device):
+    bam = BAM(8, reduction=4, backend="triton").train(train).to(device)
+    x = torch.randn(shape, device=device, requires_grad=True)
     out = bam(x)
     assert out.shape == shape and out.dtype == x.dtype
     out.sum().backward()
