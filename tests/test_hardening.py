@@ -1,7 +1,9 @@
 """Hardening: property-based agreement with float64 over random shapes, dtypes and layouts; special values (NaN, ±inf,
 huge logits, -0.0, subnormals) against the torch path; threads; and the text of every error a user can trigger.
 
-The Triton kernels run on CPU through Triton's interpreter (tests/conftest.py sets ``TRITON_INTERPRET=1``).
+The tensors live on the device of this run (``TEST_DEVICE``, tests/devices.py; the hypothesis tests cannot take a
+fixture): on CPU the Triton kernels run through Triton's interpreter (tests/conftest.py sets ``TRITON_INTERPRET=1``),
+on CUDA compiled. Random values are drawn on CPU and moved, so both runs check the same inputs.
 
 Tolerances are ``bam_triton.TOLERANCES`` (``|got - ref| <= atol + rtol·|ref|`` against float64). dx and the forward
 outputs are held to the table for their own dtype. dmc and dms are fp32 sums of many terms (returned in the maps'
@@ -55,6 +57,7 @@ from hypothesis import strategies as st
 from bam_triton import BAM, TOLERANCES, bam_apply, channel_pool
 from bam_triton import _backend, kernels
 from bam_triton import ops as ops_mod
+from devices import ON_CUDA, TEST_DEVICE, cpu_only, cuda_only
 from reference import logits64, ref_apply, ref_grads
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -75,8 +78,14 @@ def _no_backend_env(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
 
 
+@cpu_only("interpreter-only: checks that the CPU run tests the kernels through Triton's CPU interpreter")
 def test_interpreter_is_on():
     assert kernels.INTERPRETED, "tests/conftest.py must set TRITON_INTERPRET=1 before triton is imported"
+
+
+@cuda_only("checks that the CUDA run tests the compiled kernels")
+def test_kernels_are_compiled_in_a_cuda_run():
+    assert ON_CUDA and not kernels.INTERPRETED, "a CUDA run must not set TRITON_INTERPRET"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -96,8 +105,8 @@ LAYOUTS = {
 def make_x(shape, dtype, layout, gen, scale=1.0):
     n, c, h, w = shape
 
-    def randn(*size):
-        return (torch.randn(size, generator=gen) * scale).to(dtype)
+    def randn(*size):  # drawn and rounded on CPU, moved before the layout is made (views stay views)
+        return (torch.randn(size, generator=gen) * scale).to(dtype).to(TEST_DEVICE)
 
     if layout == "nchw":
         return randn(n, c, h, w)
@@ -117,11 +126,11 @@ def make_maps(shape, dtype, form, strided, gen, scale=2.0):
     transposed views (not contiguous)."""
     n, c, h, w = shape
     if strided:
-        mc = (torch.randn(c, n, generator=gen) * scale).to(dtype).t()
-        ms = (torch.randn(n, w, h, generator=gen) * scale).to(dtype).transpose(1, 2)
+        mc = (torch.randn(c, n, generator=gen) * scale).to(dtype).to(TEST_DEVICE).t()
+        ms = (torch.randn(n, w, h, generator=gen) * scale).to(dtype).to(TEST_DEVICE).transpose(1, 2)
     else:
-        mc = (torch.randn(n, c, generator=gen) * scale).to(dtype)
-        ms = (torch.randn(n, h, w, generator=gen) * scale).to(dtype)
+        mc = (torch.randn(n, c, generator=gen) * scale).to(dtype).to(TEST_DEVICE)
+        ms = (torch.randn(n, h, w, generator=gen) * scale).to(dtype).to(TEST_DEVICE)
     if form == "4d":
         mc, ms = mc[:, :, None, None], ms[:, None]
     return mc, ms
@@ -184,6 +193,7 @@ def _map_dtype(choice, dtype):
     return torch.float32 if choice == "fp32" else dtype
 
 
+@pytest.mark.slow_on_gpu
 @settings(max_examples=100, **PROPERTY_SETTINGS)
 @given(**common)
 def test_property_channel_pool(shape, dtype, layout, seed):
@@ -196,6 +206,7 @@ def test_property_channel_pool(shape, dtype, layout, seed):
     assert torch.equal(storage_of(x), before), "channel_pool modified its input"
 
 
+@pytest.mark.slow_on_gpu
 @settings(max_examples=150, **PROPERTY_SETTINGS)
 @given(**common, **maps)
 def test_property_bam_apply_forward(shape, dtype, layout, seed, combine, map_dtype, form, strided):
@@ -214,6 +225,7 @@ def test_property_bam_apply_forward(shape, dtype, layout, seed, combine, map_dty
         assert torch.equal(storage_of(t), t0), "bam_apply modified an input"
 
 
+@pytest.mark.slow_on_gpu
 @settings(max_examples=150, **PROPERTY_SETTINGS)
 @given(**common, **maps, grad=st.sampled_from(("like_out", "nchw", "broadcast")))
 def test_property_bam_apply_backward(shape, dtype, layout, seed, combine, map_dtype, form, strided, grad):
@@ -225,11 +237,11 @@ def test_property_bam_apply_backward(shape, dtype, layout, seed, combine, map_dt
     mc, ms = (t.requires_grad_() for t in make_maps(shape, map_dtype, form, strided, gen))
     out = bam_apply(x, mc, ms, combine=combine, backend="triton")
     if grad == "like_out":  # out's strides
-        g = torch.randn(out.shape, generator=gen).to(dtype).contiguous(memory_format=LAYOUTS[layout])
+        g = torch.randn(out.shape, generator=gen).to(dtype).to(TEST_DEVICE).contiguous(memory_format=LAYOUTS[layout])
     elif grad == "nchw":  # maybe not x's strides: copied once by the op
-        g = torch.randn(shape, generator=gen).to(dtype)
+        g = torch.randn(shape, generator=gen).to(dtype).to(TEST_DEVICE)
     else:  # a broadcast view (strides 0), as a sum or mean's gradient is
-        g = torch.randn(1, c, 1, 1, generator=gen).to(dtype).expand(shape)
+        g = torch.randn(1, c, 1, 1, generator=gen).to(dtype).to(TEST_DEVICE).expand(shape)
     before = [storage_of(t).detach().clone() for t in (x, mc, ms, g)]
     dx, dmc, dms = torch.autograd.grad(out, (x, mc, ms), g)
     ref_dx, ref_dmc, ref_dms = ref_grads(x, mc, ms, g, combine)
@@ -256,8 +268,8 @@ def inject_specials(t, gen, fraction=0.2):
     dense = t.contiguous()
     flat = dense.view(-1).clone()
     k = max(1, int(flat.numel() * fraction))
-    idx = torch.randperm(flat.numel(), generator=gen)[:k]
-    flat[idx] = SPECIALS[torch.randint(0, 3, (k,), generator=gen)].to(t.dtype)
+    idx = torch.randperm(flat.numel(), generator=gen)[:k].to(t.device)
+    flat[idx] = SPECIALS[torch.randint(0, 3, (k,), generator=gen)].to(t.dtype).to(t.device)
     return torch.empty_like(t).copy_(flat.view(t.shape))
 
 
@@ -397,8 +409,8 @@ def test_huge_logits_saturate_exactly(case, combine, backend, layout):
     def signs(*size):
         return torch.randint(0, 2, size, generator=gen).double() * 2 - 1
 
-    mc = (signs(n, c) * magnitude).to(map_dtype)
-    ms = (signs(n, h, w) * (magnitude / 2)).to(map_dtype)
+    mc = (signs(n, c) * magnitude).to(map_dtype).to(TEST_DEVICE)
+    ms = (signs(n, h, w) * (magnitude / 2)).to(map_dtype).to(TEST_DEVICE)
     x = make_x(shape, dtype, layout, gen).requires_grad_()
     g = make_x(shape, dtype, layout, gen)
     positive = logits64(x, mc, ms, combine) > 0
@@ -449,7 +461,7 @@ def test_signed_zero(dtype, layout, combine):
 
     def signed_zeros():
         negative = torch.rand(shape, generator=gen) < 0.7
-        return torch.where(negative, -0.0, 0.0).to(dtype).contiguous(memory_format=fmt)
+        return torch.where(negative, -0.0, 0.0).to(dtype).to(TEST_DEVICE).contiguous(memory_format=fmt)
 
     x, g = signed_zeros(), signed_zeros()
     x[0] = -0.0  # image 0 all -0.0: its channel means
@@ -485,7 +497,7 @@ def test_subnormal_inputs(case, layout, combine):
     gen = _gen("subnormal", case, layout, combine)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     k = torch.randint(1, 4, shape, generator=gen) * (torch.randint(0, 2, shape, generator=gen) * 2 - 1)
-    x = (k.double() * value).to(dtype).contiguous(memory_format=fmt)
+    x = (k.double() * value).to(dtype).to(TEST_DEVICE).contiguous(memory_format=fmt)
     assert (x != 0).all() and (x.abs() < torch.finfo(dtype).tiny).all()
     mc, ms = make_maps(shape, torch.float32, "flat", False, gen)
     g = make_x(shape, dtype, layout, gen)
@@ -504,7 +516,7 @@ def test_subnormal_inputs(case, layout, combine):
             assert (out != 0).all() and torch.equal(out.signbit(), x.signbit()), f"{backend}: flushed to zero"
             err = (out.double() - ref).abs().max().item()
             assert err <= ulp, f"{backend}: {err / ulp:.2f} subnormal ulps from float64"
-    else:  # bf16 under the interpreter: flushed to ±0 (see the module docstring); never a sign flip
+    else:  # bf16: the interpreter flushes to ±0 (see the module docstring), a GPU need not; never a sign flip
         assert (results["triton"][1].double() * x.double() >= 0).all()
 
 
@@ -549,7 +561,7 @@ def make_module(channels, combine, seed):
     with torch.no_grad():
         for p in bam.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) / (p[0].numel() ** 0.5 if p.dim() > 1 else 5))
-    return bam.eval()
+    return bam.eval().to(TEST_DEVICE)
 
 
 def thread_work(i, iterations=2):
@@ -560,9 +572,9 @@ def thread_work(i, iterations=2):
     fmt = torch.channels_last if i % 2 else torch.contiguous_format
     combine = COMBINES[i % 2]
     gen = _gen("thread", i)
-    x = torch.randn(shape, generator=gen).contiguous(memory_format=fmt)
-    mc, ms = torch.randn(n, c, generator=gen), torch.randn(n, 1, h, w, generator=gen)
-    g = torch.randn(shape, generator=gen).contiguous(memory_format=fmt)
+    x = torch.randn(shape, generator=gen).to(TEST_DEVICE).contiguous(memory_format=fmt)
+    mc, ms = torch.randn(n, c, generator=gen).to(TEST_DEVICE), torch.randn(n, 1, h, w, generator=gen).to(TEST_DEVICE)
+    g = torch.randn(shape, generator=gen).to(TEST_DEVICE).contiguous(memory_format=fmt)
     bam = make_module(c, combine, seed=i)
     bam64 = make_module(c, combine, seed=i).double()
     bam64.backend = "torch"
@@ -618,14 +630,14 @@ def test_env_default_backend_read_concurrently(monkeypatch):
         backend = _backend.default_backend()
         for _ in range(200):
             assert _backend.default_backend() == backend
-            assert _backend.resolve(None, torch.device("cpu")) == backend
+            assert _backend.resolve(None, TEST_DEVICE) == backend
         shape = (2, 8, 3, 5)
-        x = torch.randn(shape, generator=_gen("env", i)).requires_grad_()
+        x = torch.randn(shape, generator=_gen("env", i)).to(TEST_DEVICE).requires_grad_()
         bam = make_module(8, "sum", seed=i)
         bam.backend = None
         bam(x).sum().backward()
         channel_pool(x.detach())
-        bam_apply(x.detach(), torch.zeros(2, 8), torch.zeros(2, 3, 5))
+        bam_apply(x.detach(), torch.zeros(2, 8, device=TEST_DEVICE), torch.zeros(2, 3, 5, device=TEST_DEVICE))
         return backend
 
     for value, launched in (("torch", False), (" Triton ", True)):
@@ -639,14 +651,15 @@ _COLD_START = """
 import json, sys, threading, torch, bam_triton
 assert "triton" not in sys.modules, "import bam_triton must not import triton"
 barrier, errors, n = threading.Barrier(4), [], 4
+device = torch.device(sys.argv[1])
 
 def work(i):
     try:
         g = torch.Generator().manual_seed(i)
         shape = (2, 3 + i, 5, 4 + i)
         fmt = torch.channels_last if i % 2 else torch.contiguous_format
-        x = torch.randn(shape, generator=g).contiguous(memory_format=fmt).requires_grad_()
-        mc, ms = torch.randn(2, 3 + i, generator=g), torch.randn(2, 5, 4 + i, generator=g)
+        x = torch.randn(shape, generator=g).to(device).contiguous(memory_format=fmt).requires_grad_()
+        mc, ms = torch.randn(2, 3 + i, generator=g).to(device), torch.randn(2, 5, 4 + i, generator=g).to(device)
         barrier.wait(timeout=60)  # the first launch (kernel import, first autotune) happens in 4 threads at once
         out = bam_triton.bam_apply(x, mc, ms, combine="product", backend="triton")
         pooled = bam_triton.channel_pool(x, backend="triton")
@@ -668,11 +681,12 @@ print(json.dumps({"errors": errors, "alive": sum(t.is_alive() for t in threads)}
 
 def test_cold_start_in_threads():
     """A fresh interpreter whose first kernel launches (the lazy import of the kernel package, the autotuners'
-    first runs) happen in 4 threads at once."""
-    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
-    env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_COLD_START)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    first runs) happen in 4 threads at once, on this run's device (compiled on CUDA, interpreted on CPU)."""
+    env = {k: v for k, v in os.environ.items() if k not in (ENV_VAR, "TRITON_INTERPRET")}
+    if not ON_CUDA:
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_COLD_START), str(TEST_DEVICE)], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report == {"errors": [], "alive": 0}, report
@@ -824,8 +838,16 @@ _TOO_BIG = re.escape(f"x has {2**31} elements per image (C·H·W); the Triton ke
 
 
 def _big(requires_grad=False):
-    one = torch.zeros(1, 1, 1, 1, requires_grad=requires_grad)
+    one = torch.zeros(1, 1, 1, 1, device=TEST_DEVICE, requires_grad=requires_grad)
     return one.expand(2, BIG_C, BIG_H, BIG_W)
+
+
+def _big_maps():
+    return torch.zeros(1, device=TEST_DEVICE).expand(2, BIG_C), torch.zeros(2, BIG_H, BIG_W, device=TEST_DEVICE)
+
+
+def _big_bam():
+    return BAM(BIG_C, reduction=BIG_C, num_dilated_convs=0, backend="triton").to(TEST_DEVICE)
 
 
 class LaunchedOrCopied(Exception):
@@ -845,12 +867,10 @@ def nothing_may_run(monkeypatch):
 
 BIG_CALLS = {
     "channel_pool": lambda: channel_pool(_big(), backend="triton"),
-    "bam_apply": lambda: bam_apply(_big(), torch.zeros(1).expand(2, BIG_C), torch.zeros(2, BIG_H, BIG_W),
-                                   backend="triton"),
-    "bam_apply-grad": lambda: bam_apply(_big(True), torch.zeros(1).expand(2, BIG_C), torch.zeros(2, BIG_H, BIG_W),
-                                        backend="triton"),
-    "BAM-eval": lambda: BAM(BIG_C, reduction=BIG_C, num_dilated_convs=0, backend="triton").eval()(_big()),
-    "BAM-train-grad": lambda: BAM(BIG_C, reduction=BIG_C, num_dilated_convs=0, backend="triton")(_big(True)),
+    "bam_apply": lambda: bam_apply(_big(), *_big_maps(), backend="triton"),
+    "bam_apply-grad": lambda: bam_apply(_big(True), *_big_maps(), backend="triton"),
+    "BAM-eval": lambda: _big_bam().eval()(_big()),
+    "BAM-train-grad": lambda: _big_bam()(_big(True)),
 }
 
 
