@@ -153,14 +153,14 @@ def _pair(c, seed=0):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("c", [64, 256])
-def test_outputs_match_theirs(c, train, backend):
+def test_outputs_match_theirs(c, train, backend, device):
     """Square maps, fp32, their module in float64 as the reference; in train mode the BatchNorm running statistics
-    must also end up the same."""
+    must also end up the same. On the ``device`` of this run (compiled kernels in a CUDA run)."""
     theirs, ours = _pair(c)
     ours.backend = backend
-    ref_model = copy.deepcopy(theirs).double().train(train)
-    ours.train(train)
-    x = torch.randn(2, c, SQUARE_SIZE, SQUARE_SIZE, generator=torch.Generator().manual_seed(c))
+    ref_model = copy.deepcopy(theirs).double().train(train).to(device)
+    ours.train(train).to(device)
+    x = torch.randn(2, c, SQUARE_SIZE, SQUARE_SIZE, generator=torch.Generator().manual_seed(c)).to(device)
     x_before = x.clone()
     with torch.no_grad():
         ref = ref_model(x.double())
