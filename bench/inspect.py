@@ -23,8 +23,8 @@ INSPECT_SHAPES = ((32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14), (32,
 ARCHS = (80, 90)
 DTYPES = ("fp32", "fp16", "bf16")
 LAYOUTS = ("nchw", "channels_last")
-_TRITON_DTYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
-_ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
+_TRITON_DTYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "fp64": "fp64", "float32": "fp32",
+                 "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
 # Pointer arguments that hold full (N, C, H, W) tensors of x's dtype; every other pointer is a small map.
 _FULL_TENSORS = ("x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dx_extra_ptr", "dx_conv_ptr", "extra_ptr", "rest_ptr")
 
@@ -50,6 +50,9 @@ KERNELS = (
 VECTOR_KERNELS = ("apply_fwd_kernel", "apply_bwd_dx_kernel", "channel_pool_rows_kernel", "apply_bwd_reduce_rows_kernel")
 
 
+KERNELS_KIND = dict(KERNELS)
+
+
 def kernel_names():
     """The kernels to inspect, with their autotune config kind."""
     return list(KERNELS)
@@ -60,31 +63,45 @@ def make_job(kernel, kind, config_index, arch, dtype, shape, layout):
                 layout=layout)
 
 
-def _row_group(shape, dtype, layout):
-    """The launchers' choice (kernels/_common.row_group): K for the row-group kernels, or None where they don't run."""
-    from bam_triton.kernels._common import row_group
-
-    n, c, h, w = shape
-    return None if layout == "channels_last" else row_group(c, h * w, _ITEMSIZE[dtype])
+# SMs of the GPUs the plans are made for: A100 (sm_80) and H100 SXM (sm_90).
+SM_COUNTS = {80: 108, 90: 132}
 
 
-def _block_l(shape, dtype, layout):
-    n, c, h, w = shape
-    return 1 << (_row_group(shape, dtype, layout) * h * w - 1).bit_length()
+def launch_plan(kernel, dtype, shape, layout, arch=90):
+    """The launcher's plan for an input of ``shape``/``dtype``/``layout`` on a GPU of ``arch``, for the launcher that
+    can run ``kernel`` (the backward reductions with dx stored, the dx kernel with every optional input), or None
+    when that launcher picks another kernel there."""
+    import torch
+
+    from bam_triton import kernels
+
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}[dtype]
+    channels_last, sms = layout == "channels_last", SM_COUNTS[arch]
+    shape = tuple(shape)
+    if kernel == "apply_fwd_kernel":
+        plan = kernels.apply_fwd_plan(shape, torch_dtype, channels_last, "sum")
+    elif kernel == "apply_bwd_dx_kernel":
+        plan = kernels.dx_plan(shape, torch_dtype, channels_last, "sum", True, True)
+    elif kernel.startswith("channel_pool"):
+        plan = kernels.channel_pool_plan(shape, torch_dtype, channels_last, sms)
+    else:
+        plan = kernels.reduce_plan(shape, torch_dtype, channels_last, "sum", True, sms)
+    return plan if plan.kernel_name == kernel else None
 
 
-def runs(kernel, kind, config_index, dtype, shape, layout):
-    """Whether a real launch could run ``kernel`` with this config on this input: the row-group kernels only where
-    the launchers pick them, and only the configs their autotuner keeps (``fit_row_tiles``)."""
-    if kind != "rows":
-        return True
-    if _row_group(shape, dtype, layout) is None:
+def runs(kernel, kind, config_index, dtype, shape, layout, arch=90):
+    """Whether a real launch could run ``kernel`` with this config on this input: only where the launchers pick it
+    (:func:`launch_plan`), and only the configs its autotuner's pruner keeps."""
+    plan = launch_plan(kernel, dtype, shape, layout, arch)
+    if plan is None:
         return False
+    prune = plan.kernel.early_config_prune
+    if prune is None:
+        return True
     from bam_triton.kernels._common import gpu_configs
 
     configs = gpu_configs(kind)
-    kept = _autotuner(kernel).early_config_prune(configs, {}, BLOCK_L=_block_l(shape, dtype, layout))
-    return configs[config_index] in kept
+    return configs[config_index] in prune(configs, {}, **dict(plan.constexprs))
 
 
 def all_jobs(kernels=None, archs=ARCHS, dtypes=DTYPES, shapes=INSPECT_SHAPES, layouts=LAYOUTS, first_config_only=False,
@@ -99,7 +116,7 @@ def all_jobs(kernels=None, archs=ARCHS, dtypes=DTYPES, shapes=INSPECT_SHAPES, la
                 for dt in dtypes:
                     for shape in shapes:
                         for layout in layouts:
-                            if runs(kernel, kind, ci, dt, shape, layout):
+                            if runs(kernel, kind, ci, dt, shape, layout, arch):
                                 jobs.append(make_job(kernel, kind, ci, arch, dt, shape, layout))
     return jobs
 
@@ -116,109 +133,38 @@ def _n_configs(kind):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _is16(v):
-    return isinstance(v, int) and not isinstance(v, bool) and v % 16 == 0
-
-
-def _pool_plan(shape, sm_count=132):
-    """The pooling launcher's split of H·W (kernels/pool.py), for a GPU with ``sm_count`` SMs."""
-    from bam_triton.kernels._common import MIN_TARGET_PROGRAMS
-    from bam_triton.kernels.pool import pool_split
-
-    n, c, h, w = shape
-    return pool_split(n, c, h * w, max(MIN_TARGET_PROGRAMS, 4 * sm_count))
-
-
-def _arguments(job, fn, meta):
-    """(signature, constexprs, divisible-argument indices) for one job: the values a real launch would pass."""
-    n, c, h, w = job["shape"]
-    hw = h * w
+def _arguments(job, meta):
+    """(kernel, signature, constexprs, divisible-argument indices) for one job: what the launcher's plan passes, with
+    the specialisations a real launch gets (16-byte aligned pointers, ints marked 16-divisible when they are)."""
+    plan = launch_plan(job["kernel"], job["dtype"], job["shape"], job["layout"], job["arch"])
+    fn = getattr(plan.kernel, "fn", plan.kernel)  # Autotuner -> JITFunction
     dt = _TRITON_DTYPE[job["dtype"]]
-    channels_last = job["layout"] == "channels_last"
-    inner, mid = (c, hw) if channels_last else (hw, c)
-    numel = n * c * hw
-    splits, per_split = _pool_plan(job["shape"])
-    # rows_per_split: a multiple of the row split unit (16), as every real launch passes.
-    ints = {"n_elements": numel, "C": c, "HW": hw, "N": n, "hw_per_split": per_split, "n_hw": hw, "n_c": c,
-            "numel": numel, "n_rows": n * mid, "n_images": n, "rows_per_split": 16}
-    floats = {"inv_hw": 1.0 / hw}
-    from bam_triton.kernels._common import MAX_BLOCK
-
-    # As memory_plan decides for a real launch: 64-bit flat indices only where int32 could wrap.
-    consts = {"INNER": inner, "MID": mid, "COMBINE": 0, "INDEX_64": numel + MAX_BLOCK >= 2**31,
-              "CHANNELS_LAST": channels_last,
-              "HAS_DPOOL": True, "HAS_EXTRA": True, "HAS_DX_EXTRA": True}
-    import triton.language as tl
-
-    consts["ACC"] = tl.float64 if job["dtype"] == "fp64" else tl.float32
-    consts["WRITE_DX"] = True  # the single-pass backward: dx stored too
-    if job["kind"] == "rows":  # the row-group kernels take H·W, K and the group row's block as constexprs
-        consts.update(HW=hw, GROUP=_row_group(job["shape"], job["dtype"], job["layout"]),
-                      BLOCK_L=_block_l(job["shape"], job["dtype"], job["layout"]))
-    consts.update(meta)
-    signature, constexprs, divisible = {}, {}, []
-    params = list(fn.params)
-    for i, p in enumerate(params):
+    buffer_types = {f"{name}_ptr": _TRITON_DTYPE[str(dtype).replace("torch.", "")] for name, _, dtype in plan.buffers}
+    scalars = dict(zip(plan.scalar_names(), plan.scalars))
+    constexprs = dict(plan.constexprs, **meta)
+    unspecialised = set(getattr(fn, "do_not_specialize", ()) or ())
+    signature, divisible = {}, []
+    for i, p in enumerate(fn.params):
         name = p.name
         if p.is_constexpr:
             signature[name] = "constexpr"
-            if name in consts:
-                constexprs[name] = consts[name]
-            elif name.startswith("HAS_"):
-                constexprs[name] = True  # the fused paths: every optional input present
-            elif getattr(p, "has_default", False) or p.default not in (None, _empty()):
-                constexprs[name] = p.default
-            else:
-                raise KeyError(f"{job['kernel']}: no value for constexpr {name}")
+            if name not in constexprs:
+                constexprs[name] = p.default  # ACC and other defaults the plan leaves out
         elif name.endswith("_ptr"):
-            if name in _FULL_TENSORS:
-                signature[name] = "*" + dt
-            elif job["kernel"] == "channel_pool_kernel" and name == "out_ptr":
-                signature[name] = "*" + (dt if splits == 1 else "fp32")
-            elif job["kernel"] == "channel_pool_kernel":
-                signature[name] = "*" + dt
-            else:  # small maps: x's dtype in the module (mc/ms come out of its layers), fp32 partial sums
-                signature[name] = "*fp32" if any(k in name for k in ("partial", "acc", "sum")) else "*" + dt
+            signature[name] = "*" + buffer_types.get(name, dt)
             divisible.append(i)
-        elif name in floats or name.startswith("inv"):
-            signature[name] = "fp32"
         else:
-            value = ints.get(name)
-            signature[name] = "i64" if name.endswith("64") else "i32"
-            # Unknown integers are not assumed 16-divisible: a guess can only make the report more pessimistic.
-            if value is not None and _is16(value):
+            value = scalars[name]
+            signature[name] = "i64" if value >= 2**31 else "i32"
+            if value % 16 == 0 and name not in unspecialised and i not in unspecialised:
                 divisible.append(i)
-    return signature, constexprs, divisible
+    return fn, signature, constexprs, divisible
 
 
 def _stdlib_inspect():
     import inspect  # absolute import: the standard library's, not this module
 
     return inspect
-
-
-def _empty():
-    return _stdlib_inspect().Parameter.empty
-
-
-@functools.lru_cache(maxsize=None)
-def _autotuner(name):
-    """The kernel object the launchers call (a triton Autotuner), found by name in ``bam_triton.kernels``."""
-    import importlib
-
-    for mod in ("apply", "pool", "apply_bwd"):
-        try:
-            m = importlib.import_module(f"bam_triton.kernels.{mod}")
-        except ImportError:
-            continue
-        if hasattr(m, name):
-            return getattr(m, name)
-    raise KeyError(name)
-
-
-def _kernel_fn(name):
-    obj = _autotuner(name)
-    return getattr(obj, "fn", obj)  # Autotuner -> JITFunction
 
 
 _LDST = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global((?:\.[\w:]+)*)\s+(.*?);", re.M)
@@ -344,6 +290,15 @@ def int64_index_ops(ptx):
     return len(_INT64_INDEX.findall(ptx))
 
 
+def float_params(ptx):
+    """{PTX type: count} of the kernel's floating-point parameters: a Python float argument compiles to an ``.f32``
+    one, which would round fp64 values."""
+    counts = {}
+    for kind in re.findall(r"\.param\s+\.(f16|f32|f64)\s+\w+_param_\d+", ptx):
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
 def compile_job(job):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -352,14 +307,14 @@ def compile_job(job):
     from bam_triton.kernels._common import all_configs
 
     meta, warps = all_configs(job["kind"])[job["config"]]
-    fn = _kernel_fn(job["kernel"])
-    signature, constexprs, divisible = _arguments(job, fn, meta)
+    fn, signature, constexprs, divisible = _arguments(job, meta)
     src = _ast_source(ASTSource, fn, signature, constexprs, divisible)
     compiled = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options={"num_warps": warps})
     ptx = compiled.asm["ptx"]
     runtime_args = [p.name for p in fn.params if not p.is_constexpr]
     access, mix = analyse_ptx(ptx, runtime_args)
     out = dict(job, meta=meta, num_warps=warps, access=access, ptx_mix=mix, int64_index_ops=int64_index_ops(ptx),
+               float_params=float_params(ptx), f64_divisions=len(re.findall(r"\bdiv\.\w+\.f64\b", ptx)),
                shared=getattr(compiled.metadata, "shared", None),
                elements_per_thread=_elements_per_thread(dict(meta, **constexprs), warps))
     out.update(_ptxas_info(ptx, job["arch"]))

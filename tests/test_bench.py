@@ -313,15 +313,18 @@ def _aot_jobs():
                     ci = _first_config_that_runs(kernel, names[kernel], dt, shape, layout)
                     if ci is not None:
                         jobs.append(aot.make_job(kernel, names[kernel], ci, 90, dt, shape, layout))
-    # Spills: every kernel and every config it runs with, for sm_80 and sm_90, at a large and a 7x7 map (the 2D-tile
-    # and elementwise kernels) or at every group size (the row-group kernels).
+    # Spills: every kernel and every config it runs with, for sm_80 and sm_90, at a large and a 7x7 map in both
+    # layouts (the 2D-tile and elementwise kernels: the launchers send NCHW 7x7 to the row-group kernels, and the
+    # pruners keep some tiles for one layout only) or at every group size (the row-group kernels, NCHW).
     for kernel, kind in names.items():
         cases = _ROW_SPILL_CASES if kind == "rows" else (("fp16", AOT_SHAPES[0]), ("fp32", AOT_SHAPES[3]))
+        layouts = ("nchw",) if kind == "rows" else aot.LAYOUTS
         for ci in range(aot._n_configs(kind)):
             for arch in aot.ARCHS:
                 for dt, shape in cases:
-                    if aot.runs(kernel, kind, ci, dt, shape, "nchw"):
-                        jobs.append(aot.make_job(kernel, kind, ci, arch, dt, shape, "nchw"))
+                    for layout in layouts:
+                        if aot.runs(kernel, kind, ci, dt, shape, layout, arch):
+                            jobs.append(aot.make_job(kernel, kind, ci, arch, dt, shape, layout))
     unique = {json.dumps(j, sort_keys=True): j for j in jobs}
     return list(unique.values())
 
