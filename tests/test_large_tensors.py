@@ -19,7 +19,7 @@ import torch
 import triton
 
 from bam_triton.kernels import memory_plan
-from bam_triton.kernels._common import acc_dtype
+from bam_triton.kernels._common import acc_dtype, n_bucket
 from bam_triton.kernels.apply import apply_fwd_kernel
 from bam_triton.kernels.apply_bwd import apply_bwd_dx_kernel, apply_bwd_reduce_kernel
 from bam_triton.kernels.pool import channel_pool_kernel
@@ -59,7 +59,7 @@ def test_channel_pool(big):
     block_hw = 2**16
     hw_per_split = triton.cdiv(HW, block_hw) * block_hw
     channel_pool_kernel.fn[(N * triton.cdiv(C, 16), 1)](
-        x, out, C, HW, hw_per_split, 1.0 / HW, CHANNELS_LAST=False, ACC=acc_dtype(x.dtype), BLOCK_C=16,
+        x, out, C, HW, hw_per_split, n_bucket(N), CHANNELS_LAST=False, ACC=acc_dtype(x.dtype), BLOCK_C=16,
         BLOCK_HW=block_hw)
     # Sums of identical multiples of 1/4 are exact in fp32 here, so the means are exact.
     torch.testing.assert_close(out.view(N, C), big["per_channel"], atol=1e-6, rtol=0)
@@ -69,7 +69,7 @@ def test_apply_forward(big):
     x, plan = big["x"], memory_plan(big["x"])
     out = torch.empty_like(x)
     apply_fwd_kernel.fn[(triton.cdiv(x.numel(), BLOCK),)](
-        x, big["mc"], big["ms"], out, x.numel(), INNER=plan.inner, MID=plan.mid, COMBINE=0, INDEX_64=True,
+        x, big["mc"], big["ms"], out, x.numel(), n_bucket(N), INNER=plan.inner, MID=plan.mid, COMBINE=0, INDEX_64=True,
         BLOCK=BLOCK, ACC=acc_dtype(x.dtype))
     ref = big["per_channel"][big["n"], big["c"]].double() * (1 + big["s"])
     torch.testing.assert_close(out.view(-1)[big["idx"]].double(), ref, atol=1e-3, rtol=2e-3)
@@ -84,7 +84,7 @@ def test_apply_backward(big):
     dmc_partial = torch.empty(N * hw_blocks * C, dtype=torch.float32)
     dms_partial = torch.empty(N, 1, HW, dtype=torch.float32)
     apply_bwd_reduce_kernel.fn[(N * hw_blocks, 1)](
-        g, x, big["mc"], big["ms"], g, dmc_partial, dms_partial, C, HW, C, COMBINE=0, CHANNELS_LAST=False,
+        g, x, big["mc"], big["ms"], g, dmc_partial, dms_partial, C, HW, C, n_bucket(N), COMBINE=0, CHANNELS_LAST=False,
         WRITE_DX=False, ACC=acc_dtype(torch.float32), BLOCK_C=16, BLOCK_HW=block_hw)
     # da = g·x·s·(1-s) with g = x = v(n, c): dms[n, hw] = Σ_c v²·s(1-s), checked at sampled positions.
     v = big["per_channel"].double()
@@ -102,7 +102,7 @@ def test_apply_backward(big):
     dpool = torch.randn(N, C, generator=torch.Generator().manual_seed(1))
     dx = torch.empty_like(x)
     apply_bwd_dx_kernel.fn[(triton.cdiv(x.numel(), BLOCK),)](
-        g, big["mc"], big["ms"], dpool, dx, dx, x.numel(), INNER=plan.inner, MID=plan.mid, CHANNELS_LAST=False,
+        g, big["mc"], big["ms"], dpool, g, dx, x.numel(), n_bucket(N), INNER=plan.inner, MID=plan.mid, CHANNELS_LAST=False,
         COMBINE=0, INDEX_64=True, HAS_DPOOL=True, HAS_EXTRA=False, BLOCK=BLOCK, ACC=acc_dtype(x.dtype))
     ref = v[n, big["c"]] * (1 + big["s"]) + dpool.double()[n, big["c"]] / HW
     torch.testing.assert_close(dx.view(-1)[big["idx"]].double(), ref, atol=1e-3, rtol=2e-3)
