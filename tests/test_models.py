@@ -1,5 +1,6 @@
 """bam_triton.models: the ResNet(+BAM) layouts and parameter totals, BAM placement, init, the authors' checkpoint
-format, add_bam on a foreign network, and the synthetic training example."""
+format, add_bam on a foreign network, and the synthetic training example. The forward and training tests run on the
+``device`` of this run (tests/devices.py); the training example runs on CPU, as the example itself does."""
 import copy
 import importlib.util
 import pathlib
@@ -178,12 +179,13 @@ def _record_io(model, names):
     return seen
 
 
+@pytest.mark.slow_on_gpu
 @pytest.mark.parametrize("cifar, size, maps", [(True, 32, (32, 16, 8)), (False, 64, (16, 8, 4))])
-def test_bam_follows_layers_1_to_3_and_not_layer4(cifar, size, maps):
+def test_bam_follows_layers_1_to_3_and_not_layer4(cifar, size, maps, device):
     torch.manual_seed(0)
-    model = models.resnet18(num_classes=10, cifar=cifar, backend="torch")
+    model = models.resnet18(num_classes=10, cifar=cifar, backend="torch").to(device)
     seen = _record_io(model, ["layer1", "layer2", "layer3", "layer4", "bam1", "bam2", "bam3", "avgpool"])
-    out = model(torch.randn(2, 3, size, size))
+    out = model(torch.randn(2, 3, size, size).to(device))
     assert out.shape == (2, 10)
     for k, (channels, side) in enumerate(zip((64, 128, 256), maps), start=1):
         stage_out = seen[f"layer{k}"][1]
@@ -205,18 +207,20 @@ def test_cifar_stem():
     assert isinstance(imagenet.maxpool, nn.MaxPool2d)
 
 
-def test_width_scales_every_stage():
-    model = models.resnet18(num_classes=10, cifar=True, width=8, reduction=4, backend="torch")
+def test_width_scales_every_stage(device):
+    model = models.resnet18(num_classes=10, cifar=True, width=8, reduction=4, backend="torch").to(device)
     assert [bam.channels for _, bam in models.bam_modules(model)] == [8, 16, 32]
     assert model.fc.in_features == 64
-    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    assert model(torch.randn(2, 3, 16, 16).to(device)).shape == (2, 10)
 
 
 @pytest.mark.parametrize("combine", ["sum", "product"])
-def test_training_step_reaches_every_parameter(combine):
+def test_training_step_reaches_every_parameter(combine, device):
     torch.manual_seed(0)
     model = models.resnet18(num_classes=10, cifar=True, width=8, reduction=4, combine=combine, backend="torch")
-    loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 16, 16)), torch.tensor([0, 1, 2, 3]))
+    model.to(device)
+    loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 16, 16).to(device)),
+                                       torch.tensor([0, 1, 2, 3], device=device))
     loss.backward()
     no_grad = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert no_grad == []
@@ -357,9 +361,10 @@ class TinyResNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def test_add_bam_infers_channels_and_keeps_backbone_keys():
+def test_add_bam_infers_channels_and_keeps_backbone_keys(device):
+    """(On the run's device: the dry run must use the model's device.)"""
     torch.manual_seed(0)
-    model = TinyResNet()
+    model = TinyResNet().to(device)
     backbone_keys = list(model.state_dict())
     stats_before = model.stem[1].running_mean.clone()
     model.train()
@@ -378,17 +383,17 @@ def test_add_bam_infers_channels_and_keeps_backbone_keys():
     assert any(p is model.bam3.channel_att.gate_c.gate_c_fc_0.weight for p in model.parameters())
 
 
-def test_add_bam_forward_is_bam_after_each_stage():
+def test_add_bam_forward_is_bam_after_each_stage(device):
     torch.manual_seed(0)
-    model = add_bam(TinyResNet(), reduction=4, backend="torch").eval()
-    x = torch.randn(2, 3, 16, 16)
+    model = add_bam(TinyResNet().to(device), reduction=4, backend="torch").eval()
+    x = torch.randn(2, 3, 16, 16).to(device)
     expected = model.bam1(model.layer1.forward(model.stem(x)))
     # Calling the stages directly would fire their hooks; compute each stage's raw output through forward().
     expected = model.bam2(model.layer2.forward(expected))
     expected = model.bam3(model.layer3.forward(expected))
     expected = model.fc(expected.mean(dim=(2, 3)))
     torch.testing.assert_close(model(x), expected)
-    plain = TinyResNet()
+    plain = TinyResNet().to(device)
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("bam")})
     assert not torch.allclose(plain.eval()(x), model(x))
 
@@ -402,11 +407,11 @@ def test_add_bam_names_other_stages_and_refuses_duplicates():
         add_bam(TinyResNet(), stages=("layer1", "layer1"))
 
 
-def test_add_bam_deepcopy_uses_the_copys_bam():
+def test_add_bam_deepcopy_uses_the_copys_bam(device):
     torch.manual_seed(0)
-    model = add_bam(TinyResNet(), reduction=4, backend="torch").eval()
+    model = add_bam(TinyResNet().to(device), reduction=4, backend="torch").eval()
     clone = copy.deepcopy(model)
-    x = torch.randn(2, 3, 16, 16)
+    x = torch.randn(2, 3, 16, 16).to(device)
     before = clone(x)
     with torch.no_grad():
         model.bam1.spatial_att.gate_s.gate_s_conv_final.bias.fill_(5.0)
@@ -414,15 +419,15 @@ def test_add_bam_deepcopy_uses_the_copys_bam():
     assert not torch.allclose(model(x), before)
 
 
-def test_add_bam_on_our_plain_resnet_gives_the_bam_resnet():
+def test_add_bam_on_our_plain_resnet_gives_the_bam_resnet(device):
     """add_bam(resnet18(bam=False)) has the authors' keys (bam1..3) and computes what resnet18(bam=True) does."""
     torch.manual_seed(0)
-    reference = models.resnet18(num_classes=10, cifar=True, width=8, reduction=4, backend="torch").eval()
-    converted = add_bam(models.resnet18(num_classes=10, cifar=True, width=8, reduction=4, bam=False),
+    reference = models.resnet18(num_classes=10, cifar=True, width=8, reduction=4, backend="torch").eval().to(device)
+    converted = add_bam(models.resnet18(num_classes=10, cifar=True, width=8, reduction=4, bam=False).to(device),
                         reduction=4, backend="torch").eval()
     assert list(converted.state_dict()) != [] and sorted(converted.state_dict()) == sorted(reference.state_dict())
     load_official_checkpoint(converted, reference.state_dict())
-    x = torch.randn(2, 3, 16, 16)
+    x = torch.randn(2, 3, 16, 16).to(device)
     torch.testing.assert_close(converted(x), reference(x))
 
 
@@ -456,6 +461,7 @@ def test_same_seed_gives_both_models_the_same_backbone(example):
         assert torch.equal(value, bam_state[key]), key
 
 
+@pytest.mark.slow_on_gpu
 def test_short_training_run_decreases_the_loss(example):
     """24 steps on 64 images with the example's own train(): the training loss falls well below chance (ln 10)."""
     torch.manual_seed(0)

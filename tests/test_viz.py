@@ -1,4 +1,5 @@
-"""bam_triton.viz: the recorded attention is what BAM applies, hooks come off, the figure and the CLI command."""
+"""bam_triton.viz: the recorded attention is what BAM applies, hooks come off, the figure and the CLI command. The
+models run on the ``device`` of this run (tests/devices.py); the recorder hands back CPU tensors whatever the device."""
 import pytest
 import torch
 from torch import nn
@@ -10,7 +11,7 @@ from bam_triton.viz import AttentionRecorder, attention_maps, plot_attention, sy
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _tiny_model(combine="product", seed=0):
+def _tiny_model(combine="product", seed=0, device="cpu"):
     torch.manual_seed(seed)
     model = models.resnet18(num_classes=10, cifar=True, width=16, reduction=4, combine=combine, backend="torch")
     with torch.no_grad():  # non-trivial BN statistics, so that the eval-mode maps are not near-constant
@@ -18,17 +19,18 @@ def _tiny_model(combine="product", seed=0):
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.running_var.uniform_(0.5, 2.0)
                 module.running_mean.uniform_(-0.2, 0.2)
-    return model.eval()
+    return model.eval().to(device)
 
 
 @pytest.mark.parametrize("combine", ["sum", "product"])
-def test_combined_map_is_the_attention_bam_applies(combine):
+def test_combined_map_is_the_attention_bam_applies(combine, device):
     """BAM computes F' = F * (1 + A): the recorder's A, rebuilt from the hooked Mc and Ms, must equal F'/F - 1."""
-    model = _tiny_model(combine)
+    model = _tiny_model(combine, device=device)
     io = {}
-    model.bam2.register_forward_hook(lambda m, inputs, output: io.update(f=inputs[0].clone(), out=output.clone()))
+    model.bam2.register_forward_hook(lambda m, inputs, output: io.update(f=inputs[0].clone().cpu(),
+                                                                         out=output.clone().cpu()))
     with AttentionRecorder(model) as recorder, torch.no_grad():
-        model(torch.rand(3, 3, 32, 32))
+        model(torch.rand(3, 3, 32, 32).to(device))
     mc, ms, recorded_combine = recorder.logits["bam2"]
     assert recorded_combine == combine and mc.shape == (3, 32) and ms.shape == (3, 1, 16, 16)
     logits = mc[:, :, None, None] + ms if combine == "sum" else mc[:, :, None, None] * ms
@@ -43,21 +45,21 @@ def test_combined_map_is_the_attention_bam_applies(combine):
     assert [tuple(m.shape) for m in maps.values()] == [(3, 32, 32), (3, 16, 16), (3, 8, 8)]
 
 
-def test_spatial_map_is_sigmoid_of_the_spatial_branch():
-    model = _tiny_model()
+def test_spatial_map_is_sigmoid_of_the_spatial_branch(device):
+    model = _tiny_model(device=device)
     inputs = {}
     model.bam3.register_forward_hook(lambda m, args, output: inputs.update(f=args[0].clone()))
     with AttentionRecorder(model) as recorder, torch.no_grad():
-        model(torch.rand(2, 3, 32, 32))
-        expected = torch.sigmoid(model.bam3.spatial_att(inputs["f"]))[:, 0]
+        model(torch.rand(2, 3, 32, 32).to(device))
+        expected = torch.sigmoid(model.bam3.spatial_att(inputs["f"]))[:, 0].cpu()
     torch.testing.assert_close(recorder.maps("spatial")["bam3"], expected)
     assert recorder.maps("spatial")["bam3"].shape == (2, 8, 8)
     with pytest.raises(ValueError, match="kind"):
         recorder.maps("volume")
 
 
-def test_hooks_are_removed_and_model_state_restored():
-    model = _tiny_model().train()
+def test_hooks_are_removed_and_model_state_restored(device):
+    model = _tiny_model(device=device).train()
     maps = attention_maps(model, torch.rand(2, 3, 32, 32), kind="combined")
     assert model.training  # attention_maps runs in eval mode and restores the flag
     for _, bam in models.bam_modules(model):
@@ -80,9 +82,9 @@ def test_synthetic_images():
 
 
 @pytest.mark.parametrize("scale", ["per-map", "fixed"])
-def test_plot_attention_writes_a_png(tmp_path, scale):
-    images = synthetic_images(2, size=32, seed=0)
-    maps = attention_maps(_tiny_model(), images)
+def test_plot_attention_writes_a_png(tmp_path, scale, device):
+    images = synthetic_images(2, size=32, seed=0)  # CPU images: attention_maps moves them to the model's device
+    maps = attention_maps(_tiny_model(device=device), images)
     path = plot_attention(images, maps, tmp_path / "grid.png", title="test", scale=scale)
     data = path.read_bytes()
     assert data[:8] == PNG_SIGNATURE and len(data) > 5_000
