@@ -87,6 +87,7 @@ def _ddp_worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow_on_gpu  # two spawned processes on CPU (gloo), in either run
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed/gloo")
 def test_ddp_two_processes_on_cpu(tmp_path):
     mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)

@@ -23,9 +23,14 @@ from bam_triton.kernels._common import acc_dtype, n_bucket
 from bam_triton.kernels.apply import apply_fwd_kernel
 from bam_triton.kernels.apply_bwd import apply_bwd_dx_kernel, apply_bwd_reduce_kernel
 from bam_triton.kernels.pool import channel_pool_kernel
+from devices import cpu_only
 
-pytestmark = pytest.mark.skipif(os.environ.get("BAM_TRITON_BIG_TESTS") != "1",
-                                reason="needs ~10 GiB and ~15 minutes: set BAM_TRITON_BIG_TESTS=1 (make test-big)")
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("BAM_TRITON_BIG_TESTS") != "1",
+                       reason="needs ~10 GiB and ~15 minutes: set BAM_TRITON_BIG_TESTS=1 (make test-big)"),
+    cpu_only("interpreter-only: launches the raw jit functions on CPU tensors with the interpreter's 2**20-element "
+             "blocks, which no GPU config uses"),
+]
 
 # (N - 1)·C·H·W >= 2**31: the last image starts past the int32 range.
 N, C, H, W = 64, 16, 2048, 1041
