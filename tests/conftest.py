@@ -5,8 +5,9 @@ import os
 import sys
 
 import pytest
+import torch  # does not import triton
 
-from devices import DEVICE_VAR, ON_CUDA, TEST_DEVICE, run_problem  # imports torch only: triton stays unimported
+from devices import DEVICE_VAR, ON_CUDA, TEST_DEVICE, run_problem
 
 if not ON_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -23,10 +24,10 @@ def pytest_configure(config):
         pytest.exit(problem, returncode=pytest.ExitCode.USAGE_ERROR)
     if ON_CUDA:
         # cuDNN convolutions default to TF32 (10-bit mantissa): fp32 results would miss the fp32 tolerances on every
-        # path alike. The tolerances are for IEEE fp32, as on CPU.
-        torch = sys.modules["torch"]
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        # path alike. The tolerances are for IEEE fp32, as on CPU. The legacy flags set conv and RNN alike (torch
+        # refuses to read back a mix of the legacy and the new API's settings).
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def pytest_report_header(config):

@@ -141,8 +141,8 @@ CHECKS = {"channel_pool": check_channel_pool, "bam_apply": check_bam_apply, "BAM
 def _on_second_gpu(index, what):
     """Child process: cuda:0 current, tensors on cuda:1; the current device must be cuda:0 again afterwards."""
     # The parent's conftest set these for its own process only: IEEE fp32 for the module's convs and linears.
-    torch.backends.cudnn.conv.fp32_precision = "ieee"
-    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     torch.cuda.set_device(0)
     comparisons = CHECKS[what](torch.device("cuda", 1))
     torch.cuda.synchronize(1)  # a fault from a kernel still in flight surfaces here, not after the check
