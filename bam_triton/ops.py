@@ -153,6 +153,22 @@ def _torch_channel_pool(x):
     return x.sum(dim=(2, 3), dtype=acc).div_(h * w).to(x.dtype)
 
 
+def _differentiable_apply_backward(g, x, mc, ms, combine):
+    """(dx, dmc, dms) of the apply step from differentiable torch ops (no ``out=``, nothing in place), for a backward
+    that is itself recorded (``create_graph=True``: gradient penalties, double backward). ``mc`` is (N, C), ``ms``
+    (N, H·W); results have the dtypes and shapes of x, mc and ms."""
+    n, c, h, w = x.shape
+    mc4, ms4 = mc.reshape(n, c, 1, 1), ms.reshape(n, 1, h, w)
+    s = torch.sigmoid(mc4 + ms4 if combine == "sum" else mc4 * ms4)
+    dx = (g * (1 + s)).to(x.dtype)
+    da = g * s * (1 - s) * x
+    if combine == "sum":
+        dmc, dms = da.sum(dim=(2, 3)), da.sum(dim=1)
+    else:
+        dmc, dms = (da * ms4).sum(dim=(2, 3)), (da * mc4).sum(dim=1)
+    return dx, dmc.to(mc.dtype).reshape(mc.shape), dms.to(ms.dtype).reshape(ms.shape)
+
+
 class _TorchApply(torch.autograd.Function):
     """Torch-path apply with a hand-written backward: saves ``x``, ``mc``, ``ms``, never the attention map."""
 
@@ -165,7 +181,8 @@ class _TorchApply(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, mc, ms = ctx.saved_tensors
-        dx, dmc, dms = _torch_apply_backward(g, x, mc, ms, ctx.combine)
+        backward = _differentiable_apply_backward if torch.is_grad_enabled() else _torch_apply_backward
+        dx, dmc, dms = backward(g, x, mc, ms, ctx.combine)
         return dx, dmc, dms, None
 
 
@@ -228,6 +245,9 @@ def _apply_setup_context(ctx, inputs, output):
 
 def _apply_backward(ctx, g):
     x, mc, ms = ctx.saved_tensors
+    if torch.is_grad_enabled():  # a recorded backward (create_graph=True): the kernels are not differentiable
+        dx, dmc, dms = _differentiable_apply_backward(g, x, mc, ms, ctx.combine)
+        return dx, dmc, dms, None
     # The kernels read g with x's strides: a gradient in another layout (or a broadcast view) is copied once.
     if g.stride() != x.stride():
         g = g.contiguous(memory_format=_memory_format(x))
@@ -304,12 +324,21 @@ def bam_apply(x, mc, ms, *, combine="sum", backend=None):
 
 
 class _GradHandoff:
-    """What the apply step's backward hands to the junction's backward (same autograd graph, later in time)."""
+    """What the apply step's backward hands to the junction's backward, which runs later in the same backward pass.
+    It is cleared when that pass ends (a callback queued on the autograd engine), so a pass that ran the apply step
+    but not the junction (``autograd.grad`` of some parameters only) leaves nothing for a later pass to pick up."""
 
     __slots__ = ("g", "x", "mc", "ms")
 
     def __init__(self):
+        self.clear()
+
+    def clear(self):
         self.g = self.x = self.mc = self.ms = None
+
+    def hand_over(self, g, x, mc, ms):
+        self.g, self.x, self.mc, self.ms = g, x, mc, ms
+        torch.autograd.Variable._execution_engine.queue_callback(self.clear)
 
 
 class _Junction(torch.autograd.Function):
@@ -340,7 +369,7 @@ class _Junction(torch.autograd.Function):
         if rest is not None and (rest.stride() != h.x.stride() or rest.dtype != h.x.dtype):
             rest = rest.contiguous(memory_format=_memory_format(h.x)).to(h.x.dtype)
         dx = _backend.kernels().apply_bwd_dx(h.g, h.x, h.mc, h.ms, ctx.combine, dpool=dpool, dx_extra=rest)
-        h.g = h.x = h.mc = h.ms = None
+        h.clear()
         return dx, None, None
 
 
@@ -357,11 +386,13 @@ class _ApplyIntoJunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, mc, ms = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a recorded backward: differentiable ops, dx returned here, not handed over
+            dx, dmc, dms = _differentiable_apply_backward(g, x, mc, ms, ctx.combine)
+            return dx, dmc, dms, None, None
         if g.stride() != x.stride():
             g = g.contiguous(memory_format=_memory_format(x))
         dmc, dms = _backend.kernels().apply_bwd_reduce(g, x, mc, ms, ctx.combine)
-        h = ctx.handoff
-        h.g, h.x, h.mc, h.ms = g, x, mc, ms
+        ctx.handoff.hand_over(g, x, mc, ms)
         return None, dmc.to(mc.dtype), dms.to(ms.dtype), None, None
 
 
