@@ -191,9 +191,32 @@ class _TorchApply(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("bam_triton::channel_pool", mutates_args=())
+# The custom ops can be called directly (torch.ops.bam_triton.*) and may be handed other layouts than their Python
+# callers pass (older inductors), so each normalises its own inputs to what the kernels index: x dense NCHW or
+# channels_last, g in x's strides, the maps contiguous. Already right, that is a few stride checks; otherwise one copy.
+# They are also tagged to receive the eager strides where this torch knows the tag.
+_STRIDE_TAGS = {"tags": (torch.Tag.needs_fixed_stride_order,)} if hasattr(torch.Tag, "needs_fixed_stride_order") \
+    else {}
+
+
+def _kernel_inputs(op, x, mc, ms, g=None):
+    """``x`` dense, ``mc`` (N, C) and ``ms`` (N, H·W) contiguous, ``g`` in x's strides; shapes checked with an error
+    that names the op (a direct call with wrong shapes would otherwise read out of bounds)."""
+    n, c, h, w = x.shape
+    if mc.numel() != n * c or ms.numel() != n * h * w or (g is not None and g.shape != x.shape):
+        raise ValueError(f"bam_triton::{op}: shapes do not match x {tuple(x.shape)}: mc {tuple(mc.shape)} (N·C "
+                         f"values), ms {tuple(ms.shape)} (N·H·W values)"
+                         + ("" if g is None else f", g {tuple(g.shape)} (x's shape)"))
+    x = _dense(x)
+    if g is not None and g.stride() != x.stride():
+        g = g.contiguous(memory_format=_memory_format(x))
+    return x, mc.reshape(n, c).contiguous(), ms.reshape(n, h * w).contiguous(), g
+
+
+@torch.library.custom_op("bam_triton::channel_pool", mutates_args=(), **_STRIDE_TAGS)
 def _triton_channel_pool(x: torch.Tensor) -> torch.Tensor:
     kernels = _backend.kernels()
+    x = _dense(x)
     return kernels.channel_pool_fwd(x, kernels.memory_plan(x).channels_last)
 
 
@@ -215,9 +238,10 @@ def _pool_backward(ctx, grad):
 _triton_channel_pool.register_autograd(_pool_backward, setup_context=_pool_setup_context)
 
 
-@torch.library.custom_op("bam_triton::apply", mutates_args=())
+@torch.library.custom_op("bam_triton::apply", mutates_args=(), **_STRIDE_TAGS)
 def _triton_apply(x: torch.Tensor, mc: torch.Tensor, ms: torch.Tensor, combine: str) -> torch.Tensor:
-    return _backend.kernels().apply_fwd(x, mc, ms, combine)
+    x, mc, ms, _ = _kernel_inputs("apply", x, mc, ms)
+    return _backend.kernels().apply_fwd(x, mc, ms, check_combine(combine))
 
 
 @_triton_apply.register_fake
@@ -225,11 +249,13 @@ def _(x, mc, ms, combine):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("bam_triton::apply_backward", mutates_args=())
+@torch.library.custom_op("bam_triton::apply_backward", mutates_args=(), **_STRIDE_TAGS)
 def _triton_apply_backward(g: torch.Tensor, x: torch.Tensor, mc: torch.Tensor, ms: torch.Tensor,
                            combine: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dmc, dms = _backend.kernels().apply_bwd(g, x, mc, ms, combine)
-    return dx, dmc.to(mc.dtype), dms.to(ms.dtype)
+    shapes = mc.shape, ms.shape
+    x, mc, ms, g = _kernel_inputs("apply_backward", x, mc, ms, g)
+    dx, dmc, dms = _backend.kernels().apply_bwd(g, x, mc, ms, check_combine(combine))
+    return dx, dmc.to(mc.dtype).reshape(shapes[0]), dms.to(ms.dtype).reshape(shapes[1])
 
 
 @_triton_apply_backward.register_fake
