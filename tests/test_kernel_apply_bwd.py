@@ -18,6 +18,13 @@ import triton.language as tl
 from bam_triton import TOLERANCES
 from bam_triton.kernels import _common, apply_bwd, apply_bwd_dx, apply_bwd_reduce
 from bam_triton.kernels.apply import COMBINE_CODES
+from devices import cpu_only
+
+# Interpreter tests of the kernels on CPU tensors; `make test` runs them in its CPU pass on a GPU machine too. Their
+# compiled counterparts: every kept config at every launcher path in test_gpu_readiness.py, and the op, module,
+# training and hardening tests, which run on the GPU in the CUDA pass.
+pytestmark = cpu_only("interpreter tests of the kernels on CPU tensors (the CPU pass runs them; compiled: "
+                      "test_gpu_readiness.py and the device-parametrised op/module tests)")
 
 # ``bam_triton.kernels.apply_bwd`` is the launcher (the package exports it): reach the module through sys.modules.
 bwd_mod = importlib.import_module("bam_triton.kernels.apply_bwd")

@@ -17,6 +17,13 @@ from bam_triton.kernels import _common
 from bam_triton.kernels import apply as apply_mod
 from bam_triton.kernels import pool as pool_mod
 from reference import ref_apply
+from devices import cpu_only
+
+# Interpreter tests of the kernels on CPU tensors; `make test` runs them in its CPU pass on a GPU machine too. Their
+# compiled counterparts: every kept config at every launcher path in test_gpu_readiness.py, and the op, module,
+# training and hardening tests, which run on the GPU in the CUDA pass.
+pytestmark = cpu_only("interpreter tests of the kernels on CPU tensors (the CPU pass runs them; compiled: "
+                      "test_gpu_readiness.py and the device-parametrised op/module tests)")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
