@@ -1,6 +1,7 @@
 # Two commands on a fresh clone with only Python present:
 #   make demo   the main job: kernel check, then a perf sweep and its plot on whatever device is here
-#   make test   the test suite (Triton kernels run through Triton's interpreter on CPU)
+#   make test   the test suite (Triton kernels run through Triton's interpreter on CPU; with CUDA, then again on
+#               the GPU with the kernels compiled)
 # Each creates .venv on first use. torch==2.13.0 is the CPU wheel on a CPU machine (on a GPU machine pip picks the
 # CUDA build of that release); the project itself is installed editable with its dev extras.
 PYTHON ?= python3
@@ -8,7 +9,11 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: test test-big test-triton-compat demo clean
+GPU_RESULTS ?= gpu-results
+# torch.cuda.is_available() as an exit status, for `if` in recipes.
+HAS_CUDA = $(BIN)/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"
+
+.PHONY: test test-big test-triton-compat demo gpu-check gpu-check-quick gpu-check-dry clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +23,9 @@ $(BIN)/.installed: pyproject.toml
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest tests
+	if $(HAS_CUDA); then \
+		BAM_TRITON_TEST_DEVICE=cuda $(BIN)/python -m pytest tests; \
+	fi
 
 # Opt-in: the kernels on tensors of more than 2**31 elements (~10 GiB of memory, ~15 minutes).
 test-big: $(BIN)/.installed
@@ -48,12 +56,26 @@ test-triton-compat:
 # Triton kernels need CUDA, and `check` has already validated them through the interpreter).
 demo: $(BIN)/.installed
 	$(BIN)/bam-triton check
-	if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+	if $(HAS_CUDA); then \
 		$(BIN)/bam-triton sweep --out results; \
 	else \
 		$(BIN)/bam-triton sweep --out results --batch 8; \
 	fi
 	$(BIN)/bam-triton plot results/sweep.csv --out results
+
+# The whole GPU evidence in one command (bench/gpu_check.py: GPU tests, check, sweep, inspect, plots, SUMMARY.md in
+# $(GPU_RESULTS)/; 8 minutes, quick 4), for a Python that already has a CUDA torch and triton: the project is installed
+# into $(PYTHON) itself, no venv, nothing downloaded. The dry run checks the pipeline on CPU in .venv (CI).
+gpu-check:
+	$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PYTHON) -m bam_triton gpu-check --out $(GPU_RESULTS)
+
+gpu-check-quick:
+	$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PYTHON) -m bam_triton gpu-check --quick --out $(GPU_RESULTS)
+
+gpu-check-dry: $(BIN)/.installed
+	$(BIN)/bam-triton gpu-check --dry-run --out $(GPU_RESULTS)-dry
 
 clean:
 	rm -rf $(VENV) $(VENV)-triton-* build dist *.egg-info

@@ -30,6 +30,9 @@ def _add_bench_commands(commands):
     cli_args.add_inspect_args(inspect)
     tune = commands.add_parser("tune", help="pre-tune the kernels' autotune configs on the sweep grid (CUDA only)")
     cli_args.add_tune_args(tune)
+    gpu_check = commands.add_parser("gpu-check", help="the whole GPU evidence in one command: GPU tests, check, sweep, "
+                                                      "inspect, plots and a SUMMARY.md of the targets")
+    cli_args.add_gpu_check_args(gpu_check)
 
 
 def _use_interpreter_now():
@@ -74,7 +77,7 @@ def main(argv=None):
         return run_check(args.device)
     if args.command == "sweep" and args.interpret and not _use_interpreter_now():
         return 2
-    if args.command in ("sweep", "plot", "traffic", "inspect", "tune"):
+    if args.command in ("sweep", "plot", "traffic", "inspect", "tune", "gpu-check"):
         from .bench import cli_args
 
         return cli_args.run(args.command, args)

@@ -1,4 +1,5 @@
-"""Arguments and entry points of the benchmarking subcommands (``bam-triton sweep|plot|traffic|inspect|tune``).
+"""Arguments and entry points of the benchmarking subcommands (``bam-triton sweep|plot|traffic|inspect|tune`` and
+``gpu-check``).
 
 Importing this module imports torch but never triton: ``--interpret`` must be able to choose Triton's interpreter
 after the arguments are parsed.
@@ -49,6 +50,15 @@ def add_tune_args(p):
     add_grid_args(p)
 
 
+def add_gpu_check_args(p):
+    p.add_argument("--quick", action="store_true",
+                   help="within 4 minutes instead of 8: fp16 only, no triton-compiled, inspect of the first configs")
+    p.add_argument("--dry-run", action="store_true",
+                   help="the same pipeline on CPU in under a minute (tiny shapes, the kernels through the "
+                        "interpreter, two test files); no verdict is valid")
+    p.add_argument("--out", default="gpu-results", metavar="DIR", help="output directory (default gpu-results)")
+
+
 def run(command, args):
     if command == "sweep":
         from .sweep import run_sweep
@@ -70,4 +80,8 @@ def run(command, args):
         from .tune import run_tune
 
         return run_tune(args)
+    if command == "gpu-check":
+        from .gpu_check import run_gpu_check
+
+        return run_gpu_check(args)
     raise ValueError(command)

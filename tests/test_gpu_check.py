@@ -1,0 +1,272 @@
+"""``bam-triton gpu-check`` and the Makefile's GPU paths, on CPU: the SUMMARY's verdicts on synthetic sweep rows, the
+no-CUDA exit, the phase deadlines, ``make test``'s second (CUDA) pass with a stand-in Python, and the dry run end to
+end."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from bam_triton.bench import gpu_check
+from bam_triton.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES = gpu_check.SHAPES
+
+
+def _row(op, shape, dtype, provider="triton", mode="do_bench", **values):
+    n, c, h, w = shape
+    return dict(op=op, N=n, C=c, H=h, W=w, dtype=dtype, layout="nchw", provider=provider, timing_mode=mode, **values)
+
+
+def _good_rows(dtypes=("fp16", "bf16")):
+    """Rows of the triton provider that meet every target at every shape and dtype."""
+    rows = []
+    for shape in SHAPES:
+        for dt in dtypes:
+            rows += [_row("apply-fwd", shape, dt, frac_copy_bw=0.93, speedup_vs_authors_compiled=1.4, valid=True),
+                     _row("apply-bwd", shape, dt, frac_copy_bw=0.91, speedup_vs_authors_compiled=1.1, valid=True),
+                     _row("pool", shape, dt, frac_copy_bw=0.88, valid=True),
+                     _row("bam-fwd", shape, dt, speedup_vs_authors_eager=2.3, valid=True)]
+    return rows
+
+
+def _by_target(judged):
+    return {v["target"]: v for v in judged}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Verdicts
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_verdicts_all_met():
+    judged = gpu_check.verdicts(_good_rows(), SHAPES, ["fp16", "bf16"])
+    assert [v["verdict"] for v in judged] == ["met"] * len(gpu_check.TARGETS)
+    fwd = judged[0]
+    assert len(fwd["values"]) == 6 and fwd["detail"].startswith("lowest 93% (apply-fwd 32x256x56x56 fp16)")
+
+
+def test_verdicts_not_met_names_the_cases_below():
+    rows = _good_rows()
+    for r in rows:
+        if r["op"] == "apply-bwd" and r["C"] == 1024 and r["dtype"] == "bf16":
+            r["frac_copy_bw"] = 0.84
+        if r["op"] == "apply-fwd" and r["C"] == 512 and r["dtype"] == "fp16":
+            r["speedup_vs_authors_compiled"] = 0.97
+        if r["op"] == "pool" and r["C"] == 256:
+            r["valid"] = False  # a wrong result is no speed at all
+    judged = _by_target(gpu_check.verdicts(rows, SHAPES, ["fp16", "bf16"]))
+    bwd = judged["apply step backward >= 90% of the copy bandwidth"]
+    assert bwd["verdict"] == "not met" and bwd["below"] == ["apply-bwd 32x1024x14x14 bf16"]
+    assert "below: apply-bwd 32x1024x14x14 bf16 84%" in bwd["detail"]
+    compiled = judged["apply step (fwd and bwd) no slower than torch.compile (authors-compiled)"]
+    assert compiled["verdict"] == "not met" and "apply-fwd 32x512x28x28 fp16 0.97x" in compiled["detail"]
+    assert judged["pooling >= 85% of the copy bandwidth"]["verdict"] == "not met"
+    assert judged["apply step forward >= 90% of the copy bandwidth"]["verdict"] == "met"
+
+
+def test_verdicts_missing_cases_and_other_rows_ignored():
+    """A case not measured (a row cut by the time budget, or a speedup whose other provider never ran) makes a
+    target 'missing', unless a measured case is already below it. Rows of other providers and timing modes (the
+    interpreter's, CUDA graphs') are not judged."""
+    rows = [r for r in _good_rows() if not (r["op"] == "bam-fwd" and r["dtype"] == "bf16")]
+    for r in rows:
+        if r["op"] == "apply-bwd" and r["C"] == 256:
+            del r["speedup_vs_authors_compiled"]
+    rows += [_row("bam-fwd", SHAPES[0], "bf16", mode="cudagraph", speedup_vs_authors_eager=3.0),
+             _row("bam-fwd", SHAPES[0], "bf16", provider="triton-compiled", speedup_vs_authors_eager=3.0),
+             _row("pool", SHAPES[0], "fp16", mode="interpreter", frac_copy_bw=None)]
+    judged = _by_target(gpu_check.verdicts(rows, SHAPES, ["fp16", "bf16"]))
+    bam = judged["whole BAM forward >= 2x the authors' eager code"]
+    assert bam["verdict"] == "missing" and len(bam["missing"]) == 3 and "not measured: bam-fwd 32x256x56x56 bf16" in \
+        bam["detail"]
+    compiled = judged["apply step (fwd and bwd) no slower than torch.compile (authors-compiled)"]
+    assert compiled["verdict"] == "missing" and compiled["missing"] == ["apply-bwd 32x256x56x56 fp16",
+                                                                       "apply-bwd 32x256x56x56 bf16"]
+    assert gpu_check.verdicts([], SHAPES, ["fp16"])[0] == dict(
+        target="apply step forward >= 90% of the copy bandwidth", verdict="missing", threshold=0.9, values={},
+        below=[], detail="not measured: " + ", ".join(f"apply-fwd {'x'.join(map(str, s))} fp16" for s in SHAPES),
+        missing=[f"apply-fwd {'x'.join(map(str, s))} fp16" for s in SHAPES])
+
+
+def test_summary_from_a_sweep_json(tmp_path):
+    """SUMMARY.md states each verdict, the test counts, the device and versions, and lists what the budget left out
+    (cases skipped by --time-budget and cases still pending when the sweep was stopped)."""
+    rows = [r for r in _good_rows(("fp16",)) if r["op"] != "bam-fwd"]
+    left = dict(op="bam-fwd", shape=[32, 256, 56, 56], dtype="fp16", layout="nchw", providers=["triton-compiled"],
+                reason="time budget")
+    sweep = dict(environment=dict(copy_bandwidth_gbps=3000.0, copy_bandwidth_method="clone", copy_bandwidth_mib=256),
+                 rows=rows, not_run=[left], pending=[], failures=[], skipped_providers={},
+                 cudagraph_skipped_ops={"apply-bwd": "not capturable"})
+    (tmp_path / "sweep.json").write_text(json.dumps(sweep))
+    run = gpu_check.Run(str(tmp_path), "quick")
+    run.record("tests", "ok", 50.0, "tests.log", "300 passed")
+    run.record("inspect", "not run: time budget")
+    info = dict(device="NVIDIA H100 80GB HBM3", sm=90, memory_gib=79.1, sm_count=132, driver="550.54.15",
+                cuda="12.4", torch="2.6.0", triton="3.2.0", bam_triton="0.1.0", python="3.11")
+    tests = dict(passed=300, failed=0, errors=0, skipped=4, deselected=20, xfailed=0, xpassed=0, complete=True)
+    judged = gpu_check.write_summary(run, info, tests, ["bam-triton", "gpu-check", "--quick"])
+    text = (tmp_path / "SUMMARY.md").read_text()
+    assert "DRY RUN" not in text and "quick run" in text
+    assert "NVIDIA H100 80GB HBM3, sm_90" in text and "550.54.15" in text and "torch 2.6.0, triton 3.2.0" in text
+    assert "| apply step forward >= 90% of the copy bandwidth | met |" in text
+    assert "| whole BAM forward >= 2x the authors' eager code | missing |" in text
+    assert "300 passed, 4 skipped, 20 deselected" in text
+    assert "## Not run: time budget" in text and "- sweep bam-fwd 32x256x56x56 fp16: triton-compiled" in text
+    assert "- phase inspect" in text and "cudagraph timing of apply-bwd: not capturable" in text
+    assert [v["verdict"] for v in judged][-1] == "missing"
+    assert json.loads((tmp_path / "summary.json").read_text())["verdicts"][0]["verdict"] == "met"
+
+
+def test_test_counter_reads_pytest_lines():
+    run = gpu_check.Run("/nonexistent", "dry")
+    counter = gpu_check.TestCounter(run)
+    for line in ("tests/test_a.py::test_x PASSED                                  [ 10%]",
+                 "tests/test_a.py::test_y[fp16-nchw] FAILED                       [ 20%]",
+                 "tests/test_a.py::test_z SKIPPED (needs CUDA)                    [ 30%]",
+                 "FAILED tests/test_a.py::test_y[fp16-nchw] - AssertionError: nope"):
+        counter(line)
+    assert counter.result() == dict(passed=1, failed=1, errors=0, skipped=1, deselected=0, xfailed=0, xpassed=0,
+                                    complete=False)
+    counter("===== 1 failed, 1 passed, 1 skipped, 7 deselected, 2 warnings in 3.21s =====")
+    assert counter.result()["deselected"] == 7 and counter.result()["complete"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# No CUDA, deadlines
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_no_cuda_stops_at_once_with_exit_status_2(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["gpu-check", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: bam-triton gpu-check needs a CUDA GPU") and "--dry-run" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    assert main(["gpu-check", "--quick", "--out", str(tmp_path / "out")]) == 2
+
+
+def test_no_triton_stops_with_exit_status_2(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    assert main(["gpu-check", "--out", str(tmp_path)]) == 2
+    assert "needs triton" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the real no-CUDA exit")
+def test_no_cuda_cli_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bam_triton", "gpu-check", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_phase_is_killed_at_its_deadline_and_later_ones_not_started(monkeypatch, tmp_path):
+    monkeypatch.setitem(gpu_check.DRY_DEADLINES, "check", 4)
+    run = gpu_check.Run(str(tmp_path), "dry")
+    t0 = time.time()
+    code, seconds = gpu_check.run_phase(run, "check", [sys.executable, "-c", "import time; print('hi', flush=True); "
+                                                                          "time.sleep(60)"])
+    assert code is None and time.time() - t0 < 20
+    assert (tmp_path / "check.log").read_text().splitlines()[1] == "hi"
+    run.t0 -= 1000  # every deadline has passed
+    assert gpu_check.run_phase(run, "plot", [sys.executable, "-c", "pass"]) is None
+    assert run.phases[-1]["phase"] == "plot" and run.phases[-1]["status"] == "not run: time budget"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Makefile, with a stand-in Python that logs its calls
+# ----------------------------------------------------------------------------------------------------------------------
+
+_FAKE = """#!/bin/sh
+echo "device=$BAM_TRITON_TEST_DEVICE $(basename "$0") $*" >> "$FAKE_LOG"
+if [ "$1" = "-c" ]; then exit "$FAKE_NO_CUDA"; fi
+exit 0
+"""
+
+
+@pytest.fixture
+def fake_venv(tmp_path):
+    """A venv whose python and bam-triton only log their arguments; ``.installed`` is newer than pyproject.toml."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name in ("python", "bam-triton"):
+        (bin_dir / name).write_text(_FAKE)
+        (bin_dir / name).chmod(0o755)
+    (bin_dir / ".installed").touch()
+    future = time.time() + 3600
+    os.utime(bin_dir / ".installed", (future, future))
+
+    def make(target, cuda, **variables):
+        log = tmp_path / "calls.log"
+        log.write_text("")
+        env = dict(os.environ, FAKE_LOG=str(log), FAKE_NO_CUDA="0" if cuda else "1")
+        # Under an outer make (`make gpu-check-dry GPU_RESULTS=...`) its variables come in through the environment.
+        for name in ("BAM_TRITON_TEST_DEVICE", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "GPU_RESULTS", "PYTHON", "VENV"):
+            env.pop(name, None)
+        args = [f"{k}={v}" for k, v in dict(VENV=str(tmp_path / "venv"), **variables).items()]
+        subprocess.run(["make", "-s", "-C", ROOT, target] + args, env=env, check=True, capture_output=True,
+                       timeout=60)
+        return log.read_text().splitlines()
+
+    return make, bin_dir
+
+
+def test_make_test_runs_the_suite_again_on_the_gpu_when_cuda_is_there(fake_venv):
+    make, _ = fake_venv
+    cuda_check = 'device= python -c import torch, sys; sys.exit(not torch.cuda.is_available())'
+    assert make("test", cuda=False) == ["device= python -m pytest tests", cuda_check]
+    assert make("test", cuda=True) == ["device= python -m pytest tests", cuda_check,
+                                       "device=cuda python -m pytest tests"]
+
+
+def test_make_gpu_check_targets(fake_venv):
+    """gpu-check installs the project into $(PYTHON) without a venv or downloads, then runs; the dry run uses .venv."""
+    make, bin_dir = fake_venv
+    python = str(bin_dir / "python")
+    install = "device= python -m pip install --quiet --no-deps --no-build-isolation -e ."
+    assert make("gpu-check", cuda=True, PYTHON=python) == [
+        install, "device= python -m bam_triton gpu-check --out gpu-results"]
+    assert make("gpu-check-quick", cuda=True, PYTHON=python) == [
+        install, "device= python -m bam_triton gpu-check --quick --out gpu-results"]
+    assert make("gpu-check-dry", cuda=False) == ["device= bam-triton gpu-check --dry-run --out gpu-results-dry"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The dry run, end to end (about 30-50 s on 2 CPU cores)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow_on_gpu
+def test_dry_run_end_to_end(tmp_path, capsys):
+    out = tmp_path / "gpu-results"
+    t0 = time.time()
+    code = main(["gpu-check", "--dry-run", "--out", str(out)])
+    seconds = time.time() - t0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert code == 0, (summary["phases"], printed[-3000:])
+    assert [p["phase"] for p in summary["phases"]] == ["tests", "check", "sweep", "inspect", "plot"]
+    assert all(p["status"] == "ok" for p in summary["phases"]), summary["phases"]
+    text = (out / "SUMMARY.md").read_text()
+    assert "DRY RUN on CPU: no verdict below is valid" in text
+    assert summary["dry_run"] and summary["tests"]["passed"] > 0 and summary["tests"]["failed"] == 0
+    assert summary["tests"]["complete"]
+    for name in ("sweep.csv", "sweep.json", "inspect.json", "tests.log", "check.log", "sweep.log", "plot.log"):
+        assert (out / name).exists(), name
+    assert list((out / "plots").glob("*.png"))
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["finished"] and not sweep["failures"] and not sweep["not_run"]
+    assert {r["timing_mode"] for r in sweep["rows"] if r["provider"] == "triton"} == {"interpreter"}
+    assert all(r["valid"] for r in sweep["rows"] if r["provider"] == "triton")
+    assert "[gpu-check" in printed and "tests:" in printed and "wrote" in printed
+    assert seconds < 120, f"the dry run took {seconds:.0f} s"
