@@ -49,7 +49,7 @@ test-triton-compat:
 		TRITON_INTERPRET=1 PYTHONPATH=tests/triton_compat $$venv/bin/python -m pytest -q \
 			-W "ignore:Conversion of an array with ndim:DeprecationWarning" \
 			tests/test_kernels_forward.py tests/test_kernel_apply_bwd.py \
-			tests/test_bench.py -k "not test_bench or aot or inspect"; \
+			tests/test_bench.py -k "not test_bench or aot or inspect or persistence"; \
 	done
 
 # On a GPU: the full ResNet-50 grid (batch 32/64/128) in fp16. On a CPU: batch 8 (the CPU providers only; the

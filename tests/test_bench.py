@@ -628,3 +628,20 @@ def test_interpreter_detected_without_triton_knobs(triton_without_knobs, monkeyp
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert configs.enable_persistence() == "interpreter: nothing is tuned or cached"
     assert not any(t.cache_results for t in triton_without_knobs.values())
+
+
+def test_persistence_status_on_the_installed_triton(monkeypatch):
+    """enable_persistence on the real Triton of this run (``make test-triton-compat`` runs it under 3.2 and 3.3, which
+    have no triton.knobs): the interpreter's status under TRITON_INTERPRET=1, else the on-disk cache's."""
+    from bam_triton.bench import configs
+
+    configs.load_kernels()
+    for tuner in configs.autotuners().values():  # put back as it was after the test (a GPU run would switch it on)
+        if hasattr(tuner, "cache_results"):
+            monkeypatch.setattr(tuner, "cache_results", tuner.cache_results)
+    msg = configs.enable_persistence()
+    if configs.interpreting():
+        assert msg == "interpreter: nothing is tuned or cached"
+    else:
+        assert msg.startswith(("on-disk autotune cache on", "triton ")), msg
+    assert configs.cache_dir()
