@@ -40,8 +40,9 @@ of each kernel).
 interpreter (``sweep --interpret``), two fast test files, ``inspect`` of one kernel for sm_90; its SUMMARY.md says
 that no verdict of a dry run is valid.
 
-Exit status: 0 when every phase ran and passed, 1 when one failed or was stopped at its deadline, 2 without CUDA
-(or without triton), before anything runs.
+Exit status: 0 when every phase ran and passed (or was skipped with a note: no pytest, no matplotlib, a GPU other
+than sm_80/sm_90), 1 when one failed, was stopped at its deadline or could not start before it, 2 without CUDA (or
+without triton), before anything runs. The targets' verdicts are measurements: they do not change the exit status.
 """
 import importlib.util
 import json
