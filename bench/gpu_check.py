@@ -60,7 +60,7 @@ DEADLINES = (("tests", 150, 60), ("check", 180, 80), ("sweep", 390, 190), ("insp
 # The sweep starts no new case this long before its deadline: the case in flight (a torch.compile) gets to finish.
 SWEEP_MARGIN = {"full": 60, "quick": 40}
 # Dry run (CPU): generous caps for a slow shared machine; it takes well under a minute.
-DRY_DEADLINES = {"tests": 40, "check": 50, "sweep": 80, "inspect": 100, "plot": 110}
+DRY_DEADLINES = {"tests": 45, "check": 55, "sweep": 85, "inspect": 100, "plot": 110}
 BUDGET = {"full": 480, "quick": 240}
 
 SHAPES = ((32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14))
@@ -204,6 +204,8 @@ def run_phase(run, phase, cmd, env=None, echo=None, cwd=None):
 
         def pump():
             for line in proc.stdout:
+                if log.closed:  # a leftover holding the pipe after the phase was given up
+                    break
                 log.write(line)
                 log.flush()
                 if echo is not None:
@@ -214,7 +216,7 @@ def run_phase(run, phase, cmd, env=None, echo=None, cwd=None):
         try:
             code = proc.wait(timeout=remaining)
         except subprocess.TimeoutExpired:
-            _kill(proc)
+            _kill(proc)  # not reaped yet, so its process group is certainly this phase's
             proc.wait()
             code = None
         reader.join(timeout=10)
