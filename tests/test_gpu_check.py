@@ -270,3 +270,58 @@ def test_dry_run_end_to_end(tmp_path, capsys):
     assert all(r["valid"] for r in sweep["rows"] if r["provider"] == "triton")
     assert "[gpu-check" in printed and "tests:" in printed and "wrote" in printed
     assert seconds < 120, f"the dry run took {seconds:.0f} s"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A GPU run's commands, with CUDA and the phases mocked
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quick, sm", [(False, 90), (True, 80), (False, 86)])
+def test_gpu_run_commands(quick, sm, monkeypatch, tmp_path):
+    """What a GPU run starts: the suite on CUDA without the slow tests and with one config per kernel, check on
+    CUDA, the sweep of the ResNet-50 shapes at batch 32 (fp16 and bf16, all five providers; --quick: fp16, no
+    triton-compiled) within its time budget, inspect for the local sm (skipped off sm_80/sm_90), plot."""
+    started = []
+
+    def fake_phase(run, phase, cmd, env=None, echo=None, cwd=None):
+        started.append((phase, cmd, env))
+        return 0, 1.0
+
+    monkeypatch.setattr(gpu_check, "no_gpu_reason", lambda: None)
+    monkeypatch.setattr(gpu_check, "device_info", lambda dry: dict(
+        device="Fake GPU", sm=sm, memory_gib=80.0, sm_count=132, driver="550", cuda="12.4", torch="2.6.0",
+        triton="3.2.0", bam_triton="0.1.0", python="3.11"))
+    monkeypatch.setattr(gpu_check, "run_phase", fake_phase)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    (tmp_path / "sweep.csv").write_text("")  # plot runs only after a sweep wrote its CSV
+    real_clear = gpu_check._clear
+    monkeypatch.setattr(gpu_check, "_clear", lambda out: None)
+    assert main(["gpu-check", "--out", str(tmp_path)] + (["--quick"] if quick else [])) == 0
+    by_phase = {phase: (cmd, env) for phase, cmd, env in started}
+    assert list(by_phase) == ["tests", "check", "sweep"] + (["inspect"] if sm in (80, 90) else []) + ["plot"]
+    cmd, env = by_phase["tests"]
+    assert cmd[-3:] == ["-m", "not slow_on_gpu", "tests"] and cmd[1:3] == ["-m", "pytest"]
+    assert env["BAM_TRITON_TEST_DEVICE"] == "cuda" and env["BAM_TRITON_AUTOTUNE"] == "0"
+    assert "TRITON_INTERPRET" not in env  # the GPU phases never run the interpreter
+    assert by_phase["check"][0][-3:] == ["check", "--device", "cuda"]
+    sweep = by_phase["sweep"][0]
+    opt = {sweep[i]: sweep[i + 1] for i in range(len(sweep) - 1) if sweep[i].startswith("--")}
+    assert opt["--device"] == "cuda" and opt["--batch"] == "32" and "--interpret" not in sweep
+    assert opt["--ops"] == "pool,apply-fwd,apply-bwd,bam-fwd,bam-fwd-bwd"
+    assert opt["--dtype"] == ("fp16" if quick else "fp16,bf16")
+    assert opt["--providers"].split(",") == (["authors-eager", "torch-path", "authors-compiled", "triton"] if quick else
+                                             ["authors-eager", "torch-path", "authors-compiled", "triton",
+                                              "triton-compiled"])
+    assert 0 < float(opt["--time-budget"]) <= (150 if quick else 330)
+    if sm in (80, 90):
+        inspect = by_phase["inspect"][0]
+        assert inspect[inspect.index("--arch") + 1] == str(sm) and ("--quick" in inspect) == quick
+    else:
+        text = (tmp_path / "SUMMARY.md").read_text()
+        assert "| inspect | skipped |" in text and "sm_86" in text
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["mode"] == ("quick" if quick else "full") and not summary["dry_run"]
+    assert "DRY RUN" not in (tmp_path / "SUMMARY.md").read_text()
+    real_clear(str(tmp_path))
+    assert not (tmp_path / "SUMMARY.md").exists()
