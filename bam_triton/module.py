@@ -3,11 +3,14 @@
 The submodule and parameter names are those of the authors' public code, so its checkpoints load with
 ``load_state_dict(..., strict=True)`` unchanged and ``state_dict()`` saves back in its layout (no key mapping needed).
 """
+from typing import Optional
+
 import torch
 from torch import nn
 
-from . import _backend
-from .ops import bam_apply, bam_block, check_combine, check_feature_map
+from . import _backend, _cpu
+from ._fused_block import block_forward
+from .ops import bam_apply_unchecked, check_combine, check_feature_map, resolve_path
 
 
 def _check_positive_int(value, name, minimum=1):
@@ -23,35 +26,30 @@ class ChannelGate(nn.Module):
     Linear(C, C/r) -> BatchNorm1d -> ReLU -> Linear(C/r, C). The pooling itself runs in :class:`BAM` (a kernel).
     """
 
-    def __init__(self, channels, hidden):
+    def __init__(self, channels, hidden, device=None, dtype=None):
         super().__init__()
+        factory = {"device": device, "dtype": dtype}
         # Names as in the authors' code, including its off-by-one (fc_0 is followed by bn_1).
         self.gate_c = nn.Sequential()
-        self.gate_c.add_module("gate_c_fc_0", nn.Linear(channels, hidden))
-        self.gate_c.add_module("gate_c_bn_1", nn.BatchNorm1d(hidden))
+        self.gate_c.add_module("gate_c_fc_0", nn.Linear(channels, hidden, **factory))
+        self.gate_c.add_module("gate_c_bn_1", nn.BatchNorm1d(hidden, **factory))
         self.gate_c.add_module("gate_c_relu_1", nn.ReLU(inplace=True))
-        self.gate_c.add_module("gate_c_fc_final", nn.Linear(hidden, channels))
+        self.gate_c.add_module("gate_c_fc_final", nn.Linear(hidden, channels, **factory))
 
     def forward(self, pooled):
         return self.gate_c(pooled)
 
 
 class PointwiseConv2d(nn.Conv2d):
-    """A 1x1 convolution (``nn.Conv2d``'s parameters, state_dict and results) that runs as one batched matrix product
-    on CPU NCHW input: oneDNN first reorders such input to its blocked layout, an extra pass over all of it, which
-    makes it 15-30% slower at the ResNet-50 BAM shapes (fp32, 2 cores)."""
+    """A 1x1 convolution with ``nn.Conv2d``'s parameters, state_dict and results, which on CPU NCHW input runs as one
+    batched matrix product (``_cpu.pointwise_conv``)."""
 
-    def __init__(self, in_channels, out_channels):
-        super().__init__(in_channels, out_channels, kernel_size=1)
+    def __init__(self, in_channels, out_channels, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size=1, device=device, dtype=dtype)
 
     def forward(self, x):
-        if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous():
-            return super().forward(x)
-        n, c, h, w = x.shape
-        weight = self.weight.reshape(1, self.out_channels, c).expand(n, -1, -1)
-        rows = x.reshape(n, c, h * w)  # a view of NCHW memory
-        y = torch.baddbmm(self.bias.reshape(1, -1, 1).expand(n, -1, h * w), weight, rows)
-        return y.reshape(n, self.out_channels, h, w)
+        y = _cpu.pointwise_conv(x, self.weight, self.bias)
+        return super().forward(x) if y is None else y
 
 
 class SpatialGate(nn.Module):
@@ -60,32 +58,22 @@ class SpatialGate(nn.Module):
     Conv1x1(C, C/r) -> BN -> ReLU -> [Conv3x3(C/r, C/r, dilation d, padding d) -> BN -> ReLU] x k -> Conv1x1(C/r, 1).
     """
 
-    def __init__(self, channels, hidden, dilation, num_dilated_convs):
+    def __init__(self, channels, hidden, dilation, num_dilated_convs, device=None, dtype=None):
         super().__init__()
+        factory = {"device": device, "dtype": dtype}
         self.gate_s = nn.Sequential()
-        self.gate_s.add_module("gate_s_conv_reduce0", PointwiseConv2d(channels, hidden))
-        self.gate_s.add_module("gate_s_bn_reduce0", nn.BatchNorm2d(hidden))
+        self.gate_s.add_module("gate_s_conv_reduce0", PointwiseConv2d(channels, hidden, **factory))
+        self.gate_s.add_module("gate_s_bn_reduce0", nn.BatchNorm2d(hidden, **factory))
         self.gate_s.add_module("gate_s_relu_reduce0", nn.ReLU(inplace=True))
         for i in range(num_dilated_convs):
-            self.gate_s.add_module(f"gate_s_conv_di_{i}",
-                                   nn.Conv2d(hidden, hidden, kernel_size=3, padding=dilation, dilation=dilation))
-            self.gate_s.add_module(f"gate_s_bn_di_{i}", nn.BatchNorm2d(hidden))
+            self.gate_s.add_module(f"gate_s_conv_di_{i}", nn.Conv2d(hidden, hidden, kernel_size=3, padding=dilation,
+                                                                    dilation=dilation, **factory))
+            self.gate_s.add_module(f"gate_s_bn_di_{i}", nn.BatchNorm2d(hidden, **factory))
             self.gate_s.add_module(f"gate_s_relu_di_{i}", nn.ReLU(inplace=True))
-        self.gate_s.add_module("gate_s_conv_final", nn.Conv2d(hidden, 1, kernel_size=1))
+        self.gate_s.add_module("gate_s_conv_final", nn.Conv2d(hidden, 1, kernel_size=1, **factory))
 
     def forward(self, x):
-        if x.device.type != "cpu":
-            return self.gate_s(x)
-        # On CPU, oneDNN runs the narrow (C/r-channel) dilated convs 2-4x faster on channels_last input than on NCHW
-        # (the whole branch: 73 -> 49 ms at 32x256x56x56, 34 -> 24 ms at 32x1024x14x14, fp32, 2 cores); their input
-        # is r times smaller than x, so converting it costs little. Same layers, same math; the (N, 1, H, W) output
-        # is the same memory either way.
-        h = x
-        for layer in self.gate_s:
-            if isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1):
-                h = h.contiguous(memory_format=torch.channels_last)
-            h = layer(h)
-        return h
+        return _cpu.spatial_branch(self.gate_s, x)
 
 
 class BAM(nn.Module):
@@ -104,6 +92,7 @@ class BAM(nn.Module):
             checkpoints).
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"``, ``"triton"``, or ``None`` to follow
             ``$BAM_TRITON_BACKEND`` at each call.
+        device, dtype: where and in which dtype to create the parameters, as for ``torch.nn`` layers.
 
     Shape:
         - Input: (N, C, H, W), NCHW or channels_last, fp32/fp16/bf16/fp64.
@@ -117,7 +106,8 @@ class BAM(nn.Module):
         >>> y = bam(torch.randn(8, 256, 56, 56))
     """
 
-    def __init__(self, channels, reduction=16, dilation=4, num_dilated_convs=2, combine="sum", backend=None):
+    def __init__(self, channels: int, reduction: int = 16, dilation: int = 4, num_dilated_convs: int = 2,
+                 combine: str = "sum", backend: Optional[str] = None, device=None, dtype=None) -> None:
         super().__init__()
         _check_positive_int(channels, "channels")
         _check_positive_int(reduction, "reduction")
@@ -133,8 +123,8 @@ class BAM(nn.Module):
         self.num_dilated_convs = num_dilated_convs
         self.combine = check_combine(combine)
         self.backend = _backend.check_backend(backend)
-        self.channel_att = ChannelGate(channels, self.hidden)
-        self.spatial_att = SpatialGate(channels, self.hidden, dilation, num_dilated_convs)
+        self.channel_att = ChannelGate(channels, self.hidden, device=device, dtype=dtype)
+        self.spatial_att = SpatialGate(channels, self.hidden, dilation, num_dilated_convs, device=device, dtype=dtype)
 
     def reset_parameters(self):
         """Re-initialise every layer with torch's defaults. (The authors' code meant to zero the spatial branch's
@@ -145,7 +135,7 @@ class BAM(nn.Module):
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.reset_running_stats()
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map(x)
         if x.shape[1] != self.channels:
             raise ValueError(f"x must have {self.channels} channels (dim 1) for this BAM, got shape {tuple(x.shape)}")
@@ -158,9 +148,9 @@ class BAM(nn.Module):
                              "one sample to compute batch statistics. Train with batch size >= 2, or call .eval() to "
                              "use the running statistics.")
         if x.numel() == 0:
-            return bam_apply(x, x.new_zeros(x.shape[:2]), x.new_zeros(x.shape[0], *x.shape[2:]),
-                             combine=self.combine, backend="torch")
-        return bam_block(x, self.channel_att, self.spatial_att, combine=self.combine, backend=self.backend)
+            return bam_apply_unchecked(x, x.new_zeros(x.shape[:2]), x.new_zeros(x.shape[0], *x.shape[2:]),
+                                       self.combine, "torch")
+        return block_forward(x, self.channel_att, self.spatial_att, self.combine, resolve_path(x, self.backend))
 
     def extra_repr(self):
         return (f"channels={self.channels}, reduction={self.reduction}, dilation={self.dilation}, "

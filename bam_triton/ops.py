@@ -7,9 +7,11 @@ single graph nodes; the torch path is plain torch, which ``torch.compile`` trace
 
 Shapes: ``x`` (N, C, H, W) in NCHW or channels_last; ``mc`` (N, C) or (N, C, 1, 1); ``ms`` (N, H, W) or (N, 1, H, W).
 """
+from typing import Optional
+
 import torch
 
-from . import _backend
+from . import _backend, _cpu
 from ._dtypes import SUPPORTED_DTYPES
 
 COMBINES = ("sum", "product")
@@ -95,30 +97,13 @@ def _torch_logits(x, mc, ms, combine, out=None):
     return (torch.add if combine == "sum" else torch.mul)(mc4, ms4, out=out)
 
 
-# On CPU the forward runs a few images at a time so that its attention temporary (this many elements, or one image
-# when an image is larger) stays in cache between its three passes and only x's read and the output's write go to
-# DRAM: the apply step ran 10-15% faster at the ResNet-50 BAM shapes (fp32, 2 cores, 32 MiB L3), with chunks of 2**16
-# to 2**21 elements alike. Not under torch.compile, which fuses the three passes into one loop itself.
-CPU_APPLY_CHUNK_ELEMENTS = 2**20
-
-
 def _torch_apply_forward(x, mc, ms, combine):
     """``x·(1 + sigmoid(mc ⊕ ms))`` in ``x``'s dtype and memory format; ``mc`` is (N, C), ``ms`` (N, H·W)."""
-    n = x.shape[0]
-    image = x[0].numel() if n else 0
-    chunked = x.device.type == "cpu" and 0 < image and not torch.compiler.is_compiling()
-    step = max(1, CPU_APPLY_CHUNK_ELEMENTS // image) if chunked else n
-    if step >= n:
-        att = _torch_logits(x, mc, ms, combine).sigmoid_()
-        # x + x·s = x·(1 + s), written over the attention buffer when the dtypes allow
-        return torch.addcmul(x, x, att, out=att if att.dtype == x.dtype else torch.empty_like(att, dtype=x.dtype))
-    out = torch.empty_like(x, memory_format=_memory_format(x))
-    buffer = torch.empty_like(x[:step], dtype=torch.promote_types(mc.dtype, ms.dtype), memory_format=_memory_format(x))
-    for start in range(0, n, step):
-        images = slice(start, min(n, start + step))
-        att = _torch_logits(x[images], mc[images], ms[images], combine, out=buffer[:images.stop - start]).sigmoid_()
-        torch.addcmul(x[images], x[images], att, out=out[images])
-    return out
+    if _cpu.chunks_apply(x):
+        return _cpu.apply_forward_in_chunks(x, mc, ms, combine, _torch_logits, _memory_format(x))
+    att = _torch_logits(x, mc, ms, combine).sigmoid_()
+    # x + x·s = x·(1 + s), written over the attention buffer when the dtypes allow
+    return torch.addcmul(x, x, att, out=att if att.dtype == x.dtype else torch.empty_like(att, dtype=x.dtype))
 
 
 def _torch_apply_backward(g, x, mc, ms, combine):
@@ -289,7 +274,7 @@ _triton_apply.register_autograd(_apply_backward, setup_context=_apply_setup_cont
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def channel_pool(x, *, backend=None):
+def channel_pool(x: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
     """Mean of ``x`` over H and W, accumulated in fp32.
 
     Args:
@@ -300,15 +285,11 @@ def channel_pool(x, *, backend=None):
         (N, C) tensor of ``x``'s dtype. H·W = 0 gives NaN (a mean of nothing), as ``torch.mean`` does.
     """
     check_feature_map(x)
-    _backend.check_backend(backend)
-    # Empty inputs take the torch path: nothing to launch, and torch's conventions for them apply.
-    if _backend.resolve(backend, x.device) == "torch" or x.numel() == 0:
-        return _torch_channel_pool(x)
-    _check_kernel_limits(x)
-    return _triton_channel_pool(_dense(x))
+    return channel_pool_unchecked(x, resolve_path(x, backend))
 
 
-def bam_apply(x, mc, ms, *, combine="sum", backend=None):
+def bam_apply(x: torch.Tensor, mc: torch.Tensor, ms: torch.Tensor, *, combine: str = "sum",
+              backend: Optional[str] = None) -> torch.Tensor:
     """BAM's attention-apply: ``x * (1 + sigmoid(mc ⊕ ms))``, in one pass over ``x`` on the Triton path.
 
     Args:
@@ -324,127 +305,36 @@ def bam_apply(x, mc, ms, *, combine="sum", backend=None):
     check_feature_map(x)
     _check_maps(x, mc, ms)
     check_combine(combine)
-    _backend.check_backend(backend)
+    return bam_apply_unchecked(x, mc, ms, combine, resolve_path(x, backend))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Unchecked internals: the public ops and the module validate their arguments once, then call these
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_path(x, backend):
+    """Validate ``backend`` and return the path that runs for ``x``: ``"torch"`` or ``"triton"``. Empty inputs take
+    the torch path (nothing to launch; torch's conventions for them apply), and the Triton path checks the kernels'
+    size limit here, before any launch."""
+    path = _backend.resolve(_backend.check_backend(backend), x.device)
+    if path == "triton" and x.numel() == 0:
+        return "torch"
+    if path == "triton":
+        _check_kernel_limits(x)
+    return path
+
+
+def channel_pool_unchecked(x, path):
+    return _torch_channel_pool(x) if path == "torch" else _triton_channel_pool(x)
+
+
+def bam_apply_unchecked(x, mc, ms, combine, path):
+    """``bam_apply`` on validated arguments; ``mc`` (N, C) or (N, C, 1, 1), ``ms`` (N, H, W) or (N, 1, H, W)."""
     n, c, h, w = x.shape
     mc2, ms2 = mc.reshape(n, c), ms.reshape(n, h * w)
-    if _backend.resolve(backend, x.device) == "torch" or x.numel() == 0:
+    if path == "torch":
         if torch.is_grad_enabled() and (x.requires_grad or mc.requires_grad or ms.requires_grad):
             return _TorchApply.apply(x, mc2, ms2, combine)
         return _torch_apply_forward(x, mc2, ms2, combine)
-    _check_kernel_limits(x)
-    return _triton_apply(_dense(x), mc2.contiguous(), ms2.contiguous(), combine)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The whole block, with one fused write of dx in training
-# ----------------------------------------------------------------------------------------------------------------------
-# Three gradients of x meet in BAM's backward: the apply step's g·(1+s), the pooling's dpool/(H·W) (a broadcast) and
-# the spatial branch's 1x1-conv input gradient dx_conv. Plain autograd writes the first (reading g and x), adds the
-# broadcast into it and adds dx_conv: with the conv's own write, 3 + 2 + 1 + 3 = 9 full passes over (N, C, H, W).
-# The fused wiring below routes x through a junction whose backward runs last and writes dx once:
-#   apply backward   reads g, x -> dmc, dms (reductions only)                                  2 passes
-#   conv backward    writes dx_conv (torch)                                                     1 pass
-#   junction         reads g, dx_conv; writes dx = g·(1+s) + dpool/(H·W) + dx_conv              3 passes
-# 6 passes in all (s comes from the small maps, so the last step needs no x). The reductions must finish before the
-# branches' backward can start and torch writes dx_conv, so g is read twice: the floor for this dependency order.
-
-
-class _GradHandoff:
-    """What the apply step's backward hands to the junction's backward, which runs later in the same backward pass.
-    It is cleared when that pass ends (a callback queued on the autograd engine), so a pass that ran the apply step
-    but not the junction (``autograd.grad`` of some parameters only) leaves nothing for a later pass to pick up."""
-
-    __slots__ = ("g", "x", "mc", "ms")
-
-    def __init__(self):
-        self.clear()
-
-    def clear(self):
-        self.g = self.x = self.mc = self.ms = None
-
-    def hand_over(self, g, x, mc, ms):
-        self.g, self.x, self.mc, self.ms = g, x, mc, ms
-        torch.autograd.Variable._execution_engine.queue_callback(self.clear)
-
-
-class _Junction(torch.autograd.Function):
-    """Forward: three aliases of x (for the pooling, the spatial branch and the apply step). Backward: dx in one
-    kernel from the handoff and the branch gradients."""
-
-    @staticmethod
-    def forward(ctx, x, handoff, combine):
-        ctx.handoff, ctx.combine = handoff, combine
-        ctx.set_materialize_grads(False)  # the apply step sends None for x: never build a zero tensor for it
-        return x.view_as(x), x.view_as(x), x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, d_pool, d_conv, d_apply):
-        h = ctx.handoff
-        if h.g is None:  # the apply step was not part of this backward: plain sum
-            parts = [t for t in (d_pool, d_conv, d_apply) if t is not None]
-            return (sum(parts) if parts else None), None, None
-        dpool, rest = None, d_apply
-        if d_pool is not None:
-            if d_pool.stride(2) == 0 and d_pool.stride(3) == 0:  # the pooling's broadcast view: fold it
-                # The view holds dpool / (H·W); the kernel takes the pooling output's gradient and scales it itself.
-                dpool = d_pool[:, :, 0, 0] * (d_pool.shape[2] * d_pool.shape[3])
-            else:
-                rest = d_pool if rest is None else rest + d_pool
-        if d_conv is not None:
-            rest = d_conv if rest is None else rest + d_conv
-        if rest is not None and (rest.stride() != h.x.stride() or rest.dtype != h.x.dtype):
-            rest = rest.contiguous(memory_format=_memory_format(h.x)).to(h.x.dtype)
-        dx = _backend.kernels().apply_bwd_dx(h.g, h.x, h.mc, h.ms, ctx.combine, dpool=dpool, dx_extra=rest)
-        h.clear()
-        return dx, None, None
-
-
-class _ApplyIntoJunction(torch.autograd.Function):
-    """The apply step inside the fused block: its backward computes only the reductions (dmc, dms) and hands g to
-    the junction, which writes dx."""
-
-    @staticmethod
-    def forward(ctx, x, mc, ms, combine, handoff):
-        ctx.combine, ctx.handoff = combine, handoff
-        ctx.save_for_backward(x, mc, ms)
-        return _backend.kernels().apply_fwd(x, mc, ms, combine)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, mc, ms = ctx.saved_tensors
-        if torch.is_grad_enabled():  # a recorded backward: differentiable ops, dx returned here, not handed over
-            dx, dmc, dms = _differentiable_apply_backward(g, x, mc, ms, ctx.combine)
-            return dx, dmc, dms, None, None
-        if g.stride() != x.stride():
-            g = g.contiguous(memory_format=_memory_format(x))
-        dmc, dms = _backend.kernels().apply_bwd_reduce(g, x, mc, ms, ctx.combine)
-        ctx.handoff.hand_over(g, x, mc, ms)
-        return None, dmc.to(mc.dtype), dms.to(ms.dtype), None, None
-
-
-def bam_block(x, channel_branch, spatial_branch, *, combine="sum", backend=None):
-    """BAM's forward given its two branches: ``bam_apply(x, channel_branch(channel_pool(x)), spatial_branch(x))``.
-
-    ``channel_branch`` maps (N, C) pooled features to (N, C) logits; ``spatial_branch`` maps ``x`` to (N, 1, H, W)
-    logits. When the Triton path runs eagerly with autograd on, the backward writes dx in one fused pass (see above);
-    under ``torch.compile`` the ops stay separate custom ops and inductor plans the gradient sums itself.
-    """
-    check_feature_map(x)
-    check_combine(combine)
-    _backend.check_backend(backend)
-    path = _backend.resolve(backend, x.device)
-    fused = (path == "triton" and x.numel() > 0 and torch.is_grad_enabled() and x.requires_grad
-             and not torch.compiler.is_compiling())
-    if not fused:
-        mc = channel_branch(channel_pool(x, backend=backend))
-        return bam_apply(x, mc, spatial_branch(x), combine=combine, backend=backend)
-    _check_kernel_limits(x)
-    x = _dense(x)
-    n, c, h, w = x.shape
-    handoff = _GradHandoff()
-    x_pool, x_conv, x_apply = _Junction.apply(x, handoff, combine)
-    mc = channel_branch(_triton_channel_pool(x_pool))
-    ms = spatial_branch(x_conv)
-    _check_maps(x, mc, ms)
-    return _ApplyIntoJunction.apply(x_apply, mc.reshape(n, c).contiguous(), ms.reshape(n, h * w).contiguous(),
-                                    combine, handoff)
+    return _triton_apply(x, mc2, ms2, combine)

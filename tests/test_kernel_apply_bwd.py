@@ -12,12 +12,9 @@ import zlib
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 from bam_triton import TOLERANCES
 from bam_triton.kernels import _common, apply_bwd, apply_bwd_dx, apply_bwd_reduce
-from bam_triton.kernels.apply import COMBINE_CODES
 from devices import cpu_only
 
 # Interpreter tests of the kernels on CPU tensors; `make test` runs them in its CPU pass on a GPU machine too. Their

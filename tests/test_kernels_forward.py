@@ -8,7 +8,6 @@ import zlib
 import pytest
 import torch
 import triton
-import triton.language as tl
 
 import bam_triton
 from bam_triton import TOLERANCES, bam_apply, channel_pool

@@ -274,10 +274,10 @@ def test_torch_apply_on_cpu_runs_in_image_chunks(monkeypatch, combine, chunk, dt
     """The CPU forward goes a few images at a time (its temporary stays in cache): 5 images in chunks of 2, 2, 1, or
     one at a time when an image is larger than the chunk. The output matches float64 in x's dtype and memory format,
     x is untouched, and the gradients (the autograd path runs the same forward) match too."""
-    from bam_triton import ops
+    from bam_triton import _cpu, ops
 
     n, c, h, w = 5, 6, 4, 3
-    monkeypatch.setattr(ops, "CPU_APPLY_CHUNK_ELEMENTS", chunk * c * h * w if chunk > 1 else c * h * w - 1)
+    monkeypatch.setattr(_cpu, "APPLY_CHUNK_ELEMENTS", chunk * c * h * w if chunk > 1 else c * h * w - 1)
     chunks = []
     logits = ops._torch_logits
 

@@ -176,10 +176,10 @@ def test_training_equivalence_between_backends(device):
 def test_torch_compile_fullgraph_torch_path(monkeypatch, cpu_chunk):
     """dynamo traces the torch path in one graph. Where eager mode would run the CPU apply image by image, the graph
     still has one sigmoid per BAM: under compile the passes are whole-tensor ops for inductor to fuse."""
-    from bam_triton import ops
+    from bam_triton import _cpu
 
     if cpu_chunk is not None:
-        monkeypatch.setattr(ops, "CPU_APPLY_CHUNK_ELEMENTS", cpu_chunk)
+        monkeypatch.setattr(_cpu, "APPLY_CHUNK_ELEMENTS", cpu_chunk)
     sigmoids = []
 
     def counting_backend(gm, example_inputs):

@@ -1,0 +1,64 @@
+"""What runs differently on CPU tensors, in one place. Same layers, same parameters, same maths; only the way torch
+is asked to compute changes, because oneDNN and the CPU's caches reward it (measurements: docs/design.md, "CPU path").
+
+- :func:`pointwise_conv`: the spatial branch's 1x1 reduction C -> C/r on NCHW input as one batched matrix product
+  (oneDNN would first reorder all of x to its blocked layout).
+- :func:`spatial_branch`: the dilated 3x3 convs get channels_last input (oneDNN runs these narrow convs much faster
+  so; their input is r times smaller than x, so the conversion is cheap).
+- :func:`apply_forward_in_chunks`: the apply step a few images at a time, so its attention temporary stays in cache
+  between its passes.
+
+None of these runs on CUDA tensors, and the chunking not under ``torch.compile`` (inductor fuses the passes itself).
+"""
+import torch
+
+# Elements of the apply step's attention temporary per chunk (or one image when an image is larger).
+APPLY_CHUNK_ELEMENTS = 2**20
+
+
+def pointwise_conv(x, weight, bias):
+    """``F.conv2d(x, weight, bias)`` for a 1x1 ``weight`` (C_out, C, 1, 1) on CPU NCHW ``x``, or None where the
+    plain conv is the better choice (other devices and layouts)."""
+    if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous():
+        return None
+    n, c, h, w = x.shape
+    c_out = weight.shape[0]
+    rows = x.reshape(n, c, h * w)  # a view of NCHW memory
+    y = torch.baddbmm(bias.reshape(1, -1, 1).expand(n, -1, h * w), weight.reshape(1, c_out, c).expand(n, -1, -1),
+                      rows)
+    return y.reshape(n, c_out, h, w)
+
+
+def spatial_branch(layers, x):
+    """Run ``layers`` (the spatial branch's sequence) on ``x``, the dilated convs on channels_last input when ``x`` is
+    a CPU tensor. The (N, 1, H, W) output is the same memory either way."""
+    if x.device.type != "cpu":
+        return layers(x)
+    h = x
+    for layer in layers:
+        if isinstance(layer, torch.nn.Conv2d) and layer.kernel_size != (1, 1):
+            h = h.contiguous(memory_format=torch.channels_last)
+        h = layer(h)
+    return h
+
+
+def chunks_apply(x):
+    """Whether the apply forward on ``x`` runs in image chunks: CPU, more than one chunk, not being compiled."""
+    n = x.shape[0]
+    image = x[0].numel() if n else 0
+    return (x.device.type == "cpu" and 0 < image and not torch.compiler.is_compiling()
+            and max(1, APPLY_CHUNK_ELEMENTS // image) < n)
+
+
+def apply_forward_in_chunks(x, mc, ms, combine, logits, memory_format):
+    """``x·(1 + sigmoid(mc ⊕ ms))`` a few images at a time, in ``x``'s ``memory_format``; ``logits(x, mc, ms, combine,
+    out=)`` writes each chunk's ``mc ⊕ ms`` into one reused buffer; ``mc`` (N, C), ``ms`` (N, H·W)."""
+    n = x.shape[0]
+    step = max(1, APPLY_CHUNK_ELEMENTS // x[0].numel())
+    out = torch.empty_like(x, memory_format=memory_format)
+    buffer = torch.empty_like(x[:step], dtype=torch.promote_types(mc.dtype, ms.dtype), memory_format=memory_format)
+    for start in range(0, n, step):
+        images = slice(start, min(n, start + step))
+        att = logits(x[images], mc[images], ms[images], combine, out=buffer[:images.stop - start]).sigmoid_()
+        torch.addcmul(x[images], x[images], att, out=out[images])
+    return out

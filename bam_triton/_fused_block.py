@@ -1,0 +1,121 @@
+"""BAM's whole block on the Triton path in training, with one fused write of dx.
+
+Three gradients of x meet in BAM's backward: the apply step's g·(1+s), the pooling's dpool/(H·W) (a broadcast) and
+the spatial branch's 1x1-conv input gradient dx_conv. Plain autograd writes the first (reading g and x), adds the
+broadcast into it and adds dx_conv: with the conv's own write, 3 + 2 + 1 + 3 = 9 full passes over (N, C, H, W).
+Here x goes through a junction whose backward runs last and writes dx once::
+
+                 forward                                     backward (passes over (N, C, H, W))
+    x ──> _Junction ──> x_pool  ──> channel_pool ──> MLP ──> mc ─┐
+                    ├──> x_conv  ──> spatial branch ──────> ms ──┤
+                    └──> x_apply ───────────────────────────────> _ApplyIntoJunction ──> out
+
+    1. _ApplyIntoJunction.backward   reads g, x -> dmc, dms; hands g, x, mc, ms over      2 passes
+    2. the spatial branch's backward  writes dx_conv (torch)                               1 pass
+    3. _Junction.backward             reads g, dx_conv; writes dx = g·(1+s) + dpool/(H·W)
+                                      + dx_conv (kernels/apply_bwd.py, dx kernel)           3 passes
+
+6 passes in all (s comes from the small maps, so step 3 needs no x). The reductions must finish before the branches'
+backward can start and torch writes dx_conv, so g is read twice: the floor for this dependency order.
+
+The hand-over lives only within one backward pass (see :class:`_GradHandoff`). A backward recorded for a further
+derivative (``create_graph=True``) takes differentiable torch ops instead, and the junction then adds its inputs.
+"""
+import torch
+
+from . import _backend
+from .ops import (_dense, _differentiable_apply_backward, _memory_format, _triton_channel_pool, bam_apply_unchecked,
+                  channel_pool_unchecked)
+
+
+class _GradHandoff:
+    """What the apply step's backward hands to the junction's backward, which runs later in the same backward pass.
+    It is cleared when that pass ends (a callback queued on the autograd engine), so a pass that ran the apply step
+    but not the junction (``autograd.grad`` of some parameters only) leaves nothing for a later pass to pick up."""
+
+    __slots__ = ("g", "x", "mc", "ms")
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self):
+        self.g = self.x = self.mc = self.ms = None
+
+    def hand_over(self, g, x, mc, ms):
+        self.g, self.x, self.mc, self.ms = g, x, mc, ms
+        torch.autograd.Variable._execution_engine.queue_callback(self.clear)
+
+
+class _Junction(torch.autograd.Function):
+    """Forward: three aliases of x (for the pooling, the spatial branch and the apply step). Backward: dx in one
+    kernel from the handoff and the branch gradients."""
+
+    @staticmethod
+    def forward(ctx, x, handoff, combine):
+        ctx.handoff, ctx.combine = handoff, combine
+        ctx.set_materialize_grads(False)  # the apply step sends None for x: never build a zero tensor for it
+        return x.view_as(x), x.view_as(x), x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, d_pool, d_conv, d_apply):
+        h = ctx.handoff
+        if h.g is None:  # the apply step was not part of this backward: plain sum
+            parts = [t for t in (d_pool, d_conv, d_apply) if t is not None]
+            return (sum(parts) if parts else None), None, None
+        dpool, rest = None, d_apply
+        if d_pool is not None:
+            if d_pool.stride(2) == 0 and d_pool.stride(3) == 0:  # the pooling's broadcast view: fold it
+                # The view holds dpool / (H·W); the kernel takes the pooling output's gradient and scales it itself.
+                dpool = d_pool[:, :, 0, 0] * (d_pool.shape[2] * d_pool.shape[3])
+            else:
+                rest = d_pool if rest is None else rest + d_pool
+        if d_conv is not None:
+            rest = d_conv if rest is None else rest + d_conv
+        if rest is not None and (rest.stride() != h.x.stride() or rest.dtype != h.x.dtype):
+            rest = rest.contiguous(memory_format=_memory_format(h.x)).to(h.x.dtype)
+        dx = _backend.kernels().apply_bwd_dx(h.g, h.x, h.mc, h.ms, ctx.combine, dpool=dpool, dx_extra=rest)
+        h.clear()
+        return dx, None, None
+
+
+class _ApplyIntoJunction(torch.autograd.Function):
+    """The apply step inside the fused block: its backward computes only the reductions (dmc, dms) and hands g to
+    the junction, which writes dx."""
+
+    @staticmethod
+    def forward(ctx, x, mc, ms, combine, handoff):
+        ctx.combine, ctx.handoff = combine, handoff
+        ctx.save_for_backward(x, mc, ms)
+        return _backend.kernels().apply_fwd(x, mc, ms, combine)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, mc, ms = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a recorded backward: differentiable ops, dx returned here, not handed over
+            dx, dmc, dms = _differentiable_apply_backward(g, x, mc, ms, ctx.combine)
+            return dx, dmc, dms, None, None
+        if g.stride() != x.stride():
+            g = g.contiguous(memory_format=_memory_format(x))
+        dmc, dms = _backend.kernels().apply_bwd_reduce(g, x, mc, ms, ctx.combine)
+        ctx.handoff.hand_over(g, x, mc, ms)
+        return None, dmc.to(mc.dtype), dms.to(ms.dtype), None, None
+
+
+def block_forward(x, channel_branch, spatial_branch, combine, path):
+    """``bam_apply(x, channel_branch(channel_pool(x)), spatial_branch(x))`` on validated arguments (``path`` from
+    ``ops.resolve_path``). When the Triton path runs eagerly with autograd on, the backward writes dx in one fused
+    pass; under ``torch.compile`` the ops stay separate custom ops and inductor plans the gradient sums itself.
+    ``channel_branch`` maps (N, C) pooled features to (N, C) logits; ``spatial_branch`` maps ``x`` to (N, 1, H, W)."""
+    fused = (path == "triton" and torch.is_grad_enabled() and x.requires_grad
+             and not torch.compiler.is_compiling())
+    if not fused:
+        mc = channel_branch(channel_pool_unchecked(x, path))
+        return bam_apply_unchecked(x, mc, spatial_branch(x), combine, path)
+    x = _dense(x)  # the launchers below are called directly: they index dense NCHW or channels_last memory
+    n, c, h, w = x.shape
+    handoff = _GradHandoff()
+    x_pool, x_conv, x_apply = _Junction.apply(x, handoff, combine)
+    mc = channel_branch(_triton_channel_pool(x_pool))
+    ms = spatial_branch(x_conv)
+    return _ApplyIntoJunction.apply(x_apply, mc.reshape(n, c).contiguous(), ms.reshape(n, h * w).contiguous(),
+                                    combine, handoff)
