@@ -8,6 +8,9 @@ variable ``BAM_TRITON_BACKEND`` sets the default for calls that pass ``backend=N
 import importlib.util
 import os
 
+import torch
+import torch.autograd.forward_ad as forward_ad
+
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "BAM_TRITON_BACKEND"
 
@@ -81,3 +84,21 @@ def resolve(backend, device):
         return "triton"
     raise RuntimeError(f"backend='triton' supports CUDA tensors (and CPU tensors under the interpreter), "
                        f"got a tensor on {device}")
+
+
+def plain_ops_needed(*tensors):
+    """True where BAM must be written as plain aten ops (``x * (1 + sigmoid(mc ⊕ ms))``, ``mean``) instead of the
+    Triton custom ops or the torch path's in-place, chunked code: while ``torch.jit.trace``, ``torch.onnx.export`` or
+    ``torch.export`` records a graph (its consumers know standard ops only), under a ``torch.func`` transform (vmap,
+    grad, jacrev, jvp), and for forward-mode AD dual tensors. ``torch.compile`` is not among them: it keeps the custom
+    ops, which it knows."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return True
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    if is_exporting is not None and is_exporting():
+        return True
+    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if transforms_active is not None and transforms_active():
+        return True
+    return forward_ad._current_level >= 0 and any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)

@@ -8,9 +8,12 @@ is asked to compute changes, because oneDNN and the CPU's caches reward it (meas
 - :func:`apply_forward_in_chunks`: the apply step a few images at a time, so its attention temporary stays in cache
   between its passes.
 
-None of these runs on CUDA tensors, and the chunking not under ``torch.compile`` (inductor fuses the passes itself).
+None of these runs on CUDA tensors or where plain ops are needed (``_backend.plain_ops_needed``: export, tracing,
+``torch.func``), and the chunking not under ``torch.compile`` (inductor fuses the passes itself).
 """
 import torch
+
+from ._backend import plain_ops_needed
 
 # Elements of the apply step's attention temporary per chunk (or one image when an image is larger).
 APPLY_CHUNK_ELEMENTS = 2**20
@@ -19,7 +22,7 @@ APPLY_CHUNK_ELEMENTS = 2**20
 def pointwise_conv(x, weight, bias):
     """``F.conv2d(x, weight, bias)`` for a 1x1 ``weight`` (C_out, C, 1, 1) on CPU NCHW ``x``, or None where the
     plain conv is the better choice (other devices and layouts)."""
-    if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous():
+    if x.device.type != "cpu" or x.dim() != 4 or plain_ops_needed(x) or not x.is_contiguous():
         return None
     n, c, h, w = x.shape
     c_out = weight.shape[0]
@@ -32,7 +35,7 @@ def pointwise_conv(x, weight, bias):
 def spatial_branch(layers, x):
     """Run ``layers`` (the spatial branch's sequence) on ``x``, the dilated convs on channels_last input when ``x`` is
     a CPU tensor. The (N, 1, H, W) output is the same memory either way."""
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or plain_ops_needed(x):
         return layers(x)
     h = x
     for layer in layers:

@@ -152,6 +152,11 @@ class BAM(nn.Module):
                                        self.combine, "torch")
         return block_forward(x, self.channel_att, self.spatial_att, self.combine, resolve_path(x, self.backend))
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError("bam_triton.BAM cannot be compiled by torch.jit.script (it chooses between Triton kernels "
+                           "and torch code at run time); use torch.export.export, torch.jit.trace or "
+                           "torch.onnx.export, which record BAM as standard aten ops")
+
     def extra_repr(self):
         return (f"channels={self.channels}, reduction={self.reduction}, dilation={self.dilation}, "
                 f"num_dilated_convs={self.num_dilated_convs}, combine={self.combine!r}, backend={self.backend!r}")

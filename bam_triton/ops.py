@@ -305,7 +305,7 @@ def bam_apply(x: torch.Tensor, mc: torch.Tensor, ms: torch.Tensor, *, combine: s
     check_feature_map(x)
     _check_maps(x, mc, ms)
     check_combine(combine)
-    return bam_apply_unchecked(x, mc, ms, combine, resolve_path(x, backend))
+    return bam_apply_unchecked(x, mc, ms, combine, resolve_path(x, backend, mc, ms))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -313,11 +313,14 @@ def bam_apply(x: torch.Tensor, mc: torch.Tensor, ms: torch.Tensor, *, combine: s
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def resolve_path(x, backend):
-    """Validate ``backend`` and return the path that runs for ``x``: ``"torch"`` or ``"triton"``. Empty inputs take
-    the torch path (nothing to launch; torch's conventions for them apply), and the Triton path checks the kernels'
-    size limit here, before any launch."""
+def resolve_path(x, backend, *others):
+    """Validate ``backend`` and return the path that runs for ``x`` (and ``others``, the maps of the apply step):
+    ``"torch"``, ``"triton"``, or ``"plain"`` (standard aten ops, where a graph is recorded for export or a
+    ``torch.func`` transform runs: ``_backend.plain_ops_needed``). Empty inputs take the torch path (nothing to launch;
+    torch's conventions for them apply), and the Triton path checks the kernels' size limit here, before any launch."""
     path = _backend.resolve(_backend.check_backend(backend), x.device)
+    if _backend.plain_ops_needed(x, *others):
+        return "plain"
     if path == "triton" and x.numel() == 0:
         return "torch"
     if path == "triton":
@@ -326,12 +329,17 @@ def resolve_path(x, backend):
 
 
 def channel_pool_unchecked(x, path):
+    if path == "plain":
+        return x.mean(dim=(2, 3), dtype=torch.promote_types(x.dtype, torch.float32)).to(x.dtype)
     return _torch_channel_pool(x) if path == "torch" else _triton_channel_pool(x)
 
 
 def bam_apply_unchecked(x, mc, ms, combine, path):
     """``bam_apply`` on validated arguments; ``mc`` (N, C) or (N, C, 1, 1), ``ms`` (N, H, W) or (N, 1, H, W)."""
     n, c, h, w = x.shape
+    if path == "plain":  # x first: the output takes its memory format
+        mc4, ms4 = mc.reshape(n, c, 1, 1), ms.reshape(n, 1, h, w)
+        return (x * (1 + torch.sigmoid(mc4 + ms4 if combine == "sum" else mc4 * ms4))).to(x.dtype)
     mc2, ms2 = mc.reshape(n, c), ms.reshape(n, h * w)
     if path == "torch":
         if torch.is_grad_enabled() and (x.requires_grad or mc.requires_grad or ms.requires_grad):
