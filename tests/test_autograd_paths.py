@@ -160,3 +160,161 @@ def test_custom_ops_called_directly_with_any_layout(combine):
         torch.testing.assert_close(got.double(), want.reshape(got.shape), atol=1e-4, rtol=1e-5)
     with pytest.raises(ValueError, match="bam_triton::apply: shapes"):
         ops.apply(x, mc[:, :3], ms, combine)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Every autograd feature on every backend: right against float64 autograd of the plain formula
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _close64(got, want, what):
+    torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-7, msg=lambda m: f"{what}: {m}")
+
+
+def _ops_inputs(*seed):
+    gen = _gen("features", *seed)
+    return [torch.randn(shape, generator=gen, dtype=torch.float64).to(TEST_DEVICE)
+            for shape in ((2, 3, 4, 5), (2, 3), (2, 4, 5))]
+
+
+def _plain_apply(x, mc, ms, combine):
+    n, c, h, w = x.shape
+    a, b = mc.reshape(n, c, 1, 1), ms.reshape(n, 1, h, w)
+    return x * (1 + torch.sigmoid(a + b if combine == "sum" else a * b))
+
+
+def _feature_first_order(backend, combine):
+    bam = _bam(combine)
+    bam.backend = backend
+    x = _x((3, 16, 5, 6), False, "first").requires_grad_()
+    names = ["x"] + [name for name, _ in bam.named_parameters()]
+    got = torch.autograd.grad(bam(x).pow(2).sum(), [x] + list(bam.parameters()))
+    bam_ref = _bam(combine)  # the same parameters and (untouched) statistics
+    want = torch.autograd.grad(_plain_bam(bam_ref, x).pow(2).sum(), [x] + list(bam_ref.parameters()))
+    for name, a, b in zip(names, got, want):
+        _close64(a, b, name)
+
+
+def _feature_penalty_through_a_bam_resnet(backend, combine):
+    from bam_triton.models import bam_modules, resnet18
+
+    torch.manual_seed(0)
+    model = resnet18(num_classes=4, width=16, reduction=4, combine=combine, backend=backend).double()
+    model = model.to(TEST_DEVICE).eval()
+    x = torch.randn(2, 3, 32, 32, generator=_gen("resnet"), dtype=torch.float64).to(TEST_DEVICE)
+
+    def penalty():
+        xr = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(model(xr).sum(), xr, create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum(), [xr] + list(model.parameters()), allow_unused=True)
+
+    got = penalty()
+    for _, bam in bam_modules(model):  # the reference: the same network with each BAM as the plain formula
+        bam.forward = (lambda b: (lambda t: _plain_bam(b, t)))(bam)
+    want = penalty()
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert (a is None) == (b is None), i  # the last layer's bias does not reach d(output)/dx
+        if a is not None:
+            _close64(a, b, f"gradient {i}")
+
+
+def _feature_func_grad_params_and_input(backend, combine):
+    from torch.func import functional_call, grad
+
+    bam = _bam(combine).eval()
+    bam.backend = backend
+    x = _x((2, 16, 5, 5), True, "func")
+    params, buffers = dict(bam.named_parameters()), dict(bam.named_buffers())
+    got = grad(lambda p, t: functional_call(bam, (p, buffers), (t,)).pow(2).sum(), argnums=(0, 1))(params, x)
+    want = grad(lambda p, t: functional_call(_PlainBAM(bam), ({f"bam.{k}": v for k, v in p.items()},
+                                                              {f"bam.{k}": v for k, v in buffers.items()}),
+                                             (t,)).pow(2).sum(), argnums=(0, 1))(params, x)
+    for name in params:
+        _close64(got[0][name], want[0][name], name)
+    _close64(got[1], want[1], "x")
+
+
+class _PlainBAM(torch.nn.Module):
+    def __init__(self, bam):
+        super().__init__()
+        self.bam = bam
+
+    def forward(self, x):
+        return _plain_bam(self.bam, x)
+
+
+def _feature_jacrev(backend, combine):
+    from torch.func import jacrev
+
+    bam = _bam(combine).eval()
+    bam.backend = backend
+    x = _x((2, 16, 3, 3), False, "jacrev")
+    _close64(jacrev(lambda t: bam(t).sum(dim=(2, 3)))(x), jacrev(lambda t: _plain_bam(bam, t).sum(dim=(2, 3)))(x),
+             "jacobian")
+
+
+def _feature_vmap(backend, combine):
+    from torch.func import vmap
+
+    bam = _bam(combine).eval()
+    bam.backend = backend
+    xs = torch.stack([_x((2, 16, 4, 5), False, "vmap", i) for i in range(3)])
+    _close64(vmap(bam)(xs), torch.stack([_plain_bam(bam, x) for x in xs]), "module")
+    x, mc, ms = _ops_inputs("vmap", combine)
+    batched = [t.unsqueeze(0).repeat(3, *[1] * t.dim()) * torch.arange(1, 4, dtype=t.dtype, device=t.device).reshape(
+        3, *[1] * t.dim()) for t in (x, mc, ms)]
+    got = vmap(lambda a, b, c: bam_apply(a, b, c, combine=combine, backend=backend))(*batched)
+    _close64(got, torch.stack([_plain_apply(*(t[i] for t in batched), combine) for i in range(3)]), "bam_apply")
+
+
+def _feature_jvp(backend, combine):
+    from torch.func import jvp
+
+    x, mc, ms = _ops_inputs("jvp", combine)
+    tangents = tuple(torch.randn_like(t) for t in (x, mc, ms))
+    got = jvp(lambda a, b, c: bam_apply(a, b, c, combine=combine, backend=backend), (x, mc, ms), tangents)
+    want = jvp(lambda a, b, c: _plain_apply(a, b, c, combine), (x, mc, ms), tangents)
+    _close64(got[1], want[1], "bam_apply tangent")
+    bam = _bam(combine).eval()
+    bam.backend = backend
+    xb = _x((2, 16, 4, 4), True, "jvp-module")
+    tangent = torch.randn_like(xb)
+    _close64(jvp(bam, (xb,), (tangent,))[1], jvp(lambda t: _plain_bam(bam, t), (xb,), (tangent,))[1], "module tangent")
+
+
+def _feature_forward_ad(backend, combine):
+    import torch.autograd.forward_ad as fwad
+
+    x, mc, ms = _ops_inputs("fwad", combine)
+    tangent = torch.randn_like(x)
+    with fwad.dual_level():
+        got = fwad.unpack_dual(bam_apply(fwad.make_dual(x, tangent), mc, ms, combine=combine, backend=backend)).tangent
+        want = fwad.unpack_dual(_plain_apply(fwad.make_dual(x, tangent), mc, ms, combine)).tangent
+    _close64(got, want, "tangent")
+
+
+def _feature_gradgradcheck(backend, combine):
+    x, mc, ms = (t.requires_grad_() for t in _ops_inputs("ggc", combine))
+    assert torch.autograd.gradgradcheck(lambda *t: bam_apply(*t, combine=combine, backend=backend), (x, mc, ms))
+
+
+AUTOGRAD_FEATURES = {
+    "first-order": _feature_first_order,
+    "penalty-through-bam-resnet": _feature_penalty_through_a_bam_resnet,
+    "func.grad": _feature_func_grad_params_and_input,
+    "jacrev": _feature_jacrev,
+    "vmap": _feature_vmap,
+    "jvp": _feature_jvp,
+    "forward-ad": _feature_forward_ad,
+    "gradgradcheck": _feature_gradgradcheck,
+}
+
+
+@pytest.mark.parametrize("combine", ["sum", "product"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("feature", sorted(AUTOGRAD_FEATURES))
+def test_every_autograd_feature_is_right_on_every_backend(feature, backend, combine):
+    """The README's autograd table: each feature gives float64 autograd's numbers of the plain formula (none of them
+    raises today; a feature that could not work would have to raise an error naming bam_triton, never a wrong
+    number)."""
+    AUTOGRAD_FEATURES[feature](backend, combine)
