@@ -1,0 +1,433 @@
+"""BAM's front end in one read of ``x``: the channel pooling and the spatial branch's 1x1 conv C -> C_r, forward and
+backward (issue 14).
+
+Forward, ``front_fwd_kernel``: ``pooled[n, c] = mean_hw x[n, c, hw]`` and ``y[n, :, hw] = W·x[n, :, hw] + b`` from
+one read of x. The conv is a GEMM over pixels: a program owns one image and BLOCK_P pixels, walks C in BLOCK_K chunks
+and accumulates ``acc += W[:, chunk] · x[chunk, pixels]`` with ``tl.dot`` (tensor cores for fp16/bf16; fp32 stays
+IEEE, ``input_precision="ieee"``, accepted since Triton 3.0; fp64 uses a broadcast-multiply-sum, Triton 3.2/3.3
+have no fp64 dot). The same x tiles give the channel sums of the pooling. Tiles lie along x's contiguous axis:
+
+    NCHW: x tile [BLOCK_K, BLOCK_P], acc [R_PAD, BLOCK_P] = W [R_PAD, BLOCK_K] · x
+    NHWC: x tile [BLOCK_P, BLOCK_K], acc [BLOCK_P, R_PAD] = x · Wᵀ [BLOCK_K, R_PAD]
+
+R_PAD is C_r rounded up to a power of two and at least 16 (the smallest dot); the padding rows of W load as 0.
+Each program writes its channel sums to an fp32 (fp64) (N, n_pixel_blocks, C) buffer that the launcher adds up in a
+fixed order (no atomics), 2/BLOCK_P bytes per byte of fp16 x.
+
+Backward, ``front_bwd_kernel``: with g the gradient of BAM's output, dy that of y (C_r channels) and dpool that of
+pooled, it writes ``dx = g·(1 + s) + dpool/(H·W) + Wᵀ·dy`` once (s = sigmoid(mc ⊕ ms), as kernels/apply_bwd.py) and
+accumulates ``dW = Σ_pixels dy·xᵀ`` and ``db = Σ dy``. dW is a split-K GEMM over N·H·W pixels, so a program owns one
+chunk of BLOCK_K channels (its [BLOCK_K, R_PAD] slice of W loaded once) and one split of the pixels, walks the split
+in BLOCK_P blocks (over image boundaries), and keeps ``dW[:, chunk]`` in registers:
+
+    NCHW: dx tile [BLOCK_K, BLOCK_P] += Wᵀ[chunk] · dy[R_PAD, BLOCK_P];   dW[:, chunk] += dy · xᵀ
+    NHWC: dx tile [BLOCK_P, BLOCK_K] += dy[BLOCK_P, R_PAD] · W[:, chunk];  dW[:, chunk] += dyᵀ · x
+
+Each program writes its dW slice (and the channel-chunk-0 programs their db) to fp32 (n_splits, C_r, C) and
+(n_splits, C_r) buffers that the launcher sums in a fixed order. Splits are whole chunks of ``P_SPLIT_UNIT`` pixels
+(a multiple of every BLOCK_P); the plan takes as many as the GPU needs programs (the channel chunk is the fastest grid
+axis, so the programs that read the same dy run together and share it in L2), but keeps the partials' bytes (written
+and read once) under 1/8 of the bytes of g, x and dx the split moves.
+
+Dtypes: the dots take W in x's dtype (the launchers cast it, as cuDNN under autocast does) and dy in x's dtype and
+memory format; b, mc, ms and dpool may be any float dtype. Everything accumulates in fp32 (fp64 for fp64 x).
+Offsets within an image are int32 (the op layer checks C·H·W < 2**31), image bases int64.
+
+GPU code (tests/test_kernel_front.py compiles every kept config for sm_80 and sm_90 at the ResNet-50 BAM shapes,
+fp16/bf16, both layouts, r = 16): mma.sync on sm_80, wgmma/mma on sm_90, no spills; x loads are 128-bit wherever x's
+contiguous rows are 16-byte aligned, i.e. everywhere but NCHW 14x14 (a row of 196 fp16 is 8-byte aligned: 64-bit
+loads; the pooling's row-group trick cannot feed a GEMM tile). Registers per config: see ``FRONT_CONFIGS``.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import LaunchPlan, acc_dtype, is_channels_last, launch, n_bucket, sm_count, target_programs
+from .apply import COMBINE_CODES, attention_logit
+
+# (meta, num_warps) per kernel; the first config of each list is the interpreter's and the pinned default, so it is
+# valid for every shape and good on both layouts. Registers (sm_80/sm_90, fp16, ptxas) measured by the AOT test.
+FRONT_CONFIGS = {
+    "front_fwd": [
+        (dict(BLOCK_P=64, BLOCK_K=64), 4),
+        (dict(BLOCK_P=128, BLOCK_K=32), 4),
+        (dict(BLOCK_P=128, BLOCK_K=64), 8),
+        (dict(BLOCK_P=32, BLOCK_K=64), 4),
+        (dict(BLOCK_P=64, BLOCK_K=32), 4),
+        (dict(BLOCK_P=256, BLOCK_K=32), 8),
+    ],
+    "front_bwd": [
+        (dict(BLOCK_K=64, BLOCK_P=32), 4),
+        (dict(BLOCK_K=32, BLOCK_P=64), 4),
+        (dict(BLOCK_K=64, BLOCK_P=64), 8),
+        (dict(BLOCK_K=128, BLOCK_P=32), 8),
+        (dict(BLOCK_K=32, BLOCK_P=128), 8),
+        (dict(BLOCK_K=64, BLOCK_P=64), 4),
+        (dict(BLOCK_K=32, BLOCK_P=32), 4),
+    ],
+}
+
+# Splits of the backward's pixels are whole chunks of this many pixels of one image: a multiple of every BLOCK_P.
+P_SPLIT_UNIT = max(meta["BLOCK_P"] for meta, _ in FRONT_CONFIGS["front_bwd"])
+# The forward's pooling partials are sized for the most pixel blocks any config makes.
+_MIN_FWD_BLOCK_P = min(meta["BLOCK_P"] for meta, _ in FRONT_CONFIGS["front_fwd"])
+# Channel chunk the backward plan assumes when it counts programs (the config is not known yet).
+_TYPICAL_BLOCK_K = 64
+# Register budget, in elements per thread, of the tiles a program keeps live (sm_80 is the tighter target: ptxas
+# spilled there at 255 registers with 32 elements of dy, 32 of dx and 32 of dW per thread, and with 32 of dy beside a
+# [32, 128] dx tile on 8 warps; every kept config compiles without spills at the ResNet-50 shapes, see the tests).
+_FWD_LIMITS = dict(acc=64, x=64)
+_BWD_LIMITS = dict(dy=16, dw=32, dx=32)
+
+
+def front_configs(kind):
+    """Every GPU config of ``kind`` ("front_fwd", "front_bwd") as (meta, num_warps)."""
+    return [(dict(meta), warps) for meta, warps in FRONT_CONFIGS[kind]]
+
+
+def hidden_pad(hidden):
+    """R_PAD: the hidden width C_r as the dots see it, a power of two of at least 16."""
+    return max(16, triton.next_power_of_2(hidden))
+
+
+def tile_elements(kind, meta, num_warps, r_pad):
+    """Elements per thread of each register tile of a ``kind`` program with config ``meta``."""
+    threads = 32 * num_warps
+    if kind == "front_fwd":
+        return dict(acc=r_pad * meta["BLOCK_P"] // threads, x=meta["BLOCK_K"] * meta["BLOCK_P"] // threads)
+    return dict(dy=r_pad * meta["BLOCK_P"] // threads, dw=r_pad * meta["BLOCK_K"] // threads,
+                dx=meta["BLOCK_K"] * meta["BLOCK_P"] // threads)
+
+
+def _prune(kind):
+    """``early_config_prune`` of ``kind``: keep the configs whose block along x's contiguous axis has at least 32
+    elements (BLOCK_P for NCHW, BLOCK_K for NHWC; or the whole axis when it is shorter), whose pixel block is at most
+    twice the image's pixels (rounded up to a power of two, at least 32), and whose register tiles stay within the
+    limits above. Never empty: the first config of the list stays when nothing else would."""
+    limits = _FWD_LIMITS if kind == "front_fwd" else _BWD_LIMITS
+
+    def prune(configs, named_args, **kwargs):
+        def arg(name):
+            return kwargs[name] if name in kwargs else named_args[name]
+
+        channels_last, c, hw, r_pad = arg("CHANNELS_LAST"), arg("C"), arg("HW"), arg("R_PAD")
+        contiguous_axis, extent = ("BLOCK_K", c) if channels_last else ("BLOCK_P", hw)
+
+        def keep(cf):
+            meta = cf.kwargs
+            if meta[contiguous_axis] < min(32, triton.next_power_of_2(extent)):
+                return False
+            if meta["BLOCK_P"] > max(32, 2 * triton.next_power_of_2(hw)):
+                return False
+            sizes = tile_elements(kind, meta, cf.num_warps, r_pad)
+            return all(sizes[name] <= limit for name, limit in limits.items())
+
+        return [cf for cf in configs if keep(cf)] or configs[:1]
+
+    return prune
+
+
+def kept_configs(plan):
+    """The (meta, num_warps) configs the autotuner's pruner keeps for ``plan`` (before BAM_TRITON_AUTOTUNE=0 pinning)."""
+    kind = "front_fwd" if plan.kernel is front_fwd_kernel else "front_bwd"
+    configs = [triton.Config(meta, num_warps=warps) for meta, warps in FRONT_CONFIGS[kind]]
+    kept = _prune(kind)(configs, dict(zip(plan.scalar_names(), plan.scalars)), **dict(plan.constexprs))
+    return [(dict(cf.kwargs), cf.num_warps) for cf in kept]
+
+
+def _autotune(kind, key):
+    """``triton.autotune`` as ``_common.autotune`` does it: the interpreter runs the first config only, and
+    ``BAM_TRITON_AUTOTUNE=0`` the first config the pruner keeps; timed by the driver's timer; no hooks, no
+    ``restore_value`` (no kernel here writes over an input)."""
+    configs = [triton.Config(meta, num_warps=warps) for meta, warps in FRONT_CONFIGS[kind]]
+    prune = _prune(kind)
+    if _common.INTERPRETED:
+        configs = configs[:1]
+    elif _common.PINNED:
+        prune = _common._pinned(prune)
+    return triton.autotune(configs=configs, key=key, do_bench=_common.driver_timer,
+                           prune_configs_by={"early_config_prune": prune})
+
+
+# How the kernels multiply their tiles (constexpr DOT): tl.dot on the tiles as loaded (fp16, bf16, fp32), tl.dot on
+# fp32 copies (bf16 in the interpreter, whose dot multiplies numpy's raw bf16 bit patterns; exact, since bf16 -> fp32
+# is), or for fp64 a broadcast-multiply-sum (Triton 3.2 and 3.3 have no fp64 dot).
+DOT_NATIVE, DOT_FP32, DOT_NONE = 1, 2, 0
+
+
+def dot_mode(dtype):
+    if dtype == torch.float64:
+        return DOT_NONE
+    return DOT_FP32 if _common.INTERPRETED and dtype == torch.bfloat16 else DOT_NATIVE
+
+
+@triton.jit
+def _mma(a, b, acc, DOT: tl.constexpr):
+    """``acc + a·b``: tl.dot (IEEE for fp32 operands: no TF32), or for fp64 a broadcast-multiply-sum."""
+    if DOT == 1:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    elif DOT == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+
+@_autotune("front_fwd", key=["batch_bucket", "C", "HW", "C_R", "CHANNELS_LAST"])
+@triton.jit(do_not_specialize=["batch_bucket"])
+def front_fwd_kernel(
+    x_ptr,  # (N, C, H, W), dense NCHW or NHWC
+    w_ptr,  # (C_R, C), x's dtype, contiguous
+    b_ptr,  # (C_R,), any float dtype
+    y_ptr,  # (N, C_R, H, W), x's dtype and memory format
+    pool_partial_ptr,  # (N, cdiv(HW, BLOCK_P), C), ACC: channel sums over one pixel block
+    C,
+    batch_bucket,  # tuning key only: N rounded up to a power of two (_common.n_bucket)
+    HW: tl.constexpr,  # a constexpr: NCHW rows of H·W elements are then known to be as aligned as they are
+    C_R: tl.constexpr,
+    R_PAD: tl.constexpr,  # C_R rounded up to a power of two >= 16
+    CHANNELS_LAST: tl.constexpr,
+    ACC: tl.constexpr,  # fp32, fp64 for fp64 inputs
+    DOT: tl.constexpr,  # DOT_NATIVE, DOT_FP32 or DOT_NONE (dot_mode)
+    BLOCK_P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_p_blocks = (HW + BLOCK_P - 1) // BLOCK_P
+    n = (pid // n_p_blocks).to(tl.int64)
+    p = (pid % n_p_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p < HW
+    r = tl.arange(0, R_PAD)
+    r_mask = r < C_R
+    x_image = x_ptr + n * C * HW
+    y_image = y_ptr + n * (C_R * HW)
+    pool_row = pool_partial_ptr + pid.to(tl.int64) * C  # row (n, pixel block)
+    k = tl.arange(0, BLOCK_K)  # channel offsets within a chunk; pointers advance by one chunk a step
+    if CHANNELS_LAST:
+        acc = tl.zeros([BLOCK_P, R_PAD], dtype=ACC)
+        x_ptrs = x_image + p[:, None] * C + k[None, :]
+        w_ptrs = w_ptr + r[None, :] * C + k[:, None]
+        for c0 in range(0, C, BLOCK_K):
+            c_mask = k < C - c0
+            x = tl.load(x_ptrs, mask=p_mask[:, None] & c_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=c_mask[:, None] & r_mask[None, :], other=0.0)
+            acc = _mma(x, w, acc, DOT)
+            tl.store(pool_row + c0 + k, tl.sum(x.to(ACC), axis=0).to(pool_partial_ptr.dtype.element_ty), mask=c_mask)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        y = acc + tl.load(b_ptr + r, mask=r_mask, other=0.0).to(ACC)[None, :]
+        tl.store(y_image + p[:, None] * C_R + r[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=p_mask[:, None] & r_mask[None, :])
+    else:
+        acc = tl.zeros([R_PAD, BLOCK_P], dtype=ACC)
+        x_ptrs = x_image + k[:, None] * HW + p[None, :]
+        w_ptrs = w_ptr + r[:, None] * C + k[None, :]
+        for c0 in range(0, C, BLOCK_K):
+            c_mask = k < C - c0
+            x = tl.load(x_ptrs, mask=c_mask[:, None] & p_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=r_mask[:, None] & c_mask[None, :], other=0.0)
+            acc = _mma(w, x, acc, DOT)
+            tl.store(pool_row + c0 + k, tl.sum(x.to(ACC), axis=1).to(pool_partial_ptr.dtype.element_ty), mask=c_mask)
+            x_ptrs += BLOCK_K * HW
+            w_ptrs += BLOCK_K
+        y = acc + tl.load(b_ptr + r, mask=r_mask, other=0.0).to(ACC)[:, None]
+        tl.store(y_image + r[:, None] * HW + p[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=r_mask[:, None] & p_mask[None, :])
+
+
+@_autotune("front_bwd", key=["batch_bucket", "C", "HW", "C_R", "CHANNELS_LAST", "COMBINE", "HAS_DPOOL"])
+@triton.jit(do_not_specialize=["batch_bucket"])
+def front_bwd_kernel(
+    g_ptr,  # (N, C, H, W), x's strides
+    x_ptr,  # (N, C, H, W), dense NCHW or NHWC
+    mc_ptr,  # (N, C), any float dtype
+    ms_ptr,  # (N, H·W), any float dtype
+    dpool_ptr,  # (N, C), any float dtype; read only when HAS_DPOOL
+    dy_ptr,  # (N, C_R, H, W), x's dtype and memory format
+    w_ptr,  # (C_R, C), x's dtype, contiguous
+    dx_ptr,  # like x, a new tensor
+    dw_partial_ptr,  # (n_splits, C_R, C), ACC: dW over one pixel split
+    db_partial_ptr,  # (n_splits, C_R), ACC: db over one pixel split (written by channel chunk 0)
+    n_chunks,  # N · cdiv(HW, CHUNK)
+    chunks_per_split,
+    batch_bucket,  # tuning key only: N rounded up to a power of two (_common.n_bucket)
+    C: tl.constexpr,
+    HW: tl.constexpr,
+    C_R: tl.constexpr,
+    R_PAD: tl.constexpr,
+    CHUNK: tl.constexpr,  # pixels per split unit, a multiple of BLOCK_P
+    CHANNELS_LAST: tl.constexpr,
+    COMBINE: tl.constexpr,
+    HAS_DPOOL: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT: tl.constexpr,  # dot_mode(x's dtype)
+    BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    c_block = tl.program_id(0)
+    split = tl.program_id(1)
+    c = c_block * BLOCK_K + tl.arange(0, BLOCK_K)
+    c_mask = c < C
+    r = tl.arange(0, R_PAD)
+    r_mask = r < C_R
+    # Pixel blocks of the split, numbered over all images: block t is pixels (t % P_BLOCKS)·BLOCK_P... of image
+    # t // P_BLOCKS. A chunk (image n, chunk k) starts at block n·P_BLOCKS + k·CHUNK/BLOCK_P.
+    P_BLOCKS = (HW + BLOCK_P - 1) // BLOCK_P
+    CHUNKS = (HW + CHUNK - 1) // CHUNK
+    BLOCKS_PER_CHUNK = CHUNK // BLOCK_P
+    q0 = split * chunks_per_split
+    q1 = tl.minimum(q0 + chunks_per_split, n_chunks)
+    t0 = (q0 // CHUNKS) * P_BLOCKS + (q0 % CHUNKS) * BLOCKS_PER_CHUNK
+    t1 = (q1 // CHUNKS) * P_BLOCKS + (q1 % CHUNKS) * BLOCKS_PER_CHUNK
+    inv_hw = 1.0 / tl.cast(HW, ACC)  # in ACC: a float argument would be fp32 even for fp64 inputs
+    dw = tl.zeros([R_PAD, BLOCK_K], dtype=ACC)
+    if CHANNELS_LAST:
+        w = tl.load(w_ptr + r[:, None] * C + c[None, :], mask=r_mask[:, None] & c_mask[None, :], other=0.0)
+    else:
+        wt = tl.load(w_ptr + r[None, :] * C + c[:, None], mask=c_mask[:, None] & r_mask[None, :], other=0.0)
+    db = tl.zeros([R_PAD], dtype=ACC)
+    for t in range(t0, t1):
+        n = t // P_BLOCKS
+        p = (t % P_BLOCKS) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_mask = p < HW
+        image = n.to(tl.int64) * (C * HW)
+        dy_image = dy_ptr + n.to(tl.int64) * (C_R * HW)
+        mc = tl.load(mc_ptr + n * C + c, mask=c_mask, other=0.0).to(ACC)
+        ms = tl.load(ms_ptr + n * HW + p, mask=p_mask, other=0.0).to(ACC)
+        if HAS_DPOOL:
+            dpool = tl.load(dpool_ptr + n * C + c, mask=c_mask, other=0.0).to(ACC) * inv_hw
+        else:
+            dpool = tl.zeros([BLOCK_K], dtype=ACC)
+        if CHANNELS_LAST:
+            offsets = p[:, None] * C + c[None, :]
+            mask = p_mask[:, None] & c_mask[None, :]
+            dy = tl.load(dy_image + p[:, None] * C_R + r[None, :], mask=p_mask[:, None] & r_mask[None, :], other=0.0)
+            x = tl.load(x_ptr + image + offsets, mask=mask, other=0.0)
+            g = tl.load(g_ptr + image + offsets, mask=mask, other=0.0).to(ACC)
+            s = tl.sigmoid(attention_logit(mc[None, :], ms[:, None], COMBINE))
+            dx = _mma(dy, w, g * (1.0 + s) + dpool[None, :], DOT)
+            dw = _mma(tl.trans(dy), x, dw, DOT)
+            db += tl.sum(dy.to(ACC), axis=0)
+        else:
+            offsets = c[:, None] * HW + p[None, :]
+            mask = c_mask[:, None] & p_mask[None, :]
+            dy = tl.load(dy_image + r[:, None] * HW + p[None, :], mask=r_mask[:, None] & p_mask[None, :], other=0.0)
+            x = tl.load(x_ptr + image + offsets, mask=mask, other=0.0)
+            g = tl.load(g_ptr + image + offsets, mask=mask, other=0.0).to(ACC)
+            s = tl.sigmoid(attention_logit(mc[:, None], ms[None, :], COMBINE))
+            dx = _mma(wt, dy, g * (1.0 + s) + dpool[:, None], DOT)
+            dw = _mma(dy, tl.trans(x), dw, DOT)
+            db += tl.sum(dy.to(ACC), axis=1)
+        tl.store(dx_ptr + image + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    out = (split * C_R + r[:, None]).to(tl.int64) * C + c[None, :]
+    tl.store(dw_partial_ptr + out, dw.to(dw_partial_ptr.dtype.element_ty), mask=r_mask[:, None] & c_mask[None, :])
+    if c_block == 0:
+        tl.store(db_partial_ptr + split * C_R + r, db.to(db_partial_ptr.dtype.element_ty), mask=r_mask)
+
+
+def _acc_torch(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _common_constexprs(shape, dtype, channels_last, hidden):
+    n, c, h, w = shape
+    return (("C", c), ("HW", h * w), ("C_R", hidden), ("R_PAD", hidden_pad(hidden)),
+            ("CHANNELS_LAST", channels_last), ("ACC", acc_dtype(dtype)), ("DOT", dot_mode(dtype)))
+
+
+def front_fwd_plan(shape, dtype, channels_last, hidden, sms=None):
+    """The launch of :func:`front_fwd` for a dense ``shape`` (N, C, H, W) input of ``dtype`` and a C -> ``hidden``
+    1x1 conv: one program per (image, pixel block). ``sms`` is unused (the grid is the work itself); it is there for
+    the plans' common signature. Buffer ``pool_partial``: flat channel sums per pixel block, sized for the smallest
+    BLOCK_P of any config."""
+    n, c, h, w = shape
+    hw = h * w
+    return LaunchPlan(front_fwd_kernel, grid=((n, hw, "BLOCK_P"),), scalars=(c, n_bucket(n)),
+                      constexprs=_common_constexprs(shape, dtype, channels_last, hidden)[1:],
+                      buffers=(("pool_partial", (n * -(-hw // _MIN_FWD_BLOCK_P) * c,), _acc_torch(dtype)),))
+
+
+def bwd_split(n, c, hw, hidden, itemsize, target):
+    """(n_chunks, chunks_per_split, n_splits) of the backward's pixel split: chunks of P_SPLIT_UNIT pixels of one
+    image; as many splits as ``target`` programs need with _TYPICAL_BLOCK_K channel chunks, but at most as many as
+    keep the dW/db partials (8·C_r·(C + 1) bytes per split: written, then read by the sum) under 1/8 of the bytes of
+    g, x and dx the splits move (3·itemsize·C per pixel)."""
+    chunks_per_image = -(-hw // P_SPLIT_UNIT)
+    n_chunks = n * chunks_per_image
+    # 8·C_r·(C + 1) <= 3·itemsize·C·pixels / 8, with (C + 1)/C taken as 1 + 1/C <= 2^-6 more: pixels per split.
+    min_pixels = 64 * hidden * (c + 1) / (3 * itemsize * c)
+    max_splits = max(1, int(n * hw // min_pixels))
+    want_splits = -(-target // -(-c // _TYPICAL_BLOCK_K))
+    per_split = -(-n_chunks // max(1, min(max_splits, want_splits, n_chunks)))
+    return n_chunks, per_split, -(-n_chunks // per_split)
+
+
+def front_bwd_plan(shape, dtype, channels_last, hidden, combine, has_dpool=True, sms=None):
+    """The launch of :func:`front_bwd` for a dense ``shape`` input of ``dtype``, C -> ``hidden`` conv, on a GPU with
+    ``sms`` SMs (None: interpreter): grid (channel chunks, pixel splits). Buffers ``dw_partial`` (n_splits, C_r, C)
+    and ``db_partial`` (n_splits, C_r), fp32 (fp64 for fp64 inputs)."""
+    n, c, h, w = shape
+    hw = h * w
+    n_chunks, per_split, n_splits = bwd_split(n, c, hw, hidden, dtype.itemsize, target_programs(sms))
+    acc = _acc_torch(dtype)
+    return LaunchPlan(front_bwd_kernel, grid=((1, c, "BLOCK_K"), (n_splits, 1, None)),
+                      scalars=(n_chunks, per_split, n_bucket(n)),
+                      constexprs=_common_constexprs(shape, dtype, channels_last, hidden)
+                      + (("CHUNK", P_SPLIT_UNIT), ("COMBINE", COMBINE_CODES[combine]), ("HAS_DPOOL", has_dpool)),
+                      buffers=(("dw_partial", (n_splits, hidden, c), acc), ("db_partial", (n_splits, hidden), acc)))
+
+
+def _weight_matrix(weight, x):
+    """W_r (C_r, C[, 1, 1]) as a contiguous (C_r, C) matrix in x's dtype (the dots' operand dtype)."""
+    return weight.detach().reshape(weight.shape[0], -1).to(x.dtype).contiguous()
+
+
+def _like_x(t, x):
+    """``t`` (N, C', H, W) in x's dtype and memory format (a copy only when it is not already)."""
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    return t.to(x.dtype).contiguous(memory_format=fmt)
+
+
+def front_fwd(x, weight, bias, config=None):
+    """``(pooled, y)`` from one read of a dense (N, C, H, W) ``x``: pooled (N, C) = mean over H, W in x's dtype
+    (accumulated in fp32, fp64 for fp64), y (N, C_r, H, W) = conv1x1(x, weight, bias) in x's dtype and memory format.
+    ``weight`` (C_r, C, 1, 1) or (C_r, C), any float dtype (cast to x's for the dot); ``bias`` (C_r,) or None.
+    ``config`` forces one (meta, num_warps) config (tests). Arguments are validated by the op layer."""
+    n, c, h, w = x.shape
+    hw = h * w
+    channels_last = is_channels_last(x)
+    w_mat = _weight_matrix(weight, x)
+    hidden = w_mat.shape[0]
+    b = bias.detach().contiguous() if bias is not None else torch.zeros(hidden, device=x.device, dtype=torch.float32)
+    plan = front_fwd_plan(tuple(x.shape), x.dtype, channels_last, hidden, sm_count(x.device))
+    shape, dtype = plan.buffer("pool_partial")
+    partial = torch.empty(shape, device=x.device, dtype=dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    y = torch.empty((n, hidden, h, w), device=x.device, dtype=x.dtype, memory_format=fmt)
+    meta = launch(plan, x, w_mat, b, y, partial, config=config)
+    p_blocks = -(-hw // meta["BLOCK_P"])  # the buffer is sized for the most pixel blocks of any config
+    sums = partial[: n * p_blocks * c].view(n, p_blocks, c)
+    sums = sums.view(n, c) if p_blocks == 1 else sums.sum(dim=1)
+    return (sums / hw).to(x.dtype), y
+
+
+def front_bwd(g, x, mc, ms, combine, dpool, dy, weight, config=None):
+    """``(dx, dW, db)`` of BAM's front end. ``g`` the gradient of BAM's output (x's strides), ``mc`` (N, C),
+    ``ms`` (N, H·W) contiguous, ``dpool`` (N, C) the gradient of pooled or None, ``dy`` (N, C_r, H, W) the gradient
+    of the 1x1 conv's output (converted to x's dtype and memory format if it is not), ``weight`` (C_r, C, 1, 1) or
+    (C_r, C). dx: x's dtype and memory format, a new tensor. dW: weight's shape and dtype, db (C_r,) in weight's
+    dtype; both summed in fp32 (fp64 for fp64 x). ``config`` forces one (meta, num_warps) config (tests)."""
+    channels_last = is_channels_last(x)
+    w_mat = _weight_matrix(weight, x)
+    hidden = w_mat.shape[0]
+    dy = _like_x(dy, x)
+    plan = front_bwd_plan(tuple(x.shape), x.dtype, channels_last, hidden, combine, dpool is not None,
+                          sm_count(x.device))
+    dx = torch.empty_like(x)  # x is dense, so empty_like keeps its strides (memory format)
+    dw_shape, acc = plan.buffer("dw_partial")
+    dw_partial = torch.empty(dw_shape, device=x.device, dtype=acc)
+    db_partial = torch.empty(plan.buffer("db_partial")[0], device=x.device, dtype=acc)
+    launch(plan, g, x, mc, ms, mc if dpool is None else dpool, dy, w_mat, dx, dw_partial, db_partial, config=config)
+    dw = dw_partial[0] if dw_shape[0] == 1 else dw_partial.sum(dim=0)
+    db = db_partial[0] if dw_shape[0] == 1 else db_partial.sum(dim=0)
+    return dx, dw.reshape(weight.shape).to(weight.dtype), db.to(weight.dtype)
