@@ -62,6 +62,128 @@ def _add_attention_command(commands):
     attention.add_argument("--seed", type=int, default=0)
 
 
+_EXPORT_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+_ONNX_PIP = "pip install onnx onnxscript onnxruntime"
+
+
+def _add_export_command(commands):
+    """``export``: a BAM-ResNet to ONNX (standard ops only), checked with onnx.checker and, when onnxruntime is
+    installed, run once against eager torch."""
+    export = commands.add_parser("export", help="export a BAM-ResNet to ONNX (standard ops only), check it with "
+                                                "onnx.checker and compare onnxruntime with eager torch")
+    export.add_argument("model", choices=_EXPORT_ARCHS, help="the network (BAM after layer1..3, combine='product')")
+    export.add_argument("out", help="the ONNX file to write, e.g. resnet50_bam.onnx")
+    export.add_argument("--input-size", type=int, default=224,
+                        help="height and width of the input images; fixed in the ONNX graph. Default 224")
+    export.add_argument("--batch", type=int, default=1,
+                        help="batch size of the check run (the ONNX batch dimension is dynamic either way). Default 1")
+    export.add_argument("--opset", type=int, default=18, help="ONNX opset version (>= 17). Default 18")
+    export.add_argument("--num-classes", type=int, default=1000, help="outputs of the classifier. Default 1000")
+    export.add_argument("--checkpoint", default=None,
+                        help="the authors' ResNet+BAM checkpoint (*.pth.tar) or a state_dict in that layout, loaded "
+                             "with bam_triton.models.load_official_checkpoint; default: random initialisation")
+    export.add_argument("--dynamo", action=argparse.BooleanOptionalAction, default=True,
+                        help="--dynamo (default): torch.export-based exporter (needs onnxscript); --no-dynamo: the "
+                             "TorchScript-based exporter, where the installed torch still has it")
+
+
+def _export_error(message):
+    print(f"error: bam-triton export: {message}", file=sys.stderr)
+    return 2
+
+
+def _run_export(args):
+    """``bam-triton export``: returns the exit status (0 written and checked, 1 onnxruntime disagrees with eager,
+    2 a usage error or a missing package)."""
+    import importlib.util
+    import inspect
+    import warnings
+
+    if args.input_size < 33:
+        # torch.export fixes a dimension it meets at size 1: the last stage's map must be at least 2x2 (stride 32).
+        return _export_error(f"--input-size must be >= 33 (the last stage's feature map must be at least 2x2), got "
+                             f"{args.input_size}")
+    if args.batch < 1:
+        return _export_error(f"--batch must be >= 1, got {args.batch}")
+    if args.opset < 17:
+        return _export_error(f"--opset must be >= 17, got {args.opset}")
+    if args.num_classes < 1:
+        return _export_error(f"--num-classes must be >= 1, got {args.num_classes}")
+    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+        return _export_error(f"--checkpoint {args.checkpoint!r}: no such file")
+    needed = ["onnx"] + (["onnxscript"] if args.dynamo else [])
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        return _export_error(f"needs the package(s) {', '.join(missing)}"
+                             f"{' (the --dynamo exporter uses onnxscript)' if 'onnxscript' in missing else ''}: "
+                             f"{_ONNX_PIP}")
+    import torch
+
+    parameters = inspect.signature(torch.onnx.export).parameters
+    if args.dynamo and "dynamo" not in parameters:
+        return _export_error(f"--dynamo needs torch >= 2.5 (this is torch {torch.__version__}); use --no-dynamo")
+    if not args.dynamo and "dynamo" in parameters and not hasattr(torch.onnx, "utils"):
+        return _export_error(f"--no-dynamo: torch {torch.__version__} no longer has the TorchScript-based ONNX "
+                             f"exporter; use --dynamo")
+    import onnx
+
+    from . import models
+
+    model = getattr(models, args.model)(num_classes=args.num_classes)
+    source = "random initialisation"
+    if args.checkpoint is not None:
+        try:
+            models.load_official_checkpoint(model, args.checkpoint)
+        except (models.CheckpointMismatchError, TypeError, ValueError) as error:
+            return _export_error(f"--checkpoint {args.checkpoint!r} does not fit {args.model} with --num-classes "
+                                 f"{args.num_classes}: {error}")
+        source = args.checkpoint
+    model.eval()
+    # torch.export fixes a dimension it meets at size 1, so the export traces with >= 2 images; the batch dimension of
+    # the ONNX graph is dynamic, and the check runs at --batch.
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(max(args.batch, 2), 3, args.input_size, args.input_size, generator=generator)
+    common = dict(input_names=["images"], output_names=["logits"], opset_version=args.opset)
+    with torch.no_grad(), warnings.catch_warnings():
+        # BAM's input checks (channel count, empty input) read sizes while a trace records: constants for any valid
+        # input, so the tracer's "might not generalize" warning about them is noise here.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"bam_triton\.")
+        if args.dynamo:
+            if "external_data" in parameters:  # one self-contained file (ResNet-101 is ~180 MB, far below 2 GB)
+                common["external_data"] = False
+            torch.onnx.export(model, (example,), args.out, dynamo=True,
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), **common)
+        else:
+            extra = {"dynamo": False} if "dynamo" in parameters else {}
+            axes = {"images": {0: "batch"}, "logits": {0: "batch"}}
+            torch.onnx.export(model, (example,), args.out, dynamic_axes=axes, **common, **extra)
+    onnx_model = onnx.load(args.out)
+    onnx.checker.check_model(onnx_model, full_check=True)
+    op_types = sorted({node.op_type for node in onnx_model.graph.node})
+    domains = sorted({node.domain for node in onnx_model.graph.node if node.domain not in ("", "ai.onnx")})
+    print(f"wrote {args.out}: {args.model} ({source}), {args.input_size}x{args.input_size} input, dynamic batch, opset "
+          f"{args.opset}, {'dynamo' if args.dynamo else 'TorchScript'} exporter; onnx.checker passed")
+    print(f"  ops: {', '.join(op_types)}" + (f"; non-standard domains: {', '.join(domains)}" if domains else ""))
+    if importlib.util.find_spec("onnxruntime") is None:
+        print(f"onnxruntime is not installed: the file was not run (to compare it with eager torch: {_ONNX_PIP})")
+        return 0
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(args.out, providers=["CPUExecutionProvider"])
+    images = torch.randn(args.batch, 3, args.input_size, args.input_size, generator=generator)
+    with torch.no_grad():
+        expected = model(images)
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: images.numpy()})[0])
+    diff = (got - expected).abs().max().item() if got.shape == expected.shape else float("inf")
+    # A whole network in fp32 by two runtimes (different conv algorithms, BN folded into the convs by the exporter):
+    # differences of 1e-5 relative to the logits are rounding, 1e-3 would be a wrong graph.
+    tolerance = 1e-4 * max(1.0, expected.abs().max().item())
+    verdict = "OK" if diff <= tolerance else "MISMATCH"
+    print(f"onnxruntime (CPUExecutionProvider) vs eager torch at batch {args.batch}: max |difference| = {diff:.3g} "
+          f"({verdict}, tolerance {tolerance:.3g})")
+    return 0 if verdict == "OK" else 1
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="bam-triton", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +191,7 @@ def main(argv=None):
     check.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     _add_bench_commands(commands)
     _add_attention_command(commands)
+    _add_export_command(commands)
     args = parser.parse_args(argv)
     if args.command == "check":
         _prefer_interpreter_on_cpu(args.device)
@@ -90,4 +213,6 @@ def main(argv=None):
                                   size=args.size, seed=args.seed, scale=args.scale)
         print(f"wrote {out}")
         return 0
+    if args.command == "export":
+        return _run_export(args)
     parser.error(f"unknown command {args.command!r}")
