@@ -3,6 +3,7 @@
 The submodule and parameter names are those of the authors' public code, so its checkpoints load with
 ``load_state_dict(..., strict=True)`` unchanged and ``state_dict()`` saves back in its layout (no key mapping needed).
 """
+import warnings
 from typing import Optional
 
 import torch
@@ -136,6 +137,20 @@ class BAM(nn.Module):
                 module.reset_running_stats()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():
+            # The checks read sizes, which are tensors while a trace records; for a valid input they are constants.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                empty = self._check_input(x)
+        else:
+            empty = self._check_input(x)
+        if empty:
+            return bam_apply_unchecked(x, x.new_zeros(x.shape[:2]), x.new_zeros(x.shape[0], *x.shape[2:]),
+                                       self.combine, "torch")
+        return block_forward(x, self.channel_att, self.spatial_att, self.combine, resolve_path(x, self.backend))
+
+    def _check_input(self, x):
+        """Validate ``x`` for this BAM (errors name the argument); returns whether it is empty."""
         check_feature_map(x)
         if x.shape[1] != self.channels:
             raise ValueError(f"x must have {self.channels} channels (dim 1) for this BAM, got shape {tuple(x.shape)}")
@@ -147,10 +162,7 @@ class BAM(nn.Module):
             raise ValueError("BAM got a batch of 1 in training mode: the channel branch's BatchNorm1d needs more than "
                              "one sample to compute batch statistics. Train with batch size >= 2, or call .eval() to "
                              "use the running statistics.")
-        if x.numel() == 0:
-            return bam_apply_unchecked(x, x.new_zeros(x.shape[:2]), x.new_zeros(x.shape[0], *x.shape[2:]),
-                                       self.combine, "torch")
-        return block_forward(x, self.channel_att, self.spatial_att, self.combine, resolve_path(x, self.backend))
+        return bool(x.numel() == 0)
 
     def __prepare_scriptable__(self):
         raise RuntimeError("bam_triton.BAM cannot be compiled by torch.jit.script (it chooses between Triton kernels "

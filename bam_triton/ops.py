@@ -337,9 +337,13 @@ def channel_pool_unchecked(x, path):
 def bam_apply_unchecked(x, mc, ms, combine, path):
     """``bam_apply`` on validated arguments; ``mc`` (N, C) or (N, C, 1, 1), ``ms`` (N, H, W) or (N, 1, H, W)."""
     n, c, h, w = x.shape
-    if path == "plain":  # x first: the output takes its memory format
+    if path == "plain":
+        # x + x·s in fp32 (fp64 for fp64), rounded once to x's dtype as on the other paths, with the ops every graph
+        # consumer knows (mul, add; ONNX Mul, Add). x first: the output takes its memory format.
         mc4, ms4 = mc.reshape(n, c, 1, 1), ms.reshape(n, 1, h, w)
-        return (x * (1 + torch.sigmoid(mc4 + ms4 if combine == "sum" else mc4 * ms4))).to(x.dtype)
+        s = torch.sigmoid(mc4 + ms4 if combine == "sum" else mc4 * ms4)
+        x_acc = x.to(torch.promote_types(torch.promote_types(x.dtype, s.dtype), torch.float32))
+        return (x_acc + x_acc * s).to(x.dtype)
     mc2, ms2 = mc.reshape(n, c), ms.reshape(n, h * w)
     if path == "torch":
         if torch.is_grad_enabled() and (x.requires_grad or mc.requires_grad or ms.requires_grad):

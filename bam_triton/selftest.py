@@ -7,7 +7,7 @@ import sys
 import torch
 
 from . import _backend
-from ._dtypes import TOLERANCES
+from ._dtypes import within_tolerance
 from .ops import bam_apply, channel_pool
 
 # Small but awkward: H != W, H·W not a multiple of any block size, C not a multiple of a channel block.
@@ -45,12 +45,6 @@ def runnable_backends(device):
     return status
 
 
-def _close(got, ref):
-    atol, rtol = TOLERANCES[got.dtype]
-    err = (got.double() - ref.double()).abs()
-    return bool((err <= atol + rtol * ref.double().abs()).all()), err.max().item()
-
-
 def kernel_self_test(device):
     """Run each kernel through the Triton backend and compare with the torch path. Returns [(name, ok, max_err)]."""
     gen = torch.Generator().manual_seed(0)
@@ -65,20 +59,20 @@ def kernel_self_test(device):
                 mc = torch.randn(n, c, generator=gen).to(device)
                 ms = torch.randn(n, h, w, generator=gen).to(device)
                 tag = f"{'x'.join(map(str, shape))} {str(dtype)[6:]} {'channels_last' if channels_last else 'nchw'}"
-                ok, err = _close(channel_pool(x, backend="triton"), channel_pool(x.double(), backend="torch"))
+                ok, err = within_tolerance(channel_pool(x, backend="triton"), channel_pool(x.double(), backend="torch"))
                 results.append((f"pool  {tag}", ok, err))
                 for combine in ("sum", "product"):
                     xg = x.detach().requires_grad_()
                     out = bam_apply(xg, mc, ms, combine=combine, backend="triton")
                     ref = bam_apply(x.double(), mc.double(), ms.double(), combine=combine, backend="torch")
-                    ok, err = _close(out, ref)
+                    ok, err = within_tolerance(out, ref)
                     results.append((f"apply {combine:7s} {tag}", ok, err))
                     xr = x.double().requires_grad_()
                     g = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
                     (out * g).sum().backward()
                     (bam_apply(xr, mc.double(), ms.double(), combine=combine, backend="torch") * g.double()).sum() \
                         .backward()
-                    ok, err = _close(xg.grad, xr.grad)
+                    ok, err = within_tolerance(xg.grad, xr.grad)
                     results.append((f"apply-backward {combine:7s} {tag}", ok, err))
     return results
 

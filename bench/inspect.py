@@ -23,8 +23,7 @@ INSPECT_SHAPES = ((32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14), (32,
 ARCHS = (80, 90)
 DTYPES = ("fp32", "fp16", "bf16")
 LAYOUTS = ("nchw", "channels_last")
-_TRITON_DTYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "fp64": "fp64", "float32": "fp32",
-                 "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
+
 # Pointer arguments that hold full (N, C, H, W) tensors of x's dtype; every other pointer is a small map.
 _FULL_TENSORS = ("x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dx_extra_ptr", "dx_conv_ptr", "extra_ptr", "rest_ptr")
 
@@ -71,11 +70,10 @@ def launch_plan(kernel, dtype, shape, layout, arch=90):
     """The launcher's plan for an input of ``shape``/``dtype``/``layout`` on a GPU of ``arch``, for the launcher that
     can run ``kernel`` (the backward reductions with dx stored, the dx kernel with every optional input), or None
     when that launcher picks another kernel there."""
-    import torch
-
     from bam_triton import kernels
+    from bam_triton._dtypes import DTYPE_NAMES
 
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}[dtype]
+    torch_dtype = DTYPE_NAMES[dtype]
     channels_last, sms = layout == "channels_last", SM_COUNTS[arch]
     shape = tuple(shape)
     if kernel == "apply_fwd_kernel":
@@ -138,8 +136,11 @@ def _arguments(job, meta):
     the specialisations a real launch gets (16-byte aligned pointers, ints marked 16-divisible when they are)."""
     plan = launch_plan(job["kernel"], job["dtype"], job["shape"], job["layout"], job["arch"])
     fn = getattr(plan.kernel, "fn", plan.kernel)  # Autotuner -> JITFunction
-    dt = _TRITON_DTYPE[job["dtype"]]
-    buffer_types = {f"{name}_ptr": _TRITON_DTYPE[str(dtype).replace("torch.", "")] for name, _, dtype in plan.buffers}
+    from bam_triton._dtypes import DTYPE_NAMES
+
+    dt = job["dtype"]  # the names of DTYPE_NAMES are Triton's type names
+    names = {dtype: name for name, dtype in DTYPE_NAMES.items()}
+    buffer_types = {f"{name}_ptr": names[dtype] for name, _, dtype in plan.buffers}
     scalars = dict(zip(plan.scalar_names(), plan.scalars))
     constexprs = dict(plan.constexprs, **meta)
     unspecialised = set(getattr(fn, "do_not_specialize", ()) or ())

@@ -25,13 +25,15 @@ import time
 
 import torch
 
+from bam_triton._dtypes import DTYPE_NAMES, within_tolerance
+
 from .providers import BASELINE, CUDA_ONLY, PROVIDERS
 from .traffic import MINIMAL_BYTES_DOC, OPS, minimal_bytes
 
 RESNET50_SHAPES = ((256, 56, 56), (512, 28, 28), (1024, 14, 14))
 DEFAULT_BATCHES = (32, 64, 128)
 QUICK_SHAPES = ((2, 64, 16, 16), (2, 128, 8, 8), (2, 32, 7, 7))
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {name: DTYPE_NAMES[name] for name in ("fp32", "fp16", "bf16")}  # the dtypes the sweep times
 LAYOUTS = ("nchw", "channels_last")
 DEFAULT_OPS = ("pool", "apply-fwd", "apply-bwd", "bam-fwd", "bam-fwd-bwd")
 # Shapes whose x is at most this big also get CUDA-graph replay timings (launch overhead matters there).
@@ -256,16 +258,6 @@ class Progress:
         if self.tty:
             self.stream.write("\n")
         self.stream.flush()
-
-
-def _close(got, ref, dtype):
-    from bam_triton import TOLERANCES
-
-    atol, rtol = TOLERANCES[dtype]
-    got, ref = got.detach().float(), ref.detach().float()  # on the device: no host copy of large outputs
-    err = (got - ref).abs()
-    ok = bool((err <= atol + rtol * ref.abs()).all())
-    return ok, float(err.max()) if err.numel() else 0.0
 
 
 def _sync(device):
@@ -526,7 +518,7 @@ def _run_case(args, device, shape, dt, lay, op, providers, copy_bw, progress, fa
         got = outputs.get(r["provider"])
         if got is None or ref is None:
             continue
-        ok, err = _close(got, ref, dtype)
+        ok, err = within_tolerance(got, ref, dtype)
         r["max_abs_err"] = err
         if r["provider"] in CUDA_ONLY:
             r["valid"] = ok

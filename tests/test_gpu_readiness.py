@@ -15,7 +15,8 @@ import zlib
 import pytest
 import torch
 
-from bam_triton import TOLERANCES, kernels
+from bam_triton import kernels
+from bam_triton._dtypes import assert_close
 from bam_triton.bench import inspect as aot
 from bam_triton.kernels import _common
 from bam_triton.kernels import apply as apply_mod
@@ -43,8 +44,7 @@ def _inputs(shape, dtype, channels_last, *seed):
 
 
 def _close(got, ref, dtype, what):
-    atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(got.double().cpu(), ref.double().cpu(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    assert_close(got, ref, dtype, what=what)
 
 
 def _every_launcher(shape=(2, 16, 7, 7), dtype=torch.float32):

@@ -51,6 +51,8 @@ import zlib
 
 import pytest
 import torch
+
+from bam_triton._dtypes import assert_close as check_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -142,16 +144,9 @@ def storage_of(t):
 
 
 def assert_close(got, ref, dtype, what, scale_atol=False):
-    """``|got - ref| <= atol + rtol·|ref|`` with the package's table for ``dtype``; NaN counts as a failure."""
+    """The package's check (``bam_triton._dtypes.assert_close``) against a float64 reference."""
     assert ref.dtype == torch.float64
-    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
-    atol, rtol = TOLERANCES[dtype]
-    if scale_atol and ref.numel():
-        atol *= 1 + ref.abs().max().item()
-    err = (got.double() - ref).abs()
-    bad = ~(err <= atol + rtol * ref.abs())
-    assert not bad.any(), (f"{what}: {int(bad.sum())}/{bad.numel()} out of tolerance ({dtype}, atol={atol:.2e}, "
-                           f"rtol={rtol}); max |err| {err.nan_to_num(float('inf')).max().item():.3e}")
+    check_close(got, ref, dtype, what=what, scale_atol=scale_atol)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ import zlib
 import pytest
 import torch
 
+from bam_triton._dtypes import assert_close as check_close
+
 from bam_triton import TOLERANCES
 from bam_triton.kernels import _common, apply_bwd, apply_bwd_dx, apply_bwd_reduce
 from devices import cpu_only
@@ -78,11 +80,7 @@ def reference(g, x, mc, ms, combine, dpool=None, dx_extra=None):
 
 
 def assert_close(got, ref, atol, rtol):
-    assert got.shape == ref.shape, f"shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
-    err = (got.double() - ref).abs()
-    bad = ~(err <= atol + rtol * ref.abs())  # NaN counts as bad
-    assert not bad.any(), (f"{int(bad.sum())}/{bad.numel()} elements out of tolerance (atol={atol}, rtol={rtol}); "
-                           f"max |err| {err.nan_to_num(float('inf')).max().item():.3e}")
+    check_close(got, ref, atol=atol, rtol=rtol)
 
 
 def assert_dx(got, ref, like):

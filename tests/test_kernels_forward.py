@@ -7,10 +7,12 @@ import zlib
 
 import pytest
 import torch
+
+from bam_triton._dtypes import assert_close as check_close
 import triton
 
 import bam_triton
-from bam_triton import TOLERANCES, bam_apply, channel_pool
+from bam_triton import bam_apply, channel_pool
 from bam_triton import kernels
 from bam_triton.kernels import _common
 from bam_triton.kernels import apply as apply_mod
@@ -89,12 +91,7 @@ def assert_close(got, ref, dtype):
     """|got - ref| <= atol + rtol·|ref| with the package's tolerance table; ``ref`` is float64."""
     assert ref.dtype == torch.float64
     assert got.dtype == dtype, f"dtype {got.dtype}, expected {dtype}"
-    assert got.shape == ref.shape, f"shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
-    atol, rtol = TOLERANCES[dtype]
-    err = (got.double() - ref).abs()
-    bad = ~(err <= atol + rtol * ref.abs())  # NaN counts as bad
-    assert not bad.any(), (f"{int(bad.sum())}/{bad.numel()} elements out of tolerance (atol={atol}, rtol={rtol}); "
-                           f"max |err| {err.nan_to_num(float('inf')).max().item():.3e}")
+    check_close(got, ref, dtype)
 
 
 def assert_dense_in(t, memory_format):

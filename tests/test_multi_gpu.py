@@ -11,10 +11,12 @@ import copy
 
 import pytest
 import torch
+
+from bam_triton._dtypes import assert_close as check_close
 import torch.multiprocessing as mp
 from torch import nn
 
-from bam_triton import BAM, TOLERANCES, bam_apply, channel_pool
+from bam_triton import BAM, bam_apply, channel_pool
 from devices import ON_CUDA, TEST_DEVICE, cuda_only
 from reference import ref_apply, ref_grads
 
@@ -30,14 +32,7 @@ def assert_close(got, ref, dtype=torch.float32, what="tensor", scale_atol=False)
     """``|got - ref| <= atol + rtol·|ref|`` with the package's table; ``scale_atol`` for sums of many terms (map and
     parameter gradients), whose rounding scales with the terms: atol·(1 + max|ref|), as in tests/test_hardening.py."""
     assert ref.dtype == torch.float64 and got.device == ref.device, (what, got.device, ref.device)
-    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    atol, rtol = TOLERANCES[dtype]
-    if scale_atol and ref.numel():
-        atol *= 1 + ref.abs().max().item()
-    err = (got.double() - ref).abs()
-    bad = ~(err <= atol + rtol * ref.abs())
-    assert not bad.any(), (f"{what}: {int(bad.sum())}/{bad.numel()} out of tolerance ({dtype}), max |err| "
-                           f"{err.nan_to_num(float('inf')).max().item():.3e}")
+    check_close(got, ref, dtype, what=what, scale_atol=scale_atol)
 
 
 def make_inputs(device, memory_format=torch.contiguous_format, seed=0):

@@ -5,6 +5,8 @@ import copy
 
 import pytest
 import torch
+
+from bam_triton._dtypes import assert_close as check_close
 import torch.nn.functional as F
 from torch import nn
 
@@ -105,9 +107,7 @@ def assert_close(got, ref, what):
     """fp32 against the authors' module in float64, with the package's fp32 tolerance (1e-5)."""
     atol, rtol = TOLERANCES[torch.float32]
     assert atol <= 1e-5 and rtol <= 1e-5
-    err = (got.double() - ref).abs()
-    bad = ~(err <= atol + rtol * ref.abs())
-    assert not bad.any(), f"{what}: {int(bad.sum())} elements out of tolerance, max |err| {err.max().item():.3e}"
+    check_close(got, ref, torch.float32, what=what)
 
 
 @pytest.mark.parametrize("c", [64, 256])

@@ -16,10 +16,12 @@ import zlib
 
 import pytest
 import torch
+
+from bam_triton._dtypes import assert_close as check_close
 from torch import nn
 
 import bam_triton
-from bam_triton import BAM, TOLERANCES, bam_apply, channel_pool
+from bam_triton import BAM, bam_apply, channel_pool
 from bam_triton import kernels
 from devices import cpu_only
 from reference import ref_apply, ref_grads
@@ -47,14 +49,9 @@ def _gen(*parts):
 
 
 def assert_close(got, ref, dtype=torch.float32, what="tensor"):
-    """|got - ref| <= atol + rtol·|ref| with the package's tolerance table for ``dtype``; ``ref`` is float64."""
+    """The package's check (``bam_triton._dtypes.assert_close``) against a float64 reference."""
     assert ref.dtype == torch.float64
-    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    atol, rtol = TOLERANCES[dtype]
-    err = (got.double() - ref).abs()
-    bad = ~(err <= atol + rtol * ref.abs())
-    assert not bad.any(), (f"{what}: {int(bad.sum())}/{bad.numel()} out of tolerance ({dtype}), max |err| "
-                           f"{err.nan_to_num(float('inf')).max().item():.3e}")
+    check_close(got, ref, dtype, what=what)
 
 
 def make_bam(combine="sum", channels=C, reduction=4, seed=0):
