@@ -4,15 +4,19 @@ backward (issue 14).
 Forward, ``front_fwd_kernel``: ``pooled[n, c] = mean_hw x[n, c, hw]`` and ``y[n, :, hw] = W·x[n, :, hw] + b`` from
 one read of x. The conv is a GEMM over pixels: a program owns one image and BLOCK_P pixels, walks C in BLOCK_K chunks
 and accumulates ``acc += W[:, chunk] · x[chunk, pixels]`` with ``tl.dot`` (tensor cores for fp16/bf16; fp32 stays
-IEEE, ``input_precision="ieee"``, accepted since Triton 3.0; fp64 uses a broadcast-multiply-sum, Triton 3.2/3.3
-have no fp64 dot). The same x tiles give the channel sums of the pooling. Tiles lie along x's contiguous axis:
+IEEE: ``input_precision="ieee"``, a keyword Triton 3.2, 3.3 and 3.9 all take; fp64 uses a broadcast-multiply-sum,
+Triton 3.2/3.3 have no fp64 dot). The same x tiles give the channel sums of the pooling. Tiles lie along x's
+contiguous axis:
 
     NCHW: x tile [BLOCK_K, BLOCK_P], acc [R_PAD, BLOCK_P] = W [R_PAD, BLOCK_K] · x
     NHWC: x tile [BLOCK_P, BLOCK_K], acc [BLOCK_P, R_PAD] = x · Wᵀ [BLOCK_K, R_PAD]
 
 R_PAD is C_r rounded up to a power of two and at least 16 (the smallest dot); the padding rows of W load as 0.
 Each program writes its channel sums to an fp32 (fp64) (N, n_pixel_blocks, C) buffer that the launcher adds up in a
-fixed order (no atomics), 2/BLOCK_P bytes per byte of fp16 x.
+fixed order (no atomics): written and read once, 4/BLOCK_P bytes per byte of fp16 x (6% at BLOCK_P = 64). The x and
+W pointers advance by one chunk per step rather than being recomputed: recomputed, ptxas held the kernel at 80
+registers and spilled 8-24 bytes (bf16, sm_80, C = 256). The grid is one program per (image, pixel block), so 14x14
+maps give few programs (32 images: 128 at BLOCK_P = 64, 224 at 32); splitting C as well would cost fp32 partials of y.
 
 Backward, ``front_bwd_kernel``: with g the gradient of BAM's output, dy that of y (C_r channels) and dpool that of
 pooled, it writes ``dx = g·(1 + s) + dpool/(H·W) + Wᵀ·dy`` once (s = sigmoid(mc ⊕ ms), as kernels/apply_bwd.py) and
@@ -34,9 +38,22 @@ memory format; b, mc, ms and dpool may be any float dtype. Everything accumulate
 Offsets within an image are int32 (the op layer checks C·H·W < 2**31), image bases int64.
 
 GPU code (tests/test_kernel_front.py compiles every kept config for sm_80 and sm_90 at the ResNet-50 BAM shapes,
-fp16/bf16, both layouts, r = 16): mma.sync on sm_80, wgmma/mma on sm_90, no spills; x loads are 128-bit wherever x's
-contiguous rows are 16-byte aligned, i.e. everywhere but NCHW 14x14 (a row of 196 fp16 is 8-byte aligned: 64-bit
-loads; the pooling's row-group trick cannot feed a GEMM tile). Registers per config: see ``FRONT_CONFIGS``.
+batch 32, r = 16, fp16/bf16, both layouts: 272 variants, checked with Triton 3.2, 3.3 and 3.9): mma.sync on sm_80,
+wgmma or mma.sync on sm_90, no spills; x loads (cp.async into shared memory, as the pipeliner feeds the dots, or
+ld.global) are 128-bit wherever x's rows are 16-byte aligned, i.e. everywhere but NCHW 14x14 (a row of 196 fp16 is
+8-byte aligned: 64-bit; the pooling's row-group trick cannot feed a GEMM tile). Registers, sm_80 / sm_90, over those
+shapes and the three Tritons:
+
+    forward   P64-K64-w4 56-168 / 56-124    P128-K32-w4 64-202 / 63-130   P128-K64-w8 64-166 / 57-126
+              P32-K64-w4 48-111 / 40-117    P64-K32-w4 48-128 / 40-88     P256-K32-w8 78-212 / 62-154
+    backward  K64-P32-w4 95-252 / 74-206    K128-P32-w8 101-255 / 75-224  K32-P32-w4 72-168 / 63-168
+              C_r <= 32: K64-P64-w8 100-212 / 72-236, K32-P64-w4 72-205 / 64-232, K64-P64-w4 128-255 / 128-255
+              C_r <= 16: K32-P128-w8 100-180 / 80-241
+
+The backward configs the pruner drops at C_r = 64 spilled on sm_80: K32-P128-w8 76 bytes (NCHW, Triton 3.9),
+K64-P64-w4 24-48 (NHWC, 3.9), K64-P64-w8 48 (NCHW, 3.3). fp32 (first configs, 256x56x56) compiles to FMA, no TF32;
+its backward spills ~560 bytes with Triton 3.2 only (fp32 is no performance target). fp64 (a correctness path for
+gradcheck, no dot) spills heavily.
 """
 import torch
 import triton
@@ -46,8 +63,8 @@ from . import _common
 from ._common import LaunchPlan, acc_dtype, is_channels_last, launch, n_bucket, sm_count, target_programs
 from .apply import COMBINE_CODES, attention_logit
 
-# (meta, num_warps) per kernel; the first config of each list is the interpreter's and the pinned default, so it is
-# valid for every shape and good on both layouts. Registers (sm_80/sm_90, fp16, ptxas) measured by the AOT test.
+# (meta, num_warps) per kernel; the first config of each list is the interpreter's and the pinned default, kept by the
+# pruner at every ResNet-50 shape in both layouts. Registers per config: the module docstring.
 FRONT_CONFIGS = {
     "front_fwd": [
         (dict(BLOCK_P=64, BLOCK_K=64), 4),
@@ -74,11 +91,13 @@ P_SPLIT_UNIT = max(meta["BLOCK_P"] for meta, _ in FRONT_CONFIGS["front_bwd"])
 _MIN_FWD_BLOCK_P = min(meta["BLOCK_P"] for meta, _ in FRONT_CONFIGS["front_fwd"])
 # Channel chunk the backward plan assumes when it counts programs (the config is not known yet).
 _TYPICAL_BLOCK_K = 64
-# Register budget, in elements per thread, of the tiles a program keeps live (sm_80 is the tighter target: ptxas
-# spilled there at 255 registers with 32 elements of dy, 32 of dx and 32 of dW per thread, and with 32 of dy beside a
-# [32, 128] dx tile on 8 warps; every kept config compiles without spills at the ResNet-50 shapes, see the tests).
+# Register budget, in elements per thread, of the tiles a program keeps live, and of the backward's whole dy tile
+# (it feeds both dots, in two operand layouts). sm_80 is the tighter target: at C_r = 64 ptxas spilled with 32
+# elements of dy, dx and dW per thread (Triton 3.9), with a [64, 128] dy tile on 8 warps (3.9) and with a [64, 64]
+# one on 8 warps (3.3); every kept config compiles without spills at the ResNet-50 shapes with 3.2, 3.3 and 3.9.
 _FWD_LIMITS = dict(acc=64, x=64)
 _BWD_LIMITS = dict(dy=16, dw=32, dx=32)
+_BWD_DY_TILE = 2048
 
 
 def front_configs(kind):
@@ -104,7 +123,8 @@ def _prune(kind):
     """``early_config_prune`` of ``kind``: keep the configs whose block along x's contiguous axis has at least 32
     elements (BLOCK_P for NCHW, BLOCK_K for NHWC; or the whole axis when it is shorter), whose pixel block is at most
     twice the image's pixels (rounded up to a power of two, at least 32), and whose register tiles stay within the
-    limits above. Never empty: the first config of the list stays when nothing else would."""
+    limits above (per thread; the backward's dy tile as a whole). Never empty: the first config of the list stays
+    when nothing else would."""
     limits = _FWD_LIMITS if kind == "front_fwd" else _BWD_LIMITS
 
     def prune(configs, named_args, **kwargs):
@@ -120,6 +140,8 @@ def _prune(kind):
                 return False
             if meta["BLOCK_P"] > max(32, 2 * triton.next_power_of_2(hw)):
                 return False
+            if kind == "front_bwd" and r_pad * meta["BLOCK_P"] > _BWD_DY_TILE:
+                return False
             sizes = tile_elements(kind, meta, cf.num_warps, r_pad)
             return all(sizes[name] <= limit for name, limit in limits.items())
 
@@ -129,7 +151,8 @@ def _prune(kind):
 
 
 def kept_configs(plan):
-    """The (meta, num_warps) configs the autotuner's pruner keeps for ``plan`` (before BAM_TRITON_AUTOTUNE=0 pinning)."""
+    """The (meta, num_warps) configs the autotuner's pruner keeps for ``plan`` (before any BAM_TRITON_AUTOTUNE=0
+    pinning)."""
     kind = "front_fwd" if plan.kernel is front_fwd_kernel else "front_bwd"
     configs = [triton.Config(meta, num_warps=warps) for meta, warps in FRONT_CONFIGS[kind]]
     kept = _prune(kind)(configs, dict(zip(plan.scalar_names(), plan.scalars)), **dict(plan.constexprs))
