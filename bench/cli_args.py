@@ -18,7 +18,7 @@ def add_plot_args(p):
 
 
 def _dtype_name(text):
-    from .sweep import DTYPES
+    from bam_triton._dtypes import DTYPE_NAMES as DTYPES
 
     if text not in DTYPES:
         raise argparse.ArgumentTypeError(f"invalid dtype {text!r}: choose from {', '.join(DTYPES)}")

@@ -6,13 +6,11 @@ and compiled), and, for each op, a callable that runs one iteration on tensors s
 ``1 + sigmoid(...)`` and ``att * x`` — each step a full (N, C, H, W) tensor. Pooling is ``F.avg_pool2d(x, (H, W))``
 (their code passes ``H`` only, which is the same for the square maps benchmarked here and wrong for others).
 """
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bam_triton.module import PointwiseConv2d
 
 PROVIDERS = ("authors-eager", "torch-path", "authors-compiled", "triton", "triton-compiled")
 BASELINE = "authors-eager"
@@ -37,32 +35,30 @@ def authors_apply(x, mc, ms, combine="product"):
     return att * x
 
 
-def _authors_layer(layer):
-    """``layer`` as the authors' code has it: our CPU-tuned 1x1 convolution becomes a plain ``nn.Conv2d`` holding the
-    same parameters; every other layer is shared as it is."""
-    if not isinstance(layer, PointwiseConv2d):
-        return layer
-    conv = nn.Conv2d(layer.in_channels, layer.out_channels, kernel_size=1, device="meta")
-    conv.weight, conv.bias = layer.weight, layer.bias
-    return conv
-
-
 class AuthorsBAM(nn.Module):
     """The authors' BAM forward around the weights of one of our :class:`bam_triton.BAM` modules (its parameters and
     buffers are shared, not copied): Flatten -> gate_c -> unsqueeze/expand; gate_s (their plain layer sequence, run
-    in the input's memory format) -> expand; ``1 + sigmoid(·)``; ``att * x``."""
+    in the input's memory format; every conv as ``F.conv2d`` on the layer's own parameters, as ``nn.Conv2d`` runs it,
+    whatever CPU speed path our layer class has) -> expand; ``1 + sigmoid(·)``; ``att * x``."""
 
     def __init__(self, bam, combine="product"):
         super().__init__()
         self.gate_c = bam.channel_att.gate_c
-        self.gate_s = nn.Sequential(OrderedDict(
-            (name, _authors_layer(layer)) for name, layer in bam.spatial_att.gate_s.named_children()))
+        self.gate_s = bam.spatial_att.gate_s
         self.combine = combine
+
+    def _spatial(self, x):
+        for layer in self.gate_s:
+            if isinstance(layer, nn.Conv2d):
+                x = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+            else:
+                x = layer(x)
+        return x
 
     def forward(self, x):
         pooled = F.avg_pool2d(x, (x.size(2), x.size(3)), stride=(x.size(2), x.size(3)))
         channel = self.gate_c(pooled.view(pooled.size(0), -1)).unsqueeze(2).unsqueeze(3).expand_as(x)
-        spatial = self.gate_s(x).expand_as(x)
+        spatial = self._spatial(x).expand_as(x)
         att = 1 + torch.sigmoid(channel * spatial if self.combine == "product" else channel + spatial)
         return att * x
 

@@ -373,9 +373,9 @@ def run_traffic(args):
     """``bam-triton traffic``: the table, the orientation numbers and the fused backward's passes."""
     import json
 
-    from .sweep import DTYPES
+    from bam_triton._dtypes import DTYPE_NAMES
 
-    dtype = DTYPES[args.dtype]
+    dtype = DTYPE_NAMES[args.dtype]
     report = traffic_report(tuple(args.shape), dtype, args.layout == "channels_last", args.combine)
     print(format_report(report))
     rows = {(r["op"], r["provider"]): r for r in report["rows"]}
