@@ -15,6 +15,12 @@ from torch import nn
 PROVIDERS = ("authors-eager", "torch-path", "authors-compiled", "triton", "triton-compiled")
 BASELINE = "authors-eager"
 CUDA_ONLY = ("triton", "triton-compiled")
+# Whole-network ops: BAM's cost inside ResNet-50 (224x224), against the same network without BAM ("no-bam", same
+# backbone weights). torch.compile of a whole ResNet-50 takes minutes per case, so the compiled providers sit these out.
+NETWORK_OPS = ("resnet50-fwd", "resnet50-train")
+NO_BAM = "no-bam"
+NETWORK_PROVIDERS = (NO_BAM, "authors-eager", "torch-path", "triton")
+NETWORK_IMAGE = (3, 224, 224)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -86,6 +92,9 @@ class OpCase:
         from bam_triton import BAM
 
         self.op, self.shape, self.dtype, self.device, self.combine = op, shape, dtype, device, combine
+        if op in NETWORK_OPS:
+            self._init_networks(shape, dtype, channels_last, device, combine, seed)
+            return
         n, c, h, w = shape
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
@@ -111,12 +120,58 @@ class OpCase:
             for m in self.modules.values():
                 m.train(train)
 
+    def _init_networks(self, shape, dtype, channels_last, device, combine, seed):
+        """ResNet-50 without BAM, with the authors' BAM and with ours (each backend), on one set of weights: one seed
+        gives the same backbone with and without BAM (``bam_triton.models``), and every BAM variant shares the BAM
+        weights of the torch-path network."""
+        import copy
+
+        from bam_triton.models import bam_modules, resnet50
+
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        gen = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+        self.train = self.op == "resnet50-train"
+        networks = {}
+        for name, bam in ((NO_BAM, False), ("torch", True)):
+            torch.manual_seed(seed)
+            networks[name] = resnet50(bam=bam, combine=combine, backend="torch").to(
+                device=device, dtype=dtype, memory_format=fmt).train(self.train)
+        networks["triton"] = copy.deepcopy(networks["torch"])
+        for _, module in bam_modules(networks["triton"]):
+            module.backend = "triton"
+        networks["authors"] = copy.deepcopy(networks["torch"])
+        for name, module in bam_modules(networks["authors"]):
+            setattr(networks["authors"], name, AuthorsBAM(module, combine=combine))
+        self.networks = networks
+
+    def _make_network(self, provider):
+        key = {NO_BAM: NO_BAM, "authors-eager": "authors", "torch-path": "torch", "triton": "triton"}.get(provider)
+        if key is None:
+            raise ValueError(f"{provider} does not run the whole-network ops (providers: {', '.join(NETWORK_PROVIDERS)})")
+        network, x = self.networks[key], self.x
+        if not self.train:
+            def forward():
+                with torch.no_grad():
+                    return network(x)
+
+            return forward, (lambda out: out)
+        params = [p for p in network.parameters() if p.requires_grad]
+
+        def training_step():  # forward and backward of every parameter (the optimizer's step is BAM-independent)
+            out = network(x)
+            return torch.autograd.grad(out, params, torch.ones_like(out))
+
+        return training_step, (lambda grads: grads[0])
+
     # -- per op ------------------------------------------------------------------------------------------------------
 
     def make(self, provider):
         from bam_triton import bam_apply, channel_pool
 
         op, combine = self.op, self.combine
+        if op in NETWORK_OPS:
+            return self._make_network(provider)
         compiled = provider.endswith("-compiled")
         backend = "triton" if provider.startswith("triton") else "torch"
         if op == "pool":

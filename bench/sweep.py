@@ -27,7 +27,7 @@ import torch
 
 from bam_triton._dtypes import DTYPE_NAMES, within_tolerance
 
-from .providers import BASELINE, CUDA_ONLY, PROVIDERS
+from .providers import BASELINE, CUDA_ONLY, NETWORK_IMAGE, NETWORK_OPS, NETWORK_PROVIDERS, NO_BAM, PROVIDERS
 from .traffic import MINIMAL_BYTES_DOC, OPS, minimal_bytes
 
 RESNET50_SHAPES = ((256, 56, 56), (512, 28, 28), (1024, 14, 14))
@@ -43,13 +43,14 @@ CUDAGRAPH_SKIPPED_OPS = {
     "apply-bwd": "its fn is torch.autograd.grad of a graph whose forward ran once, before and outside the capture; "
                  "autograd runs each backward kernel on the stream of its forward op, not on the capturing stream, "
                  "so the capture is invalid (bam-fwd-bwd times forward and backward together, capturable)",
+    **{op: "a whole network: launch overhead is not what it measures" for op in NETWORK_OPS},
 }
 # On CUDA, the order in which the sweep runs ops (most important first; see plan).
 OP_PRIORITY = ("apply-fwd", "apply-bwd", "pool", "bam-fwd", "bam-fwd-bwd")
 
 COLUMNS = ["device", "provider", "op", "N", "C", "H", "W", "dtype", "layout", "combine", "median_ms", "p20_ms",
            "p80_ms", "reps", "gbps", "frac_copy_bw"] + [f"speedup_vs_{p.replace('-', '_')}" for p in PROVIDERS] + \
-          ["timing_mode", "page_faults", "valid", "max_abs_err", "minimal_bytes", "config"]
+          ["bam_overhead", "timing_mode", "page_faults", "valid", "max_abs_err", "minimal_bytes", "config"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -126,8 +127,11 @@ def add_grid_args(p):
                    help="fp32, fp16, bf16 (comma-separated or repeated; default fp32 on CPU, fp16 on CUDA)")
     p.add_argument("--layout", type=_csv_choice(LAYOUTS, "layout"), action="append", metavar="LAYOUT",
                    help="nchw, channels_last (default nchw)")
-    p.add_argument("--ops", type=_csv_choice(OPS, "op"), action="append", metavar="OP",
-                   help=f"any of {', '.join(OPS)} (default: all)")
+    p.add_argument("--ops", type=_csv_choice(OPS + NETWORK_OPS, "op"), action="append", metavar="OP",
+                   help=f"any of {', '.join(OPS + NETWORK_OPS)} (default: {', '.join(DEFAULT_OPS)}); the resnet50 "
+                        f"ops time a whole ResNet-50 at 224x224 without BAM, with the authors' BAM and with ours")
+    p.add_argument("--network-batch", type=_number(int, 2), default=None, metavar="N",
+                   help="batch size of the resnet50 ops (default 32 on CUDA, 8 on CPU)")
     p.add_argument("--combine", choices=("product", "sum"), default="product",
                    help="⊕ of the two branches (default product, as the authors' code)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
@@ -177,6 +181,12 @@ def grid(args):
     layouts = _flatten(args.layout, ["nchw"])
     ops = _flatten(args.ops, DEFAULT_OPS)
     return device, shapes, dtypes, layouts, ops
+
+
+def network_shapes(args, device):
+    """The input shapes of the whole-network ops: (N, 3, 224, 224)."""
+    n = getattr(args, "network_batch", None) or (32 if device.type == "cuda" else 8)
+    return [(n,) + NETWORK_IMAGE]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -280,7 +290,7 @@ def providers_for(device, requested, interpret):
     return run, skipped
 
 
-def plan(device, shapes, dtypes, layouts, ops, providers):
+def plan(device, shapes, dtypes, layouts, ops, providers, networks=()):
     """The sweep's units of work, in the order they run: ``(shape, dtype, layout, op, [providers])``.
 
     On CPU one unit per case with all its providers, in grid order: they are timed together in interleaved rounds.
@@ -288,10 +298,14 @@ def plan(device, shapes, dtypes, layouts, ops, providers):
     non-compiled providers of every case (apply-fwd, apply-bwd, pool, bam-fwd, bam-fwd-bwd), (1) authors-compiled on
     the apply ops (the apply step is to be no slower than torch.compile), (2) triton-compiled on the apply ops,
     (3) the compiled providers of the other ops. A ``torch.compile`` costs seconds per case, so a time budget cuts
-    those first."""
-    cases = [(shape, dt, lay, op) for shape in shapes for dt in dtypes for lay in layouts for op in ops]
+    those first. The whole-network ops (``networks``: their input shapes) run after all others, with
+    :data:`NETWORK_PROVIDERS` only."""
+    cases = [(shape, dt, lay, op) for shape in shapes for dt in dtypes for lay in layouts for op in ops
+             if op not in NETWORK_OPS]
+    network_units = [(shape, dt, lay, op, [p for p in NETWORK_PROVIDERS if p == NO_BAM or p in providers])
+                     for op in ops if op in NETWORK_OPS for shape in networks for dt in dtypes for lay in layouts]
     if device.type != "cuda":
-        return [case + (list(providers),) for case in cases]
+        return [case + (list(providers),) for case in cases] + network_units
     eager = [p for p in providers if not p.endswith("-compiled")]
     compiled = [p for p in providers if p.endswith("-compiled")]
 
@@ -310,7 +324,7 @@ def plan(device, shapes, dtypes, layouts, ops, providers):
             keyed.append(((0, rank, 0, index), case + (eager,)))
         for j, p in enumerate(compiled):
             keyed.append(((tier(op, p), rank, j, index), case + ([p],)))
-    return [unit for _, unit in sorted(keyed, key=lambda item: item[0])]
+    return [unit for _, unit in sorted(keyed, key=lambda item: item[0])] + network_units
 
 
 def _unit_entry(unit, reason=None):
@@ -360,7 +374,7 @@ def run_sweep(args):
                copy_into_bandwidth_gbps=copy["copy_into_gbps"], copy_bandwidth_mib=args.copy_mib,
                autotune_persistence=persistence, cpu_cache_flush_mib=0 if device.type == "cuda" else args.flush_mib)
 
-    units = plan(device, shapes, dtypes, layouts, ops, providers)
+    units = plan(device, shapes, dtypes, layouts, ops, providers, network_shapes(args, device))
     progress = Progress(sum(len(unit[-1]) for unit in units))
     rows, failures, chosen, not_run = [], [], {}, []
     cudagraph_skipped = ({op: why for op, why in CUDAGRAPH_SKIPPED_OPS.items() if op in ops}
@@ -441,7 +455,8 @@ def _run_case(args, device, shape, dt, lay, op, providers, copy_bw, progress, fa
     dtype = DTYPES[dt]
     n, c, h, w = shape
     case = OpCase(op, shape, dtype, lay == "channels_last", device, combine=args.combine)
-    nbytes = minimal_bytes(op, n, c, h, w, torch.empty((), dtype=dtype).element_size())
+    # GB/s mean something for BAM's own ops only: a whole network's time is mostly its convolutions.
+    nbytes = None if op in NETWORK_OPS else minimal_bytes(op, n, c, h, w, dtype.itemsize)
     label = f"{op} {'x'.join(map(str, shape))} {dt} {lay}"
     ref = None
     if "torch-path" not in providers:  # the reference of every comparison, computed even when not timed
@@ -454,6 +469,8 @@ def _run_case(args, device, shape, dt, lay, op, providers, copy_bw, progress, fa
     for provider in providers:
         progress.step(f"{label} {provider}")
         interp = device.type == "cpu" and provider in CUDA_ONLY
+        if interp and op in NETWORK_OPS:
+            continue  # a ResNet-50 through the interpreter validates nothing the BAM ops don't, in hours
         try:
             fn, result = case.make(provider)
             configs.reset_marks()
@@ -508,7 +525,7 @@ def _run_case(args, device, shape, dt, lay, op, providers, copy_bw, progress, fa
                        combine=args.combine, median_ms=med, p20_ms=p20, p80_ms=p80, reps=reps, timing_mode=mode,
                        page_faults=faults,
                        minimal_bytes=nbytes, config="; ".join(f"{k}: {v}" for k, v in configs_of[provider].items()))
-            if mode != "interpreter":
+            if mode != "interpreter" and nbytes is not None:
                 row["gbps"] = nbytes / (med * 1e-3) / 1e9
                 row["frac_copy_bw"] = row["gbps"] / copy_bw
             rows.append(row)
@@ -520,7 +537,7 @@ def _run_case(args, device, shape, dt, lay, op, providers, copy_bw, progress, fa
             continue
         ok, err = within_tolerance(got, ref, dtype)
         r["max_abs_err"] = err
-        if r["provider"] in CUDA_ONLY:
+        if r["provider"] in CUDA_ONLY and op not in NETWORK_OPS:  # a network's logits: reported, not judged
             r["valid"] = ok
     return rows
 
@@ -539,12 +556,14 @@ def _add_speedups(rows):
                 base = by_p.get(p)
                 if base is not None:
                     r[f"speedup_vs_{p.replace('-', '_')}"] = base["median_ms"] / r["median_ms"]
+            if NO_BAM in by_p and r["provider"] != NO_BAM:  # what BAM adds to the network's time
+                r["bam_overhead"] = r["median_ms"] / by_p[NO_BAM]["median_ms"] - 1
 
 
 def summary_table(rows, env):
     lines = [f"\nSummary ({device_label(env)}; copy bandwidth {env['copy_bandwidth_gbps']:.1f} GB/s; "
              f"speedup = authors-eager time / provider time)"]
-    hdr = (f"{'op':<12}{'shape':<16}{'dtype':<6}{'layout':<14}{'provider':<18}{'mode':<12}{'median ms':>11}"
+    hdr = (f"{'op':<16}{'shape':<18}{'dtype':<6}{'layout':<14}{'provider':<18}{'mode':<12}{'median ms':>11}"
            f"{'p20-p80 ms':>21}{'GB/s':>8}{'%copy':>7}{'speedup':>9}  valid")
     lines += [hdr, "-" * len(hdr)]
     for r in rows:
@@ -555,7 +574,7 @@ def summary_table(rows, env):
         frac = f"{100 * r['frac_copy_bw']:.0f}%" if r.get("frac_copy_bw") else "-"
         speed = f"{sp:.2f}x" if sp else "-"
         valid = "" if r.get("valid") is None else ("ok" if r["valid"] else "FAIL")
-        lines.append(f"{r['op']:<12}{shape:<16}{r['dtype']:<6}{r['layout']:<14}{r['provider']:<18}"
+        lines.append(f"{r['op']:<16}{shape:<18}{r['dtype']:<6}{r['layout']:<14}{r['provider']:<18}"
                      f"{r['timing_mode']:<12}{r['median_ms']:>11.3f}{spread:>21}{gbps:>8}{frac:>7}{speed:>9}  {valid}")
     # The project's CPU target: the torch path's BAM forward >= 1.5x the authors' eager formulation at the default
     # grid (the ResNet-50 shapes at batch 32/64/128); other shapes are reported without a verdict.
@@ -571,4 +590,22 @@ def summary_table(rows, env):
                 verdict = "the 1.5x CPU target is set for the default grid: the ResNet-50 shapes at batch 32/64/128"
             lines.append(f"bam-fwd torch-path vs authors-eager at {r['N']}x{r['C']}x{r['H']}x{r['W']} {r['dtype']} "
                          f"{r['layout']}: {sp:.2f}x ({verdict})")
+    lines += network_overhead_lines(rows)
     return "\n".join(lines)
+
+
+def network_overhead_lines(rows):
+    """'BAM adds X % with the authors' code, Y % with ours' per whole-network case and timing mode."""
+    cases = {}
+    for r in rows:
+        if r["op"] in NETWORK_OPS and r.get("bam_overhead") is not None:
+            key = (r["op"], r["N"], r["dtype"], r["layout"], r["timing_mode"])
+            cases.setdefault(key, {})[r["provider"]] = r["bam_overhead"]
+    lines = [""] if cases else []
+    for (op, n, dt, lay, mode), overhead in cases.items():
+        ours = ", ".join(f"{100 * overhead[p]:.1f} % with ours ({p})" for p in ("torch-path", "triton") if p in overhead)
+        authors = f"{100 * overhead['authors-eager']:.1f} % with the authors' code" if "authors-eager" in overhead \
+            else "the authors' code not timed"
+        lines.append(f"{op} batch {n} {dt} {lay} ({mode}): BAM adds {authors}; {ours or 'ours not timed'} "
+                     f"(over the same ResNet-50 without BAM)")
+    return lines

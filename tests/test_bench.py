@@ -649,3 +649,24 @@ def test_persistence_status_on_the_installed_triton(monkeypatch):
     else:
         assert msg.startswith(("on-disk autotune cache on", "triton ")), msg
     assert configs.cache_dir()
+
+
+@pytest.mark.slow_on_gpu
+def test_sweep_network_ops_report_bams_overhead(tmp_path, capsys):
+    """The whole-network ops time ResNet-50 without BAM, with the authors' BAM and with ours on one set of weights,
+    and say what BAM adds; no GB/s (a network is not memory-bound in BAM's sense) and no kernel verdict."""
+    code = main(["sweep", "--ops", "resnet50-fwd", "--network-batch", "2", "--min-time", "0.05", "--max-reps", "2",
+                 "--rounds", "1", "--copy-mib", "16", "--flush-mib", "0", "--out", str(tmp_path)])
+    assert code == 0
+    _, rows = _read_csv(tmp_path / "sweep.csv")
+    by_provider = {r["provider"]: r for r in rows if r["op"] == "resnet50-fwd"}
+    assert set(by_provider) >= {"no-bam", "authors-eager", "torch-path"}
+    assert all((r["N"], r["C"], r["H"], r["W"]) == ("2", "3", "224", "224") for r in by_provider.values())
+    assert by_provider["no-bam"]["bam_overhead"] == ""
+    for provider in ("authors-eager", "torch-path"):
+        r = by_provider[provider]
+        overhead = float(r["median_ms"]) / float(by_provider["no-bam"]["median_ms"]) - 1
+        assert float(r["bam_overhead"]) == pytest.approx(overhead, rel=1e-4)
+        assert r["gbps"] == "" and r["valid"] == ""
+    out = capsys.readouterr().out
+    assert "resnet50-fwd batch 2 fp32 nchw (cpu-timer): BAM adds" in out and "with ours (torch-path)" in out
