@@ -29,6 +29,17 @@ def default_backend():
     return value
 
 
+SINGLE_READ_ENV_VAR = "BAM_TRITON_SINGLE_READ"
+
+
+def single_read_default():
+    """``$BAM_TRITON_SINGLE_READ`` as a bool (unset: False): the default of ``BAM(single_read=None)``."""
+    value = os.environ.get(SINGLE_READ_ENV_VAR, "0").strip().lower()
+    if value not in ("", "0", "1", "false", "true", "off", "on", "no", "yes"):
+        raise ValueError(f"environment variable {SINGLE_READ_ENV_VAR} must be 0 or 1, got {value!r}")
+    return value in ("1", "true", "on", "yes")
+
+
 def _find_triton():
     try:
         return importlib.util.find_spec("triton") is not None

@@ -119,3 +119,76 @@ def block_forward(x, channel_branch, spatial_branch, combine, path):
     ms = spatial_branch(x_conv)
     return _ApplyIntoJunction.apply(x_apply, mc.reshape(n, c).contiguous(), ms.reshape(n, h * w).contiguous(),
                                     combine, handoff)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Single read of x (opt-in: BAM(single_read=True) or BAM_TRITON_SINGLE_READ=1)
+# ----------------------------------------------------------------------------------------------------------------------
+# The front-end kernel (kernels/front.py) computes the channel means and the spatial branch's 1x1 reduction y from one
+# read of x, so the forward reads x twice (front end, apply) instead of three times. In training its backward writes
+#   dx = g·(1+s) + dpool/(H·W) + W_rᵀ·dy   and accumulates dW_r, db_r
+# in one pass that reads g, x and dy (C/r channels), after the apply step's reductions (2 passes): torch never writes
+# a full-size gradient of x.
+
+
+class _FrontJunction(torch.autograd.Function):
+    """Forward: (x for the apply step, pooled, y) from the front-end kernel. Backward: dx, dW_r, db_r in one kernel
+    from the hand-over and the branches' gradients (dpool, dy); differentiable torch ops where the apply step handed
+    nothing over (it was not in this pass, or the backward is recorded)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, handoff, combine):
+        ctx.handoff, ctx.combine, ctx.has_bias = handoff, combine, bias is not None
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight)
+        pooled, y = _backend.kernels().front_fwd(x, weight, bias)
+        return x.view_as(x), pooled, y
+
+    @staticmethod
+    def backward(ctx, d_apply, d_pooled, d_y):
+        x, weight = ctx.saved_tensors
+        h = ctx.handoff
+        if h.g is not None and not torch.is_grad_enabled():
+            kernels = _backend.kernels()
+            if d_y is None:  # the spatial branch is not in this pass
+                dx = kernels.apply_bwd_dx(h.g, x, h.mc, h.ms, ctx.combine,
+                                          dpool=None if d_pooled is None else d_pooled.contiguous())
+                h.clear()
+                return dx, None, None, None, None
+            dx, dw, db = kernels.front_bwd(h.g, x, h.mc, h.ms, ctx.combine,
+                                           None if d_pooled is None else d_pooled.contiguous(), d_y, weight)
+            h.clear()
+            return dx, dw, db if ctx.has_bias else None, None, None
+        n, c, height, width = x.shape
+        dx = d_apply
+        if d_pooled is not None:
+            d_mean = (d_pooled / (height * width)).reshape(n, c, 1, 1).expand(n, c, height, width)
+            dx = d_mean if dx is None else dx + d_mean
+        dw = db = None
+        if d_y is not None:
+            w2 = weight.reshape(weight.shape[0], -1).to(d_y.dtype)
+            d_conv = torch.einsum("nrhw,rc->nchw", d_y, w2).to(x.dtype)
+            dx = d_conv if dx is None else dx + d_conv
+            dw = torch.einsum("nrhw,nchw->rc", d_y, x.to(d_y.dtype)).reshape(weight.shape).to(weight.dtype)
+            db = d_y.sum(dim=(0, 2, 3)).to(weight.dtype) if ctx.has_bias else None
+        return dx, dw, db, None, None
+
+
+def single_read_forward(x, channel_branch, reduce_conv, spatial_branch, combine):
+    """BAM's forward on the Triton path with one read of x before the apply step: the front-end kernel gives the
+    channel means and ``reduce_conv``'s output y; ``channel_branch`` maps the means to (N, C) logits,
+    ``spatial_branch(x, reduced=y)`` (the branch after its 1x1 conv) maps y to (N, 1, H, W) logits. Validated
+    arguments, eager mode."""
+    x = _dense(x)
+    n, c, h, w = x.shape
+    params = (reduce_conv.weight, reduce_conv.bias)
+    if not torch.is_grad_enabled() or not (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+        kernels = _backend.kernels()
+        pooled, y = kernels.front_fwd(x, *params)
+        mc, ms = channel_branch(pooled), spatial_branch(x, reduced=y)
+        return kernels.apply_fwd(x, mc.reshape(n, c).contiguous(), ms.reshape(n, h * w).contiguous(), combine)
+    handoff = _GradHandoff()
+    x_apply, pooled, y = _FrontJunction.apply(x, *params, handoff, combine)
+    mc, ms = channel_branch(pooled), spatial_branch(x_apply, reduced=y)
+    return _ApplyIntoJunction.apply(x_apply, mc.reshape(n, c).contiguous(), ms.reshape(n, h * w).contiguous(),
+                                    combine, handoff)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import _backend, _cpu
-from ._fused_block import block_forward
+from ._fused_block import block_forward, single_read_forward
 from .ops import bam_apply_unchecked, check_combine, check_feature_map, resolve_path
 
 
@@ -73,7 +73,11 @@ class SpatialGate(nn.Module):
             self.gate_s.add_module(f"gate_s_relu_di_{i}", nn.ReLU(inplace=True))
         self.gate_s.add_module("gate_s_conv_final", nn.Conv2d(hidden, 1, kernel_size=1, **factory))
 
-    def forward(self, x):
+    def forward(self, x, reduced=None):
+        """``reduced``: the 1x1 reduction's output when computed elsewhere (BAM's single-read front end); the branch
+        then starts after that conv (forward hooks on this module still see its logits)."""
+        if reduced is not None:
+            return _cpu.spatial_branch(self.gate_s[1:], reduced)
         return _cpu.spatial_branch(self.gate_s, x)
 
 
@@ -93,6 +97,10 @@ class BAM(nn.Module):
             checkpoints).
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"``, ``"triton"``, or ``None`` to follow
             ``$BAM_TRITON_BACKEND`` at each call.
+        single_read: on the Triton path, compute the pooling and the spatial branch's 1x1 conv in one kernel from one
+            read of x, and its backward (dx, the conv's weight gradients) in one pass (``kernels/front.py``).
+            Opt-in until a GPU run shows it faster; ``None`` follows ``$BAM_TRITON_SINGLE_READ`` (unset: off). Eager
+            mode only: under ``torch.compile`` the standard Triton path runs.
         device, dtype: where and in which dtype to create the parameters, as for ``torch.nn`` layers.
 
     Shape:
@@ -108,7 +116,8 @@ class BAM(nn.Module):
     """
 
     def __init__(self, channels: int, reduction: int = 16, dilation: int = 4, num_dilated_convs: int = 2,
-                 combine: str = "sum", backend: Optional[str] = None, device=None, dtype=None) -> None:
+                 combine: str = "sum", backend: Optional[str] = None, single_read: Optional[bool] = None, device=None,
+                 dtype=None) -> None:
         super().__init__()
         _check_positive_int(channels, "channels")
         _check_positive_int(reduction, "reduction")
@@ -124,6 +133,9 @@ class BAM(nn.Module):
         self.num_dilated_convs = num_dilated_convs
         self.combine = check_combine(combine)
         self.backend = _backend.check_backend(backend)
+        if single_read is not None and not isinstance(single_read, bool):
+            raise TypeError(f"single_read must be True, False or None, got {single_read!r}")
+        self.single_read = single_read
         self.channel_att = ChannelGate(channels, self.hidden, device=device, dtype=dtype)
         self.spatial_att = SpatialGate(channels, self.hidden, dilation, num_dilated_convs, device=device, dtype=dtype)
 
@@ -147,7 +159,11 @@ class BAM(nn.Module):
         if empty:
             return bam_apply_unchecked(x, x.new_zeros(x.shape[:2]), x.new_zeros(x.shape[0], *x.shape[2:]),
                                        self.combine, "torch")
-        return block_forward(x, self.channel_att, self.spatial_att, self.combine, resolve_path(x, self.backend))
+        path = resolve_path(x, self.backend)
+        single_read = _backend.single_read_default() if self.single_read is None else self.single_read
+        if path == "triton" and single_read and not torch.compiler.is_compiling():
+            return single_read_forward(x, self.channel_att, self.spatial_att.gate_s[0], self.spatial_att, self.combine)
+        return block_forward(x, self.channel_att, self.spatial_att, self.combine, path)
 
     def _check_input(self, x):
         """Validate ``x`` for this BAM (errors name the argument); returns whether it is empty."""
@@ -171,4 +187,5 @@ class BAM(nn.Module):
 
     def extra_repr(self):
         return (f"channels={self.channels}, reduction={self.reduction}, dilation={self.dilation}, "
-                f"num_dilated_convs={self.num_dilated_convs}, combine={self.combine!r}, backend={self.backend!r}")
+                f"num_dilated_convs={self.num_dilated_convs}, combine={self.combine!r}, backend={self.backend!r}"
+                + (f", single_read={self.single_read}" if self.single_read is not None else ""))

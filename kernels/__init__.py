@@ -7,6 +7,8 @@ callers (``bam_triton.ops``) validate arguments and pick the backend before any 
 - :mod:`.apply`: fused attention-apply forward.
 - :mod:`.apply_bwd`: fused attention-apply backward: single pass (``apply_bwd``), or the reductions
   (``apply_bwd_reduce``) and dx with the pooling and conv gradients folded in (``apply_bwd_dx``).
+- :mod:`.front`: BAM's front end in one read of x (pooling and the spatial branch's 1x1 conv, ``front_fwd``) and its
+  backward (dx with the conv and pooling gradients folded in, dW, db: ``front_bwd``); the opt-in single-read path.
 
 Each launcher has a pure ``*_plan`` function (shape, dtype, layout, SM count -> :class:`LaunchPlan`: the kernel, its
 grid, scalars, constexprs and buffers); the launch, ``bam-triton inspect`` and the tests all use it.
@@ -14,7 +16,9 @@ grid, scalars, constexprs and buffers); the launch, ``bam-triton inspect`` and t
 from ._common import INTERPRETED, PINNED, LaunchPlan, memory_plan
 from .apply import apply_fwd, apply_fwd_plan
 from .apply_bwd import apply_bwd, apply_bwd_dx, apply_bwd_reduce, dx_plan, reduce_plan
+from .front import front_bwd, front_bwd_plan, front_fwd, front_fwd_plan
 from .pool import channel_pool_fwd, channel_pool_plan
 
 __all__ = ["INTERPRETED", "PINNED", "LaunchPlan", "memory_plan", "apply_fwd", "apply_fwd_plan", "apply_bwd",
-           "apply_bwd_dx", "apply_bwd_reduce", "dx_plan", "reduce_plan", "channel_pool_fwd", "channel_pool_plan"]
+           "apply_bwd_dx", "apply_bwd_reduce", "dx_plan", "reduce_plan", "channel_pool_fwd", "channel_pool_plan",
+           "front_bwd", "front_bwd_plan", "front_fwd", "front_fwd_plan"]
