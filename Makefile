@@ -48,7 +48,7 @@ test-triton-compat:
 		echo "== triton $$version"; \
 		TRITON_INTERPRET=1 PYTHONPATH=tests/triton_compat $$venv/bin/python -m pytest -q \
 			-W "ignore:Conversion of an array with ndim:DeprecationWarning" \
-			tests/test_kernels_forward.py tests/test_kernel_apply_bwd.py \
+			tests/test_kernels_forward.py tests/test_kernel_apply_bwd.py tests/test_kernel_front.py \
 			tests/test_bench.py -k "not test_bench or aot or inspect or persistence"; \
 	done
 

@@ -65,8 +65,10 @@ BUDGET = {"full": 480, "quick": 240}
 
 SHAPES = ((32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14))
 OPS = ("pool", "apply-fwd", "apply-bwd", "bam-fwd", "bam-fwd-bwd")
-PROVIDERS_FULL = ("authors-eager", "torch-path", "authors-compiled", "triton", "triton-compiled")
-PROVIDERS_QUICK = ("authors-eager", "torch-path", "authors-compiled", "triton")
+# BAM's cost inside ResNet-50 (the sweep runs these last: the budget cuts them first).
+NETWORK_OPS = ("resnet50-fwd", "resnet50-train")
+PROVIDERS_FULL = ("authors-eager", "torch-path", "authors-compiled", "triton", "triton-compiled", "triton-single-read")
+PROVIDERS_QUICK = ("authors-eager", "torch-path", "authors-compiled", "triton", "triton-single-read")
 DRY_SHAPES = ((2, 64, 16, 16), (2, 32, 7, 7))
 DRY_TESTS = ("tests/test_gpu_check.py", "tests/test_official_checkpoint.py")
 INSPECT_ARCHS = (80, 90)
@@ -318,7 +320,8 @@ def _sweep_echo(run):
 
 def phase_sweep(run, mode):
     dry = mode == "dry"
-    cmd = [sys.executable, "-m", "bam_triton", "sweep", "--out", run.out, "--ops", ",".join(OPS)]
+    ops = OPS if dry else OPS + NETWORK_OPS
+    cmd = [sys.executable, "-m", "bam_triton", "sweep", "--out", run.out, "--ops", ",".join(ops)]
     if dry:
         cmd += ["--device", "cpu", "--interpret", "--shapes", ",".join("x".join(map(str, s)) for s in DRY_SHAPES),
                 "--dtype", "fp32", "--providers", "authors-eager,torch-path,triton", "--min-time", "0.01",
@@ -417,6 +420,35 @@ def _load_sweep(out):
         return None
 
 
+def single_read_lines(rows, timing_mode="do_bench"):
+    """Which BAM path is faster at each measured case: the standard Triton path or the opt-in single read of x
+    (``BAM(single_read=True)``, still off by default until this table says it should be on)."""
+    pairs = {}
+    for r in rows:
+        if r.get("timing_mode") == timing_mode and r["provider"] in ("triton", "triton-single-read") \
+                and r["op"] in ("bam-fwd", "bam-fwd-bwd"):
+            key = (r["op"], (r["N"], r["C"], r["H"], r["W"]), r["dtype"], r["layout"])
+            pairs.setdefault(key, {})[r["provider"]] = float(r["median_ms"])
+    lines = []
+    for (op, shape, dt, lay), times in pairs.items():
+        if len(times) == 2:
+            std, one = times["triton"], times["triton-single-read"]
+            faster = "single read" if one < std else "standard"
+            lines.append(f"| {_case_name(op, shape, dt, lay)} | {std:.3f} | {one:.3f} | {faster} ({std / one:.2f}x) |")
+    if not lines:
+        return []
+    return ["", "## Single read of x (opt-in) vs the standard Triton path", "",
+            "| case | standard ms | single read ms | faster |", "|---|---|---|---|"] + lines
+
+
+def network_lines(rows):
+    """BAM's cost inside ResNet-50, from the sweep's whole-network rows."""
+    from .sweep import network_overhead_lines
+
+    lines = [line for line in network_overhead_lines(rows) if line]
+    return ["", "## BAM inside ResNet-50 (224x224)", ""] + [f"- {line}" for line in lines] if lines else []
+
+
 def write_summary(run, info, tests, argv):
     """SUMMARY.md and summary.json from this run's files; returns the verdicts."""
     dry = run.mode == "dry"
@@ -451,6 +483,7 @@ def write_summary(run, info, tests, argv):
     for v in judged:
         shown = {"met": "met", "not met": "**NOT met**", "missing": "missing"}[v["verdict"]]
         lines.append(f"| {v['target']} | {shown} | {v['detail']} |")
+    lines += single_read_lines(rows) + network_lines(rows)
     lines += ["", "## Tests", ""]
     if tests:
         scope = " and ".join(DRY_TESTS) if dry else "tests/"

@@ -11,7 +11,7 @@ import sys
 from .providers import PROVIDERS
 
 COLORS = {"authors-eager": "#8c8c8c", "torch-path": "#4c72b0", "authors-compiled": "#dd8452",
-          "triton": "#55a868", "triton-compiled": "#c44e52"}
+          "triton": "#55a868", "triton-compiled": "#c44e52", "triton-single-read": "#8172b3", "no-bam": "#937860"}
 
 
 def read_rows(path):

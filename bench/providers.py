@@ -12,9 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
-PROVIDERS = ("authors-eager", "torch-path", "authors-compiled", "triton", "triton-compiled")
+PROVIDERS = ("authors-eager", "torch-path", "authors-compiled", "triton", "triton-compiled", "triton-single-read")
 BASELINE = "authors-eager"
-CUDA_ONLY = ("triton", "triton-compiled")
+CUDA_ONLY = ("triton", "triton-compiled", "triton-single-read")
+# BAM(single_read=True): the opt-in front end that reads x once for the pooling and the 1x1 reduction (the whole
+# module's ops only: it has no op of its own).
+SINGLE_READ = "triton-single-read"
+SINGLE_READ_OPS = ("bam-fwd", "bam-fwd-bwd")
 # Whole-network ops: BAM's cost inside ResNet-50 (224x224), against the same network without BAM ("no-bam", same
 # backbone weights). torch.compile of a whole ResNet-50 takes minutes per case, so the compiled providers sit these out.
 NETWORK_OPS = ("resnet50-fwd", "resnet50-train")
@@ -115,6 +119,9 @@ class OpCase:
             triton_mod = BAM(c, combine=combine, backend="triton").to(device=device, dtype=dtype)
             triton_mod.load_state_dict(base.state_dict())
             self.modules["triton"] = triton_mod
+            single_read = BAM(c, combine=combine, backend="triton", single_read=True).to(device=device, dtype=dtype)
+            single_read.load_state_dict(base.state_dict())
+            self.modules[SINGLE_READ] = single_read
             self.modules["authors"] = AuthorsBAM(base, combine=combine)
             train = op == "bam-fwd-bwd"
             for m in self.modules.values():
@@ -172,6 +179,8 @@ class OpCase:
         op, combine = self.op, self.combine
         if op in NETWORK_OPS:
             return self._make_network(provider)
+        if provider == SINGLE_READ and op not in SINGLE_READ_OPS:
+            raise ValueError(f"{SINGLE_READ} times the whole module only ({', '.join(SINGLE_READ_OPS)}), not {op}")
         compiled = provider.endswith("-compiled")
         backend = "triton" if provider.startswith("triton") else "torch"
         if op == "pool":
@@ -193,7 +202,8 @@ class OpCase:
             g = self.g
             return (lambda: torch.autograd.grad(out, (x, mc, ms), g, retain_graph=True)), (lambda grads: grads[0])
         if op in ("bam-fwd", "bam-fwd-bwd"):
-            module = self.modules["authors" if provider.startswith("authors") else backend]
+            module = self.modules[SINGLE_READ if provider == SINGLE_READ else
+                                  "authors" if provider.startswith("authors") else backend]
             m = _compile(module) if compiled else module
             if op == "bam-fwd":
                 x = self.x

@@ -27,7 +27,8 @@ import torch
 
 from bam_triton._dtypes import DTYPE_NAMES, within_tolerance
 
-from .providers import BASELINE, CUDA_ONLY, NETWORK_IMAGE, NETWORK_OPS, NETWORK_PROVIDERS, NO_BAM, PROVIDERS
+from .providers import (BASELINE, CUDA_ONLY, NETWORK_IMAGE, NETWORK_OPS, NETWORK_PROVIDERS, NO_BAM, PROVIDERS,
+                        SINGLE_READ, SINGLE_READ_OPS)
 from .traffic import MINIMAL_BYTES_DOC, OPS, minimal_bytes
 
 RESNET50_SHAPES = ((256, 56, 56), (512, 28, 28), (1024, 14, 14))
@@ -302,10 +303,14 @@ def plan(device, shapes, dtypes, layouts, ops, providers, networks=()):
     :data:`NETWORK_PROVIDERS` only."""
     cases = [(shape, dt, lay, op) for shape in shapes for dt in dtypes for lay in layouts for op in ops
              if op not in NETWORK_OPS]
+
+    def runs(op, provider):  # the single-read provider times the whole module only
+        return provider != SINGLE_READ or op in SINGLE_READ_OPS
+
     network_units = [(shape, dt, lay, op, [p for p in NETWORK_PROVIDERS if p == NO_BAM or p in providers])
                      for op in ops if op in NETWORK_OPS for shape in networks for dt in dtypes for lay in layouts]
     if device.type != "cuda":
-        return [case + (list(providers),) for case in cases] + network_units
+        return [case + ([p for p in providers if runs(case[3], p)],) for case in cases] + network_units
     eager = [p for p in providers if not p.endswith("-compiled")]
     compiled = [p for p in providers if p.endswith("-compiled")]
 
@@ -320,8 +325,8 @@ def plan(device, shapes, dtypes, layouts, ops, providers, networks=()):
     for index, case in enumerate(cases):
         op = case[3]
         rank = OP_PRIORITY.index(op) if op in OP_PRIORITY else len(OP_PRIORITY)
-        if eager:
-            keyed.append(((0, rank, 0, index), case + (eager,)))
+        if any(runs(op, p) for p in eager):
+            keyed.append(((0, rank, 0, index), case + ([p for p in eager if runs(op, p)],)))
         for j, p in enumerate(compiled):
             keyed.append(((tier(op, p), rank, j, index), case + ([p],)))
     return [unit for _, unit in sorted(keyed, key=lambda item: item[0])] + network_units

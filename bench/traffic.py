@@ -95,10 +95,22 @@ def kernel_apply_bwd_bytes(x_shape, itemsize, map_itemsize, with_dx_conv=False):
     return {"single_pass": single_pass, "reduce_pass": reduce_pass, "dx_pass": dx_pass}
 
 
+def kernel_front_bytes(x_shape, itemsize, hidden):
+    """The single-read front end (kernels/front.py). Forward: x read once, y (N, C_r, H, W) written, the fp32 pooling
+    partials (N, H·W/BLOCK_P, C: 4/64 bytes per element at BLOCK_P = 64) written and read once. Backward: g, x and
+    dy read, dx written (the dW/db partials are C_r·C per split: negligible)."""
+    n, c, h, w = x_shape
+    f = _numel(x_shape) * itemsize
+    y = n * hidden * h * w * itemsize
+    partials = n * -(-h * w // 64) * c * 4
+    return {"fwd": {"read": f + partials, "write": y + partials}, "bwd": {"read": 2 * f + y, "write": f}}
+
+
 KERNEL_BYTES = {
     "channel_pool_kernel": kernel_pool_bytes,
     "apply_fwd_kernel": kernel_apply_fwd_bytes,
     "apply_bwd_reduce_kernel / apply_bwd_dx_kernel": kernel_apply_bwd_bytes,
+    "front_fwd_kernel / front_bwd_kernel": kernel_front_bytes,
 }
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -214,6 +226,19 @@ class FakeKernels:
         self.log.add("triton:apply_bwd_dx_kernel", b["dx_pass"]["read"] + small, b["dx_pass"]["write"])
         return torch.empty_like(x)
 
+    def front_fwd(self, x, weight, bias):
+        hidden = weight.shape[0]
+        b = kernel_front_bytes(tuple(x.shape), x.element_size(), hidden)["fwd"]
+        self.log.add("triton:front_fwd_kernel", b["read"] + weight.numel() * weight.element_size(), b["write"])
+        n, c, h, w = x.shape
+        return x.new_empty((n, c)), torch.empty((n, hidden, h, w), device=x.device, dtype=x.dtype)
+
+    def front_bwd(self, g, x, mc, ms, combine, dpool, dy, weight):
+        b = kernel_front_bytes(tuple(x.shape), x.element_size(), weight.shape[0])["bwd"]
+        small = sum(t.numel() * t.element_size() for t in (mc, ms, weight) + ((dpool,) if dpool is not None else ()))
+        self.log.add("triton:front_bwd_kernel", b["read"] + small, b["write"] + 2 * weight.numel() * 4)
+        return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+
     def apply_bwd(self, g, x, mc, ms, combine):
         b = kernel_apply_bwd_bytes(tuple(x.shape), x.element_size(), mc.element_size())
         self.log.add("triton:apply_bwd_reduce_kernel[WRITE_DX]", b["single_pass"]["read"], b["single_pass"]["write"])
@@ -262,7 +287,8 @@ def count_bytes(fn, fused=False):
 # Providers, on meta
 # ----------------------------------------------------------------------------------------------------------------------
 
-TRAFFIC_PROVIDERS = ("authors-eager", "torch-path", "fused")
+TRAFFIC_PROVIDERS = ("authors-eager", "torch-path", "fused", "fused-single-read")
+SINGLE_READ_PROVIDER = "fused-single-read"  # BAM(single_read=True): the whole module's ops only
 
 
 def _meta_inputs(shape, dtype, channels_last=False, grad=False):
@@ -291,13 +317,14 @@ def provider_traffic(provider, op, shape, dtype=torch.float16, channels_last=Fal
         backend = None
     elif provider == "torch-path":
         backend = "torch"
-    elif provider == "fused":
+    elif provider in ("fused", SINGLE_READ_PROVIDER):
         backend = "triton"
     else:
         raise ValueError(f"unknown provider {provider!r}; expected one of {TRAFFIC_PROVIDERS}")
 
     if op.startswith("bam"):
-        module = BAM(c, combine=combine, backend=backend or "torch").to(device="meta", dtype=dtype)
+        module = BAM(c, combine=combine, backend=backend or "torch",
+                     single_read=provider == SINGLE_READ_PROVIDER).to(device="meta", dtype=dtype)
         if provider == "authors-eager":
             module = AuthorsBAM(module, combine=combine)
         module.train(backward)
@@ -324,7 +351,7 @@ def provider_traffic(provider, op, shape, dtype=torch.float16, channels_last=Fal
                 y.backward(torch.empty_like(y))
     else:
         raise ValueError(f"unknown op {op!r}")
-    return count_bytes(run, fused=provider == "fused")
+    return count_bytes(run, fused=provider in ("fused", SINGLE_READ_PROVIDER))
 
 
 def traffic_report(shape, dtype=torch.float16, channels_last=False, combine="product"):
@@ -335,6 +362,8 @@ def traffic_report(shape, dtype=torch.float16, channels_last=False, combine="pro
     for op in ("pool", "apply-fwd", "apply-fwd-bwd", "bam-fwd", "bam-fwd-bwd"):
         base = None
         for provider in TRAFFIC_PROVIDERS:
+            if provider == SINGLE_READ_PROVIDER and not op.startswith("bam"):
+                continue
             log = provider_traffic(provider, op, shape, dtype, channels_last, combine)
             base = log.total if base is None else base
             report["rows"].append({
@@ -386,6 +415,11 @@ def run_traffic(args):
     print("Forward+backward: authors-eager {:.2f} |F|, torch-path {:.2f} |F|, fused {:.2f} |F| -> bound {:.2f}x.".format(
         rows["bam-fwd-bwd", "authors-eager"]["x_F"], rows["bam-fwd-bwd", "torch-path"]["x_F"],
         rows["bam-fwd-bwd", "fused"]["x_F"], rows["bam-fwd-bwd", "fused"]["speedup_bound_vs_authors"]))
+    print("Single read of x (BAM(single_read=True), opt-in): forward {:.3f} |F| (bound {:.2f}x), forward+backward "
+          "{:.3f} |F| (bound {:.2f}x).".format(
+              rows["bam-fwd", SINGLE_READ_PROVIDER]["x_F"], rows["bam-fwd", SINGLE_READ_PROVIDER][
+                  "speedup_bound_vs_authors"], rows["bam-fwd-bwd", SINGLE_READ_PROVIDER]["x_F"],
+              rows["bam-fwd-bwd", SINGLE_READ_PROVIDER]["speedup_bound_vs_authors"]))
     f = report["F_bytes"]
     print("\nFused Triton backward, full passes over (N, C, H, W) memory (one pass = |F| read or written):")
     total = 0.0

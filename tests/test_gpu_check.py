@@ -308,11 +308,12 @@ def test_gpu_run_commands(quick, sm, monkeypatch, tmp_path):
     sweep = by_phase["sweep"][0]
     opt = {sweep[i]: sweep[i + 1] for i in range(len(sweep) - 1) if sweep[i].startswith("--")}
     assert opt["--device"] == "cuda" and opt["--batch"] == "32" and "--interpret" not in sweep
-    assert opt["--ops"] == "pool,apply-fwd,apply-bwd,bam-fwd,bam-fwd-bwd"
+    # BAM's own ops, then its cost inside ResNet-50 (last: the time budget cuts them first)
+    assert opt["--ops"] == "pool,apply-fwd,apply-bwd,bam-fwd,bam-fwd-bwd,resnet50-fwd,resnet50-train"
     assert opt["--dtype"] == ("fp16" if quick else "fp16,bf16")
-    assert opt["--providers"].split(",") == (["authors-eager", "torch-path", "authors-compiled", "triton"] if quick else
-                                             ["authors-eager", "torch-path", "authors-compiled", "triton",
-                                              "triton-compiled"])
+    assert opt["--providers"].split(",") == (
+        ["authors-eager", "torch-path", "authors-compiled", "triton", "triton-single-read"] if quick else
+        ["authors-eager", "torch-path", "authors-compiled", "triton", "triton-compiled", "triton-single-read"])
     assert 0 < float(opt["--time-budget"]) <= (150 if quick else 330)
     if sm in (80, 90):
         inspect = by_phase["inspect"][0]
@@ -325,3 +326,18 @@ def test_gpu_run_commands(quick, sm, monkeypatch, tmp_path):
     assert "DRY RUN" not in (tmp_path / "SUMMARY.md").read_text()
     real_clear(str(tmp_path))
     assert not (tmp_path / "SUMMARY.md").exists()
+
+
+def test_summary_says_which_bam_path_is_faster_and_what_bam_adds_to_resnet50():
+    rows = [dict(op="bam-fwd", N=32, C=256, H=56, W=56, dtype="fp16", layout="nchw", timing_mode="do_bench",
+                 provider=p, median_ms=t) for p, t in (("triton", 1.0), ("triton-single-read", 0.8))]
+    rows += [dict(op="bam-fwd-bwd", N=32, C=256, H=56, W=56, dtype="fp16", layout="nchw", timing_mode="do_bench",
+                  provider=p, median_ms=t) for p, t in (("triton", 2.0), ("triton-single-read", 2.5))]
+    lines = gpu_check.single_read_lines(rows)
+    assert any("bam-fwd 32x256x56x56 fp16 | 1.000 | 0.800 | single read (1.25x)" in line for line in lines)
+    assert any("bam-fwd-bwd 32x256x56x56 fp16 | 2.000 | 2.500 | standard (0.80x)" in line for line in lines)
+    net = [dict(op="resnet50-fwd", N=32, C=3, H=224, W=224, dtype="fp16", layout="nchw", timing_mode="do_bench",
+                provider=p, median_ms=t, bam_overhead=o) for p, t, o in
+           (("no-bam", 10.0, None), ("authors-eager", 11.0, 0.1), ("triton", 10.5, 0.05))]
+    (line,) = [line for line in gpu_check.network_lines(net) if line.startswith("- ")]
+    assert "BAM adds 10.0 % with the authors' code; 5.0 % with ours (triton)" in line
