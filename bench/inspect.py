@@ -41,6 +41,8 @@ KERNELS = (
     ("apply_bwd_dx_kernel", "elementwise"),
     ("channel_pool_rows_kernel", "rows"),
     ("apply_bwd_reduce_rows_kernel", "rows"),
+    ("front_fwd_kernel", "front_fwd"),
+    ("front_bwd_kernel", "front_bwd"),
 )
 
 
@@ -78,6 +80,10 @@ def launch_plan(kernel, dtype, shape, layout, arch=90):
     shape = tuple(shape)
     if kernel == "apply_fwd_kernel":
         plan = kernels.apply_fwd_plan(shape, torch_dtype, channels_last, "sum")
+    elif kernel.startswith("front"):  # the single-read front end, at BAM's default reduction r = 16
+        hidden = max(1, shape[1] // 16)
+        plan = (kernels.front_fwd_plan(shape, torch_dtype, channels_last, hidden, sms) if kernel == "front_fwd_kernel"
+                else kernels.front_bwd_plan(shape, torch_dtype, channels_last, hidden, "sum", True, sms))
     elif kernel == "apply_bwd_dx_kernel":
         plan = kernels.dx_plan(shape, torch_dtype, channels_last, "sum", True, True)
     elif kernel.startswith("channel_pool"):
@@ -93,13 +99,9 @@ def runs(kernel, kind, config_index, dtype, shape, layout, arch=90):
     plan = launch_plan(kernel, dtype, shape, layout, arch)
     if plan is None:
         return False
-    prune = plan.kernel.early_config_prune
-    if prune is None:
-        return True
-    from bam_triton.kernels._common import gpu_configs
+    from bam_triton.kernels._common import all_configs
 
-    configs = gpu_configs(kind)
-    return configs[config_index] in prune(configs, {}, **dict(plan.constexprs))
+    return all_configs(kind)[config_index] in plan.kept_configs()
 
 
 def all_jobs(kernels=None, archs=ARCHS, dtypes=DTYPES, shapes=INSPECT_SHAPES, layouts=LAYOUTS, first_config_only=False,
@@ -166,6 +168,17 @@ def _stdlib_inspect():
     import inspect  # absolute import: the standard library's, not this module
 
     return inspect
+
+
+# Triton's pipeliner feeds tl.dot operands with cp.async (global -> shared, 4-16 bytes per instruction): read as the
+# ld.global of the same width, so that its global reads are attributed to their pointer argument like any load.
+_CP_ASYNC = re.compile(r"cp\.async\.(?:ca|cg)\.shared\.global\s*\[[^\]]*\],\s*\[\s*(%\w+)[^\]]*\],\s*"
+                       r"(0x[0-9a-fA-F]+|\d+)[^;]*;")
+_CP_BITS = {16: ".v4.b32", 8: ".v2.b32", 4: ".b32", 2: ".b16"}
+
+
+def cp_async_as_loads(ptx):
+    return _CP_ASYNC.sub(lambda m: f"ld.global{_CP_BITS[int(m.group(2), 0)]} {{%cpx}}, [ {m.group(1)} + 0 ];", ptx)
 
 
 _LDST = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global((?:\.[\w:]+)*)\s+(.*?);", re.M)
@@ -313,9 +326,11 @@ def compile_job(job):
     compiled = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options={"num_warps": warps})
     ptx = compiled.asm["ptx"]
     runtime_args = [p.name for p in fn.params if not p.is_constexpr]
-    access, mix = analyse_ptx(ptx, runtime_args)
+    access, mix = analyse_ptx(cp_async_as_loads(ptx), runtime_args)
     out = dict(job, meta=meta, num_warps=warps, access=access, ptx_mix=mix, int64_index_ops=int64_index_ops(ptx),
                float_params=float_params(ptx), f64_divisions=len(re.findall(r"\bdiv\.\w+\.f64\b", ptx)),
+               mma=len(re.findall(r"\bmma\.sync\.aligned", ptx)), wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
+               tf32=len(re.findall(r"\.tf32\b", ptx)),
                shared=getattr(compiled.metadata, "shared", None),
                elements_per_thread=_elements_per_thread(dict(meta, **constexprs), warps))
     out.update(_ptxas_info(ptx, job["arch"]))

@@ -72,6 +72,27 @@ _CONFIGS = {
         (dict(BLOCK_R=8), 8),
         (dict(BLOCK_R=16), 8),
     ],
+    # The single-read front end (front.py), a GEMM over pixels with tl.dot: [BLOCK_P pixels, BLOCK_K channels] per
+    # step. The first config of each list is kept by the pruner at every ResNet-50 shape in both layouts; registers
+    # per config: front.py's docstring.
+    "front_fwd": [
+        (dict(BLOCK_P=64, BLOCK_K=64), 4),
+        (dict(BLOCK_P=128, BLOCK_K=32), 4),
+        (dict(BLOCK_P=128, BLOCK_K=64), 8),
+        (dict(BLOCK_P=32, BLOCK_K=64), 4),
+        (dict(BLOCK_P=64, BLOCK_K=32), 4),
+        (dict(BLOCK_P=256, BLOCK_K=32), 8),
+    ],
+    # (BLOCK_K=64, BLOCK_P=64, 8 warps) is not here: with the maps and bias in x's dtype, as the module launches it,
+    # it spilled 24 bytes on sm_80 at 32x512x28x28 channels_last.
+    "front_bwd": [
+        (dict(BLOCK_K=64, BLOCK_P=32), 4),
+        (dict(BLOCK_K=32, BLOCK_P=64), 4),
+        (dict(BLOCK_K=128, BLOCK_P=32), 8),
+        (dict(BLOCK_K=32, BLOCK_P=128), 8),
+        (dict(BLOCK_K=64, BLOCK_P=64), 4),
+        (dict(BLOCK_K=32, BLOCK_P=32), 4),
+    ],
 }
 
 
@@ -261,6 +282,7 @@ class LaunchPlan:
     allocates; ``tuning_key`` the values of the autotuner's key."""
 
     kernel: object  # the autotuned kernel (a triton Autotuner)
+    kind: str  # its config list in _CONFIGS
     grid: tuple
     scalars: tuple
     constexprs: tuple  # (name, value) pairs
@@ -281,6 +303,15 @@ class LaunchPlan:
         names = self.kernel.arg_names
         first = sum(name.endswith("_ptr") for name in names)
         return names[first:first + len(self.scalars)]
+
+    def kept_configs(self):
+        """The (meta, num_warps) configs of ``kind`` that the kernel's pruner keeps for this launch (all of them where
+        it has none): what the autotuner times, before any ``BAM_TRITON_AUTOTUNE=0`` pinning."""
+        configs = gpu_configs(self.kind)
+        prune = self.kernel.early_config_prune
+        if prune is not None:
+            configs = prune(configs, dict(zip(self.scalar_names(), self.scalars)), **dict(self.constexprs))
+        return [(dict(config.kwargs), config.num_warps) for config in configs]
 
     @property
     def tuning_key(self):

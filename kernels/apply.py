@@ -90,7 +90,8 @@ def apply_fwd_plan(shape, dtype, channels_last, combine):
     """The launch of :func:`apply_fwd` for a dense ``shape`` input of ``dtype``: one flat grid over every element."""
     plan = layout_plan(shape, channels_last)
     n_elements = math.prod(shape)
-    return LaunchPlan(apply_fwd_kernel, grid=((1, n_elements, "BLOCK"),), scalars=(n_elements, n_bucket(shape[0])),
+    return LaunchPlan(apply_fwd_kernel, "elementwise", grid=((1, n_elements, "BLOCK"),),
+                      scalars=(n_elements, n_bucket(shape[0])),
                       constexprs=(("INNER", plan.inner), ("MID", plan.mid), ("COMBINE", COMBINE_CODES[combine]),
                                   ("INDEX_64", plan.index_64), ("ACC", acc_dtype(dtype))))
 

@@ -260,7 +260,7 @@ def reduce_plan(shape, dtype, channels_last, combine, write_dx, sms=None):
         n_splits = max(1, min(-(-target // n), max_splits, -(-n_rows // _ROW_SPLIT_UNIT)))
         rows_per_split = -(-(-(-n_rows // n_splits)) // _ROW_SPLIT_UNIT) * _ROW_SPLIT_UNIT
         n_splits = -(-n_rows // rows_per_split)
-        return LaunchPlan(apply_bwd_reduce_rows_kernel, grid=((n, 1, None), (n_splits, 1, None)),
+        return LaunchPlan(apply_bwd_reduce_rows_kernel, "rows", grid=((n, 1, None), (n_splits, 1, None)),
                           scalars=(c, rows_per_split, n_bucket(n)),
                           constexprs=(("HW", hw), ("GROUP", group), ("BLOCK_L", triton.next_power_of_2(group * hw)))
                           + common,
@@ -271,7 +271,7 @@ def reduce_plan(shape, dtype, channels_last, combine, write_dx, sms=None):
     n_splits = max(1, min(-(-target // base_programs), -(-c // _C_SPLIT_UNIT)))
     c_per_split = -(-(-(-c // n_splits)) // _C_SPLIT_UNIT) * _C_SPLIT_UNIT
     n_splits = -(-c // c_per_split)
-    return LaunchPlan(apply_bwd_reduce_kernel, grid=((n, hw, "BLOCK_HW"), (n_splits, 1, None)),
+    return LaunchPlan(apply_bwd_reduce_kernel, "reduce2d", grid=((n, hw, "BLOCK_HW"), (n_splits, 1, None)),
                       scalars=(c, hw, c_per_split, n_bucket(n)),
                       constexprs=(("CHANNELS_LAST", channels_last),) + common,
                       buffers=(("dmc_partial", (n * -(-hw // _MIN_BLOCK_HW) * c,), partial_dtype),
@@ -318,7 +318,8 @@ def dx_plan(shape, dtype, channels_last, combine, has_dpool, has_extra):
     """The launch of :func:`apply_bwd_dx` for a dense ``shape`` input of ``dtype``: one flat grid, as the forward."""
     plan = layout_plan(shape, channels_last)
     n_elements = math.prod(shape)
-    return LaunchPlan(apply_bwd_dx_kernel, grid=((1, n_elements, "BLOCK"),), scalars=(n_elements, n_bucket(shape[0])),
+    return LaunchPlan(apply_bwd_dx_kernel, "elementwise", grid=((1, n_elements, "BLOCK"),),
+                      scalars=(n_elements, n_bucket(shape[0])),
                       constexprs=(("INNER", plan.inner), ("MID", plan.mid), ("CHANNELS_LAST", channels_last),
                                   ("COMBINE", COMBINE_CODES[combine]), ("INDEX_64", plan.index_64),
                                   ("HAS_DPOOL", has_dpool), ("HAS_EXTRA", has_extra), ("ACC", acc_dtype(dtype))))

@@ -47,11 +47,12 @@ shapes and the three Tritons:
     forward   P64-K64-w4 56-168 / 56-124    P128-K32-w4 64-202 / 63-130   P128-K64-w8 64-166 / 57-126
               P32-K64-w4 48-111 / 40-117    P64-K32-w4 48-128 / 40-88     P256-K32-w8 78-212 / 62-154
     backward  K64-P32-w4 95-252 / 74-206    K128-P32-w8 101-255 / 75-224  K32-P32-w4 72-168 / 63-168
-              C_r <= 32: K64-P64-w8 100-212 / 72-236, K32-P64-w4 72-205 / 64-232, K64-P64-w4 128-255 / 128-255
+              C_r <= 32: K32-P64-w4 72-205 / 64-232, K64-P64-w4 128-255 / 128-255
               C_r <= 16: K32-P128-w8 100-180 / 80-241
 
 The backward configs the pruner drops at C_r = 64 spilled on sm_80: K32-P128-w8 76 bytes (NCHW, Triton 3.9),
-K64-P64-w4 24-48 (NHWC, 3.9), K64-P64-w8 48 (NCHW, 3.3). fp32 (first configs, 256x56x56) compiles to FMA, no TF32;
+K64-P64-w4 24-48 (NHWC, 3.9); K64-P64-w8 (48 bytes, NCHW, 3.3; 24 bytes NHWC 28x28 with the maps in x's
+dtype, as the module launches them) is no longer in the list. fp32 (first configs, 256x56x56) compiles to FMA, no TF32;
 its backward spills ~560 bytes with Triton 3.2 only (fp32 is no performance target). fp64 (a correctness path for
 gradcheck, no dot) spills heavily.
 """
@@ -63,32 +64,10 @@ from . import _common
 from ._common import LaunchPlan, acc_dtype, is_channels_last, launch, n_bucket, sm_count, target_programs
 from .apply import COMBINE_CODES, attention_logit
 
-# (meta, num_warps) per kernel; the first config of each list is the interpreter's and the pinned default, kept by the
-# pruner at every ResNet-50 shape in both layouts. Registers per config: the module docstring.
-FRONT_CONFIGS = {
-    "front_fwd": [
-        (dict(BLOCK_P=64, BLOCK_K=64), 4),
-        (dict(BLOCK_P=128, BLOCK_K=32), 4),
-        (dict(BLOCK_P=128, BLOCK_K=64), 8),
-        (dict(BLOCK_P=32, BLOCK_K=64), 4),
-        (dict(BLOCK_P=64, BLOCK_K=32), 4),
-        (dict(BLOCK_P=256, BLOCK_K=32), 8),
-    ],
-    "front_bwd": [
-        (dict(BLOCK_K=64, BLOCK_P=32), 4),
-        (dict(BLOCK_K=32, BLOCK_P=64), 4),
-        (dict(BLOCK_K=64, BLOCK_P=64), 8),
-        (dict(BLOCK_K=128, BLOCK_P=32), 8),
-        (dict(BLOCK_K=32, BLOCK_P=128), 8),
-        (dict(BLOCK_K=64, BLOCK_P=64), 4),
-        (dict(BLOCK_K=32, BLOCK_P=32), 4),
-    ],
-}
-
 # Splits of the backward's pixels are whole chunks of this many pixels of one image: a multiple of every BLOCK_P.
-P_SPLIT_UNIT = max(meta["BLOCK_P"] for meta, _ in FRONT_CONFIGS["front_bwd"])
+P_SPLIT_UNIT = max(meta["BLOCK_P"] for meta, _ in _common.all_configs("front_bwd"))
 # The forward's pooling partials are sized for the most pixel blocks any config makes.
-_MIN_FWD_BLOCK_P = min(meta["BLOCK_P"] for meta, _ in FRONT_CONFIGS["front_fwd"])
+_MIN_FWD_BLOCK_P = min(meta["BLOCK_P"] for meta, _ in _common.all_configs("front_fwd"))
 # Channel chunk the backward plan assumes when it counts programs (the config is not known yet).
 _TYPICAL_BLOCK_K = 64
 # Register budget, in elements per thread, of the tiles a program keeps live, and of the backward's whole dy tile
@@ -98,11 +77,6 @@ _TYPICAL_BLOCK_K = 64
 _FWD_LIMITS = dict(acc=64, x=64)
 _BWD_LIMITS = dict(dy=16, dw=32, dx=32)
 _BWD_DY_TILE = 2048
-
-
-def front_configs(kind):
-    """Every GPU config of ``kind`` ("front_fwd", "front_bwd") as (meta, num_warps)."""
-    return [(dict(meta), warps) for meta, warps in FRONT_CONFIGS[kind]]
 
 
 def hidden_pad(hidden):
@@ -150,29 +124,6 @@ def _prune(kind):
     return prune
 
 
-def kept_configs(plan):
-    """The (meta, num_warps) configs the autotuner's pruner keeps for ``plan`` (before any BAM_TRITON_AUTOTUNE=0
-    pinning)."""
-    kind = "front_fwd" if plan.kernel is front_fwd_kernel else "front_bwd"
-    configs = [triton.Config(meta, num_warps=warps) for meta, warps in FRONT_CONFIGS[kind]]
-    kept = _prune(kind)(configs, dict(zip(plan.scalar_names(), plan.scalars)), **dict(plan.constexprs))
-    return [(dict(cf.kwargs), cf.num_warps) for cf in kept]
-
-
-def _autotune(kind, key):
-    """``triton.autotune`` as ``_common.autotune`` does it: the interpreter runs the first config only, and
-    ``BAM_TRITON_AUTOTUNE=0`` the first config the pruner keeps; timed by the driver's timer; no hooks, no
-    ``restore_value`` (no kernel here writes over an input)."""
-    configs = [triton.Config(meta, num_warps=warps) for meta, warps in FRONT_CONFIGS[kind]]
-    prune = _prune(kind)
-    if _common.INTERPRETED:
-        configs = configs[:1]
-    elif _common.PINNED:
-        prune = _common._pinned(prune)
-    return triton.autotune(configs=configs, key=key, do_bench=_common.driver_timer,
-                           prune_configs_by={"early_config_prune": prune})
-
-
 # How the kernels multiply their tiles (constexpr DOT): tl.dot on the tiles as loaded (fp16, bf16, fp32), tl.dot on
 # fp32 copies (bf16 in the interpreter, whose dot multiplies numpy's raw bf16 bit patterns; exact, since bf16 -> fp32
 # is), or for fp64 a broadcast-multiply-sum (Triton 3.2 and 3.3 have no fp64 dot).
@@ -196,7 +147,7 @@ def _mma(a, b, acc, DOT: tl.constexpr):
         return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
 
 
-@_autotune("front_fwd", key=["batch_bucket", "C", "HW", "C_R", "CHANNELS_LAST"])
+@_common.autotune("front_fwd", prune=_prune("front_fwd"), key=["batch_bucket", "C", "HW", "C_R", "CHANNELS_LAST"])
 @triton.jit(do_not_specialize=["batch_bucket"])
 def front_fwd_kernel(
     x_ptr,  # (N, C, H, W), dense NCHW or NHWC
@@ -258,7 +209,8 @@ def front_fwd_kernel(
                  mask=r_mask[:, None] & p_mask[None, :])
 
 
-@_autotune("front_bwd", key=["batch_bucket", "C", "HW", "C_R", "CHANNELS_LAST", "COMBINE", "HAS_DPOOL"])
+@_common.autotune("front_bwd", prune=_prune("front_bwd"),
+                  key=["batch_bucket", "C", "HW", "C_R", "CHANNELS_LAST", "COMBINE", "HAS_DPOOL"])
 @triton.jit(do_not_specialize=["batch_bucket"])
 def front_bwd_kernel(
     g_ptr,  # (N, C, H, W), x's strides
@@ -365,7 +317,7 @@ def front_fwd_plan(shape, dtype, channels_last, hidden, sms=None):
     BLOCK_P of any config."""
     n, c, h, w = shape
     hw = h * w
-    return LaunchPlan(front_fwd_kernel, grid=((n, hw, "BLOCK_P"),), scalars=(c, n_bucket(n)),
+    return LaunchPlan(front_fwd_kernel, "front_fwd", grid=((n, hw, "BLOCK_P"),), scalars=(c, n_bucket(n)),
                       constexprs=_common_constexprs(shape, dtype, channels_last, hidden)[1:],
                       buffers=(("pool_partial", (n * -(-hw // _MIN_FWD_BLOCK_P) * c,), _acc_torch(dtype)),))
 
@@ -393,7 +345,7 @@ def front_bwd_plan(shape, dtype, channels_last, hidden, combine, has_dpool=True,
     hw = h * w
     n_chunks, per_split, n_splits = bwd_split(n, c, hw, hidden, dtype.itemsize, target_programs(sms))
     acc = _acc_torch(dtype)
-    return LaunchPlan(front_bwd_kernel, grid=((1, c, "BLOCK_K"), (n_splits, 1, None)),
+    return LaunchPlan(front_bwd_kernel, "front_bwd", grid=((1, c, "BLOCK_K"), (n_splits, 1, None)),
                       scalars=(n_chunks, per_split, n_bucket(n)),
                       constexprs=_common_constexprs(shape, dtype, channels_last, hidden)
                       + (("CHUNK", P_SPLIT_UNIT), ("COMBINE", COMBINE_CODES[combine]), ("HAS_DPOOL", has_dpool)),

@@ -121,13 +121,14 @@ def channel_pool_plan(shape, dtype, channels_last, sms=None):
     acc = acc_dtype(dtype)
     group = None if channels_last else row_group(c, hw, dtype.itemsize)
     if group is not None:
-        return LaunchPlan(channel_pool_rows_kernel, grid=((n, c // group, "BLOCK_R"),), scalars=(c, n_bucket(n)),
+        return LaunchPlan(channel_pool_rows_kernel, "rows", grid=((n, c // group, "BLOCK_R"),),
+                          scalars=(c, n_bucket(n)),
                           constexprs=(("HW", hw), ("GROUP", group), ("ACC", acc),
                                       ("BLOCK_L", triton.next_power_of_2(group * hw))),
                           buffers=(("out", (n, 1, c), dtype),))
     n_splits, hw_per_split = pool_split(n, c, hw, target_programs(sms))
     out_dtype = dtype if n_splits == 1 else torch.promote_types(dtype, torch.float32)
-    return LaunchPlan(channel_pool_kernel, grid=((n, c, "BLOCK_C"), (n_splits, 1, None)),
+    return LaunchPlan(channel_pool_kernel, "pool", grid=((n, c, "BLOCK_C"), (n_splits, 1, None)),
                       scalars=(c, hw, hw_per_split, n_bucket(n)),
                       constexprs=(("CHANNELS_LAST", channels_last), ("ACC", acc)),
                       buffers=(("out", (n, n_splits, c), out_dtype),))

@@ -86,7 +86,7 @@ def test_no_launch_passes_a_float_scalar(monkeypatch):
 
 def test_launch_refuses_a_float_scalar():
     plan = kernels.apply_fwd_plan((1, 2, 3, 4), torch.float32, False, "sum")
-    bad = _common.LaunchPlan(plan.kernel, plan.grid, plan.scalars[:-1] + (0.5,), plan.constexprs)
+    bad = _common.LaunchPlan(plan.kernel, plan.kind, plan.grid, plan.scalars[:-1] + (0.5,), plan.constexprs)
     with pytest.raises(TypeError, match="float scalar"):
         _common.launch(bad, torch.zeros(1, 2, 3, 4))
 
@@ -244,13 +244,6 @@ _PATHS = [
 ]
 
 
-def _kept_configs(plan):
-    configs = _common.gpu_configs(aot.KERNELS_KIND[plan.kernel_name])
-    kept = plan.kernel.early_config_prune(configs, {}, **dict(plan.constexprs)) if plan.kernel.early_config_prune \
-        else configs
-    return [(dict(cf.kwargs), cf.num_warps) for cf in kept]
-
-
 @cuda_only("compiles every config for the GPU; the interpreter runs the same configs in test_kernels_forward.py and "
            "test_kernel_apply_bwd.py")
 @pytest.mark.parametrize("path", _PATHS, ids=[p[0] for p in _PATHS])
@@ -264,7 +257,7 @@ def test_every_config_of_every_kernel_compiled(path):
     sms = _common.sm_count(x.device)
     checks = 0
     plan = kernels.channel_pool_plan(shape, dtype, channels_last, sms)
-    for config in _kept_configs(plan):
+    for config in plan.kept_configs():
         _close(kernels.channel_pool_fwd(x, channels_last, config=config), ref_pool, dtype, f"pool {config}")
         checks += 1
     # The flat kernels index the same way on every path: every config at the first path, with INDEX_64 forced too;
@@ -274,13 +267,13 @@ def test_every_config_of_every_kernel_compiled(path):
         forced = (lambda *a: dataclasses.replace(real(*a), index_64=True)) if index_64 else real
         with unittest.mock.patch.object(apply_mod, "layout_plan", forced), \
                 unittest.mock.patch.object(bwd_mod, "layout_plan", forced):
-            for config in _kept_configs(kernels.apply_fwd_plan(shape, dtype, channels_last, "product")):
+            for config in kernels.apply_fwd_plan(shape, dtype, channels_last, "product").kept_configs():
                 _close(kernels.apply_fwd(x, mc, ms, "product", config=config), ref_out, dtype, f"apply {config}")
                 dx = kernels.apply_bwd_dx(g, x, mc, ms, "product", config=config)
                 _close(dx, dx_ref, dtype, f"dx {config} index_64={index_64}")
                 checks += 2
     plan = kernels.reduce_plan(shape, dtype, channels_last, "product", True, sms)
-    for config in _kept_configs(plan):
+    for config in plan.kept_configs():
         dx, dmc, dms = kernels.apply_bwd(g, x, mc, ms, "product", config=config)
         _close(dx, dx_ref, dtype, f"reduce dx {config}")
         torch.testing.assert_close(dmc.double().cpu(), dmc_ref.cpu(), atol=2e-3, rtol=1e-4)

@@ -10,10 +10,8 @@ Tolerances: y, pooled and dx are stored in x's dtype: ``bam_triton.TOLERANCES`` 
 the same rounded inputs, W rounded to x's dtype as the kernels' dots take it). dW and db are fp32 sums of products of
 those inputs: |err| <= 2e-5·(1 + max|ref|) + 1e-5·|ref|.
 """
-import json
 import math
 import os
-import re
 import subprocess
 import sys
 import zlib
@@ -254,15 +252,15 @@ def test_config_lists():
     """Each list has several configs; the backward's split unit is a multiple of every BLOCK_P; the forward's partial
     buffer is sized for the smallest BLOCK_P; every dot is at least 16 wide."""
     for kind in ("front_fwd", "front_bwd"):
-        configs = front.front_configs(kind)
+        configs = _common.all_configs(kind)
         assert len(configs) > 1 and len({_common.config_id(cf) for cf in configs}) == len(configs)
         assert all(meta["BLOCK_P"] >= 16 and meta["BLOCK_K"] >= 16 for meta, _ in configs)
-    assert all(front.P_SPLIT_UNIT % meta["BLOCK_P"] == 0 for meta, _ in front.front_configs("front_bwd"))
-    assert front._MIN_FWD_BLOCK_P == min(meta["BLOCK_P"] for meta, _ in front.front_configs("front_fwd"))
+    assert all(front.P_SPLIT_UNIT % meta["BLOCK_P"] == 0 for meta, _ in _common.all_configs("front_bwd"))
+    assert front._MIN_FWD_BLOCK_P == min(meta["BLOCK_P"] for meta, _ in _common.all_configs("front_fwd"))
     assert [front.hidden_pad(h) for h in (1, 3, 16, 17, 32, 40, 64)] == [16, 16, 16, 32, 32, 64, 64]
 
 
-@pytest.mark.parametrize("config", front.front_configs("front_fwd"), ids=_common.config_id)
+@pytest.mark.parametrize("config", _common.all_configs("front_fwd"), ids=_common.config_id)
 @pytest.mark.parametrize("channels_last", LAYOUTS, ids=LAYOUT_IDS)
 def test_forward_every_config(config, channels_last):
     for dtype, shape in ((torch.float32, (2, 70, 11, 13, 5)), (torch.bfloat16, (1, 150, 3, 5, 40))):
@@ -270,7 +268,7 @@ def test_forward_every_config(config, channels_last):
         check_forward(t, front.front_fwd(t["x"], t["weight"], t["bias"], config=config))
 
 
-@pytest.mark.parametrize("config", front.front_configs("front_bwd"), ids=_common.config_id)
+@pytest.mark.parametrize("config", _common.all_configs("front_bwd"), ids=_common.config_id)
 @pytest.mark.parametrize("channels_last", LAYOUTS, ids=LAYOUT_IDS)
 def test_backward_every_config(config, channels_last):
     # (3, 70, 17, 19): H·W = 323 in 3 chunks per image, 9 chunks in 9 splits (interpreter plan), ragged blocks.
@@ -357,9 +355,9 @@ def test_autotuners_follow_the_project_rules():
         assert not tuner.user_defined_pre_hook and not tuner.user_defined_post_hook
         assert tuner.early_config_prune is not None
         if _common.INTERPRETED:
-            assert len(tuner.configs) == 1 and tuner.configs[0].kwargs == front.front_configs(kind)[0][0]
+            assert len(tuner.configs) == 1 and tuner.configs[0].kwargs == _common.all_configs(kind)[0][0]
         else:
-            assert len(tuner.configs) == len(front.front_configs(kind))
+            assert len(tuner.configs) == len(_common.all_configs(kind))
 
 
 def _plan(kind, shape, dtype, channels_last, sms=132):
@@ -376,10 +374,10 @@ def test_pruner():
         for shape in RESNET_SHAPES + ((1, 8, 1, 1), (2, 19, 7, 7), (1, 4096, 3, 3)):
             for channels_last in LAYOUTS:
                 plan = _plan(kind, shape, torch.float16, channels_last)
-                kept = front.kept_configs(plan)
+                kept = plan.kept_configs()
                 assert kept
                 if shape in RESNET_SHAPES:
-                    assert kept[0] == front.front_configs(kind)[0] and len(kept) >= 3, (kind, shape, kept)
+                    assert kept[0] == _common.all_configs(kind)[0] and len(kept) >= 3, (kind, shape, kept)
                     for meta, warps in kept:
                         assert meta["BLOCK_K" if channels_last else "BLOCK_P"] >= 32
                         sizes = front.tile_elements(kind, meta, warps, front.hidden_pad(shape[1] // 16))
@@ -403,7 +401,7 @@ def test_one_tuning_per_batch_bucket(monkeypatch):
             timed.append(1)
             return [float(len(timed))] * 3
 
-        configs = [triton.Config(meta, num_warps=w) for meta, w in front.front_configs(kind)]
+        configs = [triton.Config(meta, num_warps=w) for meta, w in _common.all_configs(kind)]
         fresh = triton.autotune(configs=configs, key=tuner.keys, do_bench=timer,
                                 prune_configs_by={"early_config_prune": tuner.early_config_prune})(tuner.fn)
         monkeypatch.setattr(front, name, fresh)
@@ -429,7 +427,7 @@ def test_bam_triton_autotune_0_pins_the_front_kernels():
             "    kept = k.early_config_prune(k.configs, args, **dict(plan.constexprs))\n"
             "    assert len(k.configs) > 1 and len(kept) == 1, kept\n"
             "    assert 'batch_bucket' in k.fn.do_not_specialize\n"
-            "    assert (kept[0].kwargs, kept[0].num_warps) == front.front_configs(kind)[0]\n")
+            "    assert (kept[0].kwargs, kept[0].num_warps) == _common.all_configs(kind)[0]\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["BAM_TRITON_AUTOTUNE"] = "0"
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -441,112 +439,28 @@ def test_bam_triton_autotune_0_pins_the_front_kernels():
 # ----------------------------------------------------------------------------------------------------------------------
 
 AOT_ARCHS = (80, 90)
-SM_COUNTS = {80: 108, 90: 132}  # A100, H100 SXM: the SM counts the plans are made for (as bench/inspect.py)
 AOT_DTYPES = ("fp16", "bf16")
 _TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
-_CP_ASYNC = re.compile(r"cp\.async\.(?:ca|cg)\.shared\.global\s*\[[^\]]*\],\s*\[\s*(%\w+)[^\]]*\],\s*"
-                       r"(0x[0-9a-fA-F]+|\d+)[^;]*;")
-_CP_BITS = {16: ".v4.b32", 8: ".v2.b32", 4: ".b32", 2: ".b16"}
-
-
-def _cp_async_as_loads(ptx):
-    """Triton's pipeliner loads the dots' operands with ``cp.async`` (global -> shared, 4-16 bytes): rewrite each as
-    the ``ld.global`` of the same width, so that ``analyse_ptx`` attributes it to its pointer argument."""
-    return _CP_ASYNC.sub(lambda m: f"ld.global{_CP_BITS[int(m.group(2), 0)]} {{%cpx}}, [ {m.group(1)} + 0 ];", ptx)
-
-
-def aot_compile(job):
-    """Compile one job (kind, config index, arch, dtype, shape, layout) as the launcher's plan launches it: pointers
-    16-byte aligned, ints marked 16-divisible when they are (batch_bucket never), the plan's constexprs."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from bam_triton.bench.inspect import _ast_source, _ptxas_info, analyse_ptx
-
-    dtype = _TORCH_DTYPE[job["dtype"]]
-    plan = _plan(job["kind"], tuple(job["shape"]), dtype, job["layout"] == "channels_last", SM_COUNTS[job["arch"]])
-    meta, warps = front.front_configs(job["kind"])[job["config"]]
-    fn = plan.kernel.fn
-    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-    pointer_types = {f"{name}_ptr": names[d] for name, _, d in plan.buffers}
-    pointer_types.update(mc_ptr="fp32", ms_ptr="fp32", dpool_ptr="fp32", b_ptr="fp32")
-    scalars = dict(zip(plan.scalar_names(), plan.scalars))
-    constexprs = dict(plan.constexprs, **meta)
-    signature, divisible = {}, []
-    for i, p in enumerate(fn.params):
-        if p.is_constexpr:
-            signature[p.name] = "constexpr"
-        elif p.name.endswith("_ptr"):
-            signature[p.name] = "*" + pointer_types.get(p.name, job["dtype"])
-            divisible.append(i)
-        else:
-            signature[p.name] = "i32"
-            if scalars[p.name] % 16 == 0 and p.name not in fn.do_not_specialize:
-                divisible.append(i)
-    src = _ast_source(ASTSource, fn, signature, constexprs, divisible)
-    compiled = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options={"num_warps": warps})
-    ptx = compiled.asm["ptx"]
-    access, _ = analyse_ptx(_cp_async_as_loads(ptx), [p.name for p in fn.params if not p.is_constexpr])
-    info = _ptxas_info(ptx, job["arch"])
-    return dict(job, meta=meta, num_warps=warps, access=access, registers=info.get("ptxas_registers"),
-                spill=info.get("spill_stores", 0) + info.get("spill_loads", 0), ptxas_ok=info["ptxas_ok"],
-                mma=len(re.findall(r"\bmma\.sync\.aligned", ptx)), wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
-                tf32=len(re.findall(r"\.tf32\b", ptx)), shared=getattr(compiled.metadata, "shared", None))
-
-
-def _aot_worker():
-    """Read a JSON list of jobs on stdin, write a JSON list of results on stdout (compiled mode: no interpreter)."""
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    results = []
-    for job in json.load(sys.stdin):
-        try:
-            results.append(aot_compile(job))
-        except Exception as exc:  # reported, and failed on by the caller
-            results.append(dict(job, error=f"{type(exc).__name__}: {exc}"[:800]))
-    json.dump(results, sys.stdout)
-
-
-def run_aot(jobs, workers=None):
-    """Compile ``jobs`` in subprocesses started without TRITON_INTERPRET; results in job order."""
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = f"import sys; sys.path.insert(0, {here!r}); import test_kernel_front as t; t._aot_worker()"
-    chunks = [jobs[i::workers] for i in range(workers)]
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for _ in chunks]
-    for chunk, p in zip(chunks, procs):
-        p.stdin.write(json.dumps(chunk))
-        p.stdin.close()
-    by_job = {}
-    for chunk, p in zip(chunks, procs):
-        out, err = p.stdout.read(), p.stderr.read()
-        p.wait()
-        assert p.returncode == 0, err[-2000:]
-        for job, result in zip(chunk, json.loads(out)):
-            by_job[json.dumps(job, sort_keys=True)] = result
-    return [by_job[json.dumps(job, sort_keys=True)] for job in jobs]
+KERNEL_OF = {"front_fwd": "front_fwd_kernel", "front_bwd": "front_bwd_kernel"}
 
 
 def aot_jobs():
     """Every config the pruner keeps, for both kernels, at the ResNet-50 BAM shapes (batch 32, r = 16), fp16 and bf16,
-    both layouts, sm_80 and sm_90; plus one fp32 job per kernel and arch (IEEE: no TF32 tensor cores)."""
+    both layouts, sm_80 and sm_90 (``bam-triton inspect``'s jobs: the launchers' plans); plus one fp32 job per kernel
+    and arch (IEEE: no TF32 tensor cores)."""
+    from bam_triton.bench import inspect as aot
+
     jobs = []
     for kind in TUNERS:
-        index = {_common.config_id(cf): i for i, cf in enumerate(front.front_configs(kind))}
+        kernel = KERNEL_OF[kind]
         for arch in AOT_ARCHS:
             for dtype in AOT_DTYPES:
                 for shape in RESNET_SHAPES:
                     for layout in LAYOUT_IDS:
-                        plan = _plan(kind, shape, _TORCH_DTYPE[dtype], layout == "channels_last", SM_COUNTS[arch])
-                        for config in front.kept_configs(plan):
-                            jobs.append(dict(kind=kind, config=index[_common.config_id(config)], arch=arch,
-                                             dtype=dtype, shape=list(shape), layout=layout))
-            jobs.append(dict(kind=kind, config=0, arch=arch, dtype="fp32", shape=list(RESNET_SHAPES[0]),
-                             layout="nchw"))
+                        for index in range(len(_common.all_configs(kind))):
+                            if aot.runs(kernel, kind, index, dtype, shape, layout, arch):
+                                jobs.append(aot.make_job(kernel, kind, index, arch, dtype, shape, layout))
+            jobs.append(aot.make_job(kernel, kind, 0, arch, "fp32", RESNET_SHAPES[0], "nchw"))
     return jobs
 
 
@@ -560,7 +474,9 @@ def x_load_bits(shape, dtype, layout):
 
 @pytest.fixture(scope="module")
 def aot_results():
-    return run_aot(aot_jobs())
+    from bam_triton.bench import inspect as aot
+
+    return aot.run_jobs(aot_jobs())
 
 
 @cpu_only("compiles ahead of time in subprocesses without the interpreter; a CUDA run compiles for real")
@@ -575,8 +491,9 @@ def test_aot_tensor_cores_vector_loads_no_spills(aot_results):
             failures.append(f"{head}: {r['error']}")
             continue
         x_bits = sorted(int(b) for b in r["access"].get("x_ptr", {}).get("load", {}))
-        lines.append(f"{head}: {r['registers']} registers, {r['spill']} spill bytes, mma {r['mma']}, wgmma "
-                     f"{r['wgmma']}, x loads {x_bits}")
+        r["spill"] = r.get("spill_stores", 0) + r.get("spill_loads", 0)
+        lines.append(f"{head}: {r.get('registers', r.get('ptxas_registers'))} registers, {r['spill']} spill bytes, "
+                     f"mma {r['mma']}, wgmma {r['wgmma']}, x loads {x_bits}")
         if r["dtype"] == "fp32":  # IEEE: FMA, never TF32 tensor cores (fp32 is no performance target: spills allowed;
             # Triton 3.9 has none at these shapes, 3.2 spills ~550 bytes in the backward)
             if r["tf32"] or r["mma"] or r["wgmma"]:
