@@ -2,7 +2,8 @@
 
 ``"torch"`` runs the pure-torch path everywhere. ``"triton"`` runs the Triton kernels: on CUDA tensors as compiled GPU
 code, on CPU tensors through Triton's interpreter, which only works when ``TRITON_INTERPRET=1`` was set before triton
-was imported. ``"auto"`` picks Triton for CUDA tensors when triton is installed, torch otherwise. The environment
+was imported; on META tensors nothing runs (shapes only) and each launch is recorded (``kernels._common
+.record_launches``, what ``bam-triton traffic`` counts). ``"auto"`` picks Triton for CUDA tensors when triton is installed, torch otherwise. The environment
 variable ``BAM_TRITON_BACKEND`` sets the default for calls that pass ``backend=None`` (modules built without one).
 """
 import importlib.util
@@ -85,7 +86,7 @@ def resolve(backend, device):
     if not triton_installed():
         raise RuntimeError("backend='triton' needs the triton package (pip install triton, Linux only); "
                            "use backend='torch' or 'auto'")
-    if device.type == "cuda":
+    if device.type in ("cuda", "meta"):  # meta: a shape-only run; the launches are recorded, not run (traffic)
         return "triton"
     if device.type == "cpu":
         if not triton_interpreted():

@@ -198,16 +198,24 @@ def _kernel_inputs(op, x, mc, ms, g=None):
     return x, mc.reshape(n, c).contiguous(), ms.reshape(n, h * w).contiguous(), g
 
 
-@torch.library.custom_op("bam_triton::channel_pool", mutates_args=(), **_STRIDE_TAGS)
-def _triton_channel_pool(x: torch.Tensor) -> torch.Tensor:
+def _custom_op(name, impl, fake):
+    """``impl`` as the custom op ``bam_triton::name``, with ``fake`` for torch.compile's fake tensors. On META tensors
+    the real ``impl`` runs: its launcher records the launch it would make, executing nothing (shape-only runs,
+    ``bam-triton traffic``); torch without ``register_kernel`` gives META calls the fake results instead."""
+    op = torch.library.custom_op(f"bam_triton::{name}", impl, mutates_args=(), **_STRIDE_TAGS)
+    op.register_fake(fake)
+    if hasattr(op, "register_kernel"):
+        op.register_kernel("meta", impl)
+    return op
+
+
+def _channel_pool_impl(x: torch.Tensor) -> torch.Tensor:
     kernels = _backend.kernels()
     x = _dense(x)
     return kernels.channel_pool_fwd(x, kernels.memory_plan(x).channels_last)
 
 
-@_triton_channel_pool.register_fake
-def _(x):
-    return x.new_empty(x.shape[:2])
+_triton_channel_pool = _custom_op("channel_pool", _channel_pool_impl, lambda x: x.new_empty(x.shape[:2]))
 
 
 def _pool_setup_context(ctx, inputs, output):
@@ -223,29 +231,25 @@ def _pool_backward(ctx, grad):
 _triton_channel_pool.register_autograd(_pool_backward, setup_context=_pool_setup_context)
 
 
-@torch.library.custom_op("bam_triton::apply", mutates_args=(), **_STRIDE_TAGS)
-def _triton_apply(x: torch.Tensor, mc: torch.Tensor, ms: torch.Tensor, combine: str) -> torch.Tensor:
+def _apply_impl(x: torch.Tensor, mc: torch.Tensor, ms: torch.Tensor, combine: str) -> torch.Tensor:
     x, mc, ms, _ = _kernel_inputs("apply", x, mc, ms)
     return _backend.kernels().apply_fwd(x, mc, ms, check_combine(combine))
 
 
-@_triton_apply.register_fake
-def _(x, mc, ms, combine):
-    return torch.empty_like(x)
+_triton_apply = _custom_op("apply", _apply_impl, lambda x, mc, ms, combine: torch.empty_like(x))
 
 
-@torch.library.custom_op("bam_triton::apply_backward", mutates_args=(), **_STRIDE_TAGS)
-def _triton_apply_backward(g: torch.Tensor, x: torch.Tensor, mc: torch.Tensor, ms: torch.Tensor,
-                           combine: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _apply_backward_impl(g: torch.Tensor, x: torch.Tensor, mc: torch.Tensor, ms: torch.Tensor,
+                         combine: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     shapes = mc.shape, ms.shape
     x, mc, ms, g = _kernel_inputs("apply_backward", x, mc, ms, g)
     dx, dmc, dms = _backend.kernels().apply_bwd(g, x, mc, ms, check_combine(combine))
     return dx, dmc.to(mc.dtype).reshape(shapes[0]), dms.to(ms.dtype).reshape(shapes[1])
 
 
-@_triton_apply_backward.register_fake
-def _(g, x, mc, ms, combine):
-    return torch.empty_like(x), torch.empty_like(mc), torch.empty_like(ms)
+_triton_apply_backward = _custom_op(
+    "apply_backward", _apply_backward_impl,
+    lambda g, x, mc, ms, combine: (torch.empty_like(x), torch.empty_like(mc), torch.empty_like(ms)))
 
 
 def _apply_setup_context(ctx, inputs, output):

@@ -11,9 +11,7 @@ BAM block, for example, the backward reads ``g`` twice (a reduction pass over g 
 
 |F| is the size in bytes of the feature map ``x`` (N·C·H·W·itemsize).
 """
-import contextlib
 from dataclasses import dataclass, field
-from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -52,66 +50,6 @@ def minimal_bytes(op, n, c, h, w, itemsize, map_itemsize=None):
         return 7 * f + 3 * maps
     raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Fused kernels: their own loads and stores
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _numel(shape):
-    out = 1
-    for s in shape:
-        out *= s
-    return out
-
-
-def kernel_pool_bytes(x_shape, itemsize):
-    """channel_pool_kernel: x read once, (N, C) written (the split partials are fp32 (N, splits, C): negligible)."""
-    n, c, h, w = x_shape
-    return {"read": _numel(x_shape) * itemsize, "write": n * c * itemsize, "passes": 1}
-
-
-def kernel_apply_fwd_bytes(x_shape, itemsize, map_itemsize):
-    """apply_fwd_kernel: x read once, out written once, mc and ms gathered (they stay in cache: read once)."""
-    n, c, h, w = x_shape
-    f = _numel(x_shape) * itemsize
-    return {"read": f + (n * c + n * h * w) * map_itemsize, "write": f, "passes": 1}
-
-
-def kernel_apply_bwd_bytes(x_shape, itemsize, map_itemsize, with_dx_conv=False):
-    """The fused backward (kernels/apply_bwd.py), per kernel.
-
-    - ``single_pass`` (``apply_bwd``, the functional op's backward): reads g and x, writes dx and the partial sums.
-    - ``reduce_pass`` (``apply_bwd_reduce``, inside the BAM block): reads g and x, writes the partial sums only.
-    - ``dx_pass`` (``apply_bwd_dx``, inside the BAM block): reads g (s comes from the small maps: no x) and, when the
-      whole module's backward is fused, ``dx_conv`` (the spatial branch's 1x1-conv input gradient); writes dx.
-    """
-    n, c, h, w = x_shape
-    f = _numel(x_shape) * itemsize
-    maps = (n * c + n * h * w) * map_itemsize
-    single_pass = {"read": 2 * f + maps, "write": f + maps}
-    reduce_pass = {"read": 2 * f + maps, "write": maps}
-    dx_pass = {"read": f + maps + (f if with_dx_conv else 0), "write": f}
-    return {"single_pass": single_pass, "reduce_pass": reduce_pass, "dx_pass": dx_pass}
-
-
-def kernel_front_bytes(x_shape, itemsize, hidden):
-    """The single-read front end (kernels/front.py). Forward: x read once, y (N, C_r, H, W) written, the fp32 pooling
-    partials (N, H·W/BLOCK_P, C: 4/64 bytes per element at BLOCK_P = 64) written and read once. Backward: g, x and
-    dy read, dx written (the dW/db partials are C_r·C per split: negligible)."""
-    n, c, h, w = x_shape
-    f = _numel(x_shape) * itemsize
-    y = n * hidden * h * w * itemsize
-    partials = n * -(-h * w // 64) * c * 4
-    return {"fwd": {"read": f + partials, "write": y + partials}, "bwd": {"read": 2 * f + y, "write": f}}
-
-
-KERNEL_BYTES = {
-    "channel_pool_kernel": kernel_pool_bytes,
-    "apply_fwd_kernel": kernel_apply_fwd_bytes,
-    "apply_bwd_reduce_kernel / apply_bwd_dx_kernel": kernel_apply_bwd_bytes,
-    "front_fwd_kernel / front_bwd_kernel": kernel_front_bytes,
-}
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Counting aten traffic
@@ -154,28 +92,26 @@ class TrafficLog:
 
 class CountBytes(TorchDispatchMode):
     """Charge each aten op its tensor inputs' and outputs' storage bytes; views are free. The bam_triton custom ops
-    are passed through uncharged: their Triton launchers are replaced by :class:`FakeKernels`, which charges each
-    kernel its formula."""
+    run uncharged: on META tensors they run their launchers, and every Triton launch recorded in ``launches`` (the
+    launchers' plans and arguments) is charged by :func:`launch_bytes`, in the order things ran."""
 
-    def __init__(self, log, fake=None):
+    def __init__(self, log, launches=()):
         super().__init__()
-        self.log = log
-        self.fake = fake
+        self.log, self.launches, self.charged = log, launches, 0
+
+    def charge_launches(self):
+        for plan, args in self.launches[self.charged:]:
+            self.log.add(f"triton:{plan.kernel_name}", *launch_bytes(plan, args))
+        self.charged = len(self.launches)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        self.charge_launches()
         name = str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket") else str(func)
         if getattr(func, "namespace", None) == "bam_triton":
-            # On META tensors the custom ops would run their fake implementations: charge the kernels instead.
-            if self.fake is None:
-                raise RuntimeError(f"bam_triton::{name} reached the byte counter outside a fused count")
-            if name == "channel_pool":
-                return self.fake.channel_pool_fwd(args[0], None)
-            if name == "apply":
-                return self.fake.apply_fwd(*args[:4])
-            if name == "apply_backward":
-                return self.fake.apply_bwd(*args[:5])
-            raise NotImplementedError(f"no byte formula for bam_triton::{name}")
+            out = func(*args, **kwargs)
+            self.charge_launches()
+            return out
         out = func(*args, **kwargs)
         if getattr(func, "is_view", False) or name in ("detach", "alias", "lift_fresh"):
             return out
@@ -189,61 +125,6 @@ class CountBytes(TorchDispatchMode):
             read = write = 0  # allocation moves no data
         self.log.add(name, read, write)
         return out
-
-
-class FakeKernels:
-    """Stands in for ``bam_triton.kernels`` while counting: each launcher charges its kernel's loads and stores to
-    the log and returns empty (META) results of the right shape."""
-
-    def __init__(self, log):
-        self.log = log
-        self.INTERPRETED = False
-
-    @staticmethod
-    def memory_plan(x):
-        from bam_triton.kernels._common import memory_plan
-
-        return memory_plan(x)
-
-    def channel_pool_fwd(self, x, channels_last):
-        b = kernel_pool_bytes(tuple(x.shape), x.element_size())
-        self.log.add("triton:channel_pool_kernel", b["read"], b["write"])
-        return x.new_empty(x.shape[:2])
-
-    def apply_fwd(self, x, mc, ms, combine):
-        b = kernel_apply_fwd_bytes(tuple(x.shape), x.element_size(), mc.element_size())
-        self.log.add("triton:apply_fwd_kernel", b["read"], b["write"])
-        return torch.empty_like(x)
-
-    def apply_bwd_reduce(self, g, x, mc, ms, combine):
-        b = kernel_apply_bwd_bytes(tuple(x.shape), x.element_size(), mc.element_size())
-        self.log.add("triton:apply_bwd_reduce_kernel", b["reduce_pass"]["read"], b["reduce_pass"]["write"])
-        return torch.empty_like(mc, dtype=torch.float32), torch.empty_like(ms, dtype=torch.float32)
-
-    def apply_bwd_dx(self, g, x, mc, ms, combine, dpool=None, dx_extra=None):
-        b = kernel_apply_bwd_bytes(tuple(x.shape), x.element_size(), mc.element_size(), dx_extra is not None)
-        small = dpool.numel() * dpool.element_size() if dpool is not None else 0
-        self.log.add("triton:apply_bwd_dx_kernel", b["dx_pass"]["read"] + small, b["dx_pass"]["write"])
-        return torch.empty_like(x)
-
-    def front_fwd(self, x, weight, bias):
-        hidden = weight.shape[0]
-        b = kernel_front_bytes(tuple(x.shape), x.element_size(), hidden)["fwd"]
-        self.log.add("triton:front_fwd_kernel", b["read"] + weight.numel() * weight.element_size(), b["write"])
-        n, c, h, w = x.shape
-        return x.new_empty((n, c)), torch.empty((n, hidden, h, w), device=x.device, dtype=x.dtype)
-
-    def front_bwd(self, g, x, mc, ms, combine, dpool, dy, weight):
-        b = kernel_front_bytes(tuple(x.shape), x.element_size(), weight.shape[0])["bwd"]
-        small = sum(t.numel() * t.element_size() for t in (mc, ms, weight) + ((dpool,) if dpool is not None else ()))
-        self.log.add("triton:front_bwd_kernel", b["read"] + small, b["write"] + 2 * weight.numel() * 4)
-        return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])
-
-    def apply_bwd(self, g, x, mc, ms, combine):
-        b = kernel_apply_bwd_bytes(tuple(x.shape), x.element_size(), mc.element_size())
-        self.log.add("triton:apply_bwd_reduce_kernel[WRITE_DX]", b["single_pass"]["read"], b["single_pass"]["write"])
-        return (torch.empty_like(x), torch.empty_like(mc, dtype=torch.float32),
-                torch.empty_like(ms, dtype=torch.float32))
 
 
 def _unique(tensors):
@@ -263,23 +144,31 @@ def _storage_key(t):
         return id(t)
 
 
-@contextlib.contextmanager
-def _fake_triton(log):
-    """Let the op layer choose the Triton path for META tensors, with :class:`FakeKernels` as the launchers."""
-    from bam_triton import _backend
+def launch_bytes(plan, sizes):
+    """(read, write) bytes of one recorded launch: every pointer argument the plan reads or writes, once, at the size
+    of the tensor the launcher passed (partial-sum buffers as allocated, for the config that needs the most)."""
+    read = write = 0
+    for name, nbytes in sizes.items():
+        if not name.endswith("_ptr") or name in plan.unused:
+            continue
+        if name in plan.writes:
+            write += nbytes
+        else:
+            read += nbytes
+    return read, write
 
-    fake = FakeKernels(log)
-    with CountBytes(log, fake), mock.patch.object(_backend, "resolve", lambda backend, device: "torch" if backend == "torch" else "triton"), \
-            mock.patch.object(_backend, "kernels", lambda: fake):
-        yield
 
+def count_bytes(fn):
+    """Run ``fn()`` (on META tensors) under :class:`CountBytes`, with the Triton launches it makes recorded
+    (``kernels._common.record_launches``) and charged from their plans; returns the :class:`TrafficLog`."""
+    from bam_triton.kernels._common import record_launches
 
-def count_bytes(fn, fused=False):
-    """Run ``fn()`` under :class:`CountBytes`; returns the :class:`TrafficLog`."""
     log = TrafficLog()
-    ctx = _fake_triton(log) if fused else CountBytes(log)
-    with ctx:
-        fn()
+    with record_launches() as launches:
+        counter = CountBytes(log, launches)
+        with counter:
+            fn()
+        counter.charge_launches()
     return log
 
 
@@ -351,7 +240,7 @@ def provider_traffic(provider, op, shape, dtype=torch.float16, channels_last=Fal
                 y.backward(torch.empty_like(y))
     else:
         raise ValueError(f"unknown op {op!r}")
-    return count_bytes(run, fused=provider in ("fused", SINGLE_READ_PROVIDER))
+    return count_bytes(run)
 
 
 def traffic_report(shape, dtype=torch.float16, channels_last=False, combine="product"):
@@ -376,13 +265,13 @@ def traffic_report(shape, dtype=torch.float16, channels_last=False, combine="pro
     return report
 
 
-def fused_backward_passes(shape, dtype=torch.float16):
-    """The fused Triton backward's full passes over memory, from the kernels' formulas."""
-    b = kernel_apply_bwd_bytes(shape, torch.empty((), dtype=dtype).element_size(), 4, with_dx_conv=True)
-    return [
-        ("apply_bwd_reduce_kernel", "reads g, x (+ mc, ms); writes dmc/dms partials", b["reduce_pass"]),
-        ("apply_bwd_dx_kernel", "reads g, dx_conv (+ mc, ms, dpool); writes dx", b["dx_pass"]),
-    ]
+def fused_backward_passes(report):
+    """The Triton kernels of the fused block's backward and their passes over (N, C, H, W) memory, from the recorded
+    launches of the report's bam-fwd-bwd row (the launches after the forward's apply kernel)."""
+    row = next(r for r in report["rows"] if r["op"] == "bam-fwd-bwd" and r["provider"] == "fused")
+    kernels = [(name[len("triton:"):], read + write) for name, read, write in row["ops"] if name.startswith("triton:")]
+    first = next(i for i, (name, _) in enumerate(kernels) if name == "apply_fwd_kernel") + 1
+    return [(name, moved / report["F_bytes"]) for name, moved in kernels[first:]]
 
 
 def format_report(report):
@@ -421,14 +310,13 @@ def run_traffic(args):
                   "speedup_bound_vs_authors"], rows["bam-fwd-bwd", SINGLE_READ_PROVIDER]["x_F"],
               rows["bam-fwd-bwd", SINGLE_READ_PROVIDER]["speedup_bound_vs_authors"]))
     f = report["F_bytes"]
-    print("\nFused Triton backward, full passes over (N, C, H, W) memory (one pass = |F| read or written):")
-    total = 0.0
-    for name, what, b in fused_backward_passes(tuple(args.shape), dtype):
-        passes = (b["read"] + b["write"]) / f
-        total += passes
-        print(f"  {name:<26}{what:<52}{passes:5.2f} passes")
-    print(f"  {'total':<78}{total:5.2f} passes (+ 1 for the spatial branch's 1x1-conv input gradient dx_conv, "
-          f"written by torch)")
+    print("\nFused Triton backward, full passes over (N, C, H, W) memory (one pass = |F| read or written), from "
+          "the launches recorded:")
+    passes = fused_backward_passes(report)
+    for name, moved in passes:
+        print(f"  {name:<32}{moved:5.2f} passes")
+    print(f"  {'total':<32}{sum(moved for _, moved in passes):5.2f} passes (+ 1 for the spatial branch's 1x1-conv "
+          f"input gradient dx_conv, written by torch)")
     if args.ops_detail:
         for r in report["rows"]:
             print(f"\n{r['op']} / {r['provider']}:")

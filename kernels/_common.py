@@ -279,7 +279,8 @@ class LaunchPlan:
     ``grid`` axes are ``(count, extent, block)``: ``count · cdiv(extent, meta[block])``, or ``count`` when ``block``
     is None (``meta`` is the config the autotuner picks). ``scalars`` are the runtime int arguments after the tensors,
     in signature order; ``buffers`` the (shape, dtype) of each small output or partial-sum buffer the launcher
-    allocates; ``tuning_key`` the values of the autotuner's key."""
+    allocates; ``writes`` and ``unused`` say which pointer arguments are stored to and which are not touched (every
+    other one is read: what ``bam-triton traffic`` charges); ``tuning_key`` the values of the autotuner's key."""
 
     kernel: object  # the autotuned kernel (a triton Autotuner)
     kind: str  # its config list in _CONFIGS
@@ -287,6 +288,8 @@ class LaunchPlan:
     scalars: tuple
     constexprs: tuple  # (name, value) pairs
     buffers: tuple = ()  # (name, shape, dtype) triples
+    writes: tuple = ()  # the pointer arguments the kernel stores to
+    unused: tuple = ()  # pointer arguments this variant never touches (absent optional inputs)
 
     def grid_for(self, meta):
         return tuple(count * (-(-extent // meta[block]) if block else 1) for count, extent, block in self.grid)
@@ -325,6 +328,22 @@ def device_guard(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+# Launches on META tensors execute nothing (shape-only runs, ``bam-triton traffic``): they are handed to these lists.
+_RECORDERS = []
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Collect the launches made on META tensors while the block runs: a list of (plan, {argument name: bytes of the
+    tensor passed}). Sizes, not tensors: holding a gradient would keep autograd from reusing its buffer."""
+    launches = []
+    _RECORDERS.append(launches)
+    try:
+        yield launches
+    finally:
+        _RECORDERS.remove(launches)
+
+
 # Launches are serialised: the interpreter patches triton.language while a kernel runs, and the autotuner keeps
 # per-kernel state (the arguments and timings of the config search) while it tunes; neither is thread-safe. Holding
 # a lock for the host side of a launch costs well under a microsecond; GPU execution is not serialised by it.
@@ -341,6 +360,11 @@ def launch(plan, *tensors, config=None):
     floats = [a for a in (*plan.scalars, *dict(plan.constexprs).values()) if isinstance(a, float)]
     if floats:
         raise TypeError(f"bam_triton internal error: float scalar arguments {floats} would be fp32 on a GPU")
+    if tensors[0].device.type == "meta":  # nothing to run: record it, and size the results for the first kept config
+        sizes = {name: t.numel() * t.element_size() for name, t in zip(plan.kernel.arg_names, tensors)}
+        for launches in _RECORDERS:
+            launches.append((plan, sizes))
+        return (config or plan.kept_configs()[0])[0]
     used = {}
 
     def grid(meta):

@@ -93,7 +93,7 @@ def apply_fwd_plan(shape, dtype, channels_last, combine):
     return LaunchPlan(apply_fwd_kernel, "elementwise", grid=((1, n_elements, "BLOCK"),),
                       scalars=(n_elements, n_bucket(shape[0])),
                       constexprs=(("INNER", plan.inner), ("MID", plan.mid), ("COMBINE", COMBINE_CODES[combine]),
-                                  ("INDEX_64", plan.index_64), ("ACC", acc_dtype(dtype))))
+                                  ("INDEX_64", plan.index_64), ("ACC", acc_dtype(dtype))), writes=("out_ptr",))
 
 
 def apply_fwd(x, mc, ms, combine, config=None):

@@ -251,6 +251,7 @@ def reduce_plan(shape, dtype, channels_last, combine, write_dx, sms=None):
     partial_dtype = torch.promote_types(dtype, torch.float32)
     target = target_programs(sms)
     common = (("COMBINE", COMBINE_CODES[combine]), ("WRITE_DX", write_dx), ("ACC", acc_dtype(dtype)))
+    written_dx = ("dx_ptr",) if write_dx else ()
     group = None if channels_last else row_group(c, hw, dtype.itemsize)
     if group is not None:
         n_rows = c // group
@@ -265,7 +266,8 @@ def reduce_plan(shape, dtype, channels_last, combine, write_dx, sms=None):
                           constexprs=(("HW", hw), ("GROUP", group), ("BLOCK_L", triton.next_power_of_2(group * hw)))
                           + common,
                           buffers=(("dmc", (n, c), partial_dtype), ("dms_partial", (n, n_splits * group, hw),
-                                                                     partial_dtype)))
+                                                                     partial_dtype)),
+                          writes=("dmc_ptr", "dms_partial_ptr") + written_dx, unused=() if write_dx else ("dx_ptr",))
     # Split channels only when images x hw blocks alone give too few programs.
     base_programs = n * -(-hw // _TYPICAL_BLOCK_HW)
     n_splits = max(1, min(-(-target // base_programs), -(-c // _C_SPLIT_UNIT)))
@@ -275,7 +277,8 @@ def reduce_plan(shape, dtype, channels_last, combine, write_dx, sms=None):
                       scalars=(c, hw, c_per_split, n_bucket(n)),
                       constexprs=(("CHANNELS_LAST", channels_last),) + common,
                       buffers=(("dmc_partial", (n * -(-hw // _MIN_BLOCK_HW) * c,), partial_dtype),
-                               ("dms_partial", (n, n_splits, hw), partial_dtype)))
+                               ("dms_partial", (n, n_splits, hw), partial_dtype)),
+                      writes=("dmc_partial_ptr", "dms_partial_ptr") + written_dx, unused=() if write_dx else ("dx_ptr",))
 
 
 def _reduce(g, x, mc, ms, combine, dx, config):
@@ -322,7 +325,9 @@ def dx_plan(shape, dtype, channels_last, combine, has_dpool, has_extra):
                       scalars=(n_elements, n_bucket(shape[0])),
                       constexprs=(("INNER", plan.inner), ("MID", plan.mid), ("CHANNELS_LAST", channels_last),
                                   ("COMBINE", COMBINE_CODES[combine]), ("INDEX_64", plan.index_64),
-                                  ("HAS_DPOOL", has_dpool), ("HAS_EXTRA", has_extra), ("ACC", acc_dtype(dtype))))
+                                  ("HAS_DPOOL", has_dpool), ("HAS_EXTRA", has_extra), ("ACC", acc_dtype(dtype))),
+                      writes=("dx_ptr",),
+                      unused=(() if has_dpool else ("dpool_ptr",)) + (() if has_extra else ("dx_extra_ptr",)))
 
 
 def apply_bwd_dx(g, x, mc, ms, combine, dpool=None, dx_extra=None, config=None):

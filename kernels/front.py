@@ -319,7 +319,8 @@ def front_fwd_plan(shape, dtype, channels_last, hidden, sms=None):
     hw = h * w
     return LaunchPlan(front_fwd_kernel, "front_fwd", grid=((n, hw, "BLOCK_P"),), scalars=(c, n_bucket(n)),
                       constexprs=_common_constexprs(shape, dtype, channels_last, hidden)[1:],
-                      buffers=(("pool_partial", (n * -(-hw // _MIN_FWD_BLOCK_P) * c,), _acc_torch(dtype)),))
+                      buffers=(("pool_partial", (n * -(-hw // _MIN_FWD_BLOCK_P) * c,), _acc_torch(dtype)),),
+                      writes=("y_ptr", "pool_partial_ptr"))
 
 
 def bwd_split(n, c, hw, hidden, itemsize, target):
@@ -349,7 +350,8 @@ def front_bwd_plan(shape, dtype, channels_last, hidden, combine, has_dpool=True,
                       scalars=(n_chunks, per_split, n_bucket(n)),
                       constexprs=_common_constexprs(shape, dtype, channels_last, hidden)
                       + (("CHUNK", P_SPLIT_UNIT), ("COMBINE", COMBINE_CODES[combine]), ("HAS_DPOOL", has_dpool)),
-                      buffers=(("dw_partial", (n_splits, hidden, c), acc), ("db_partial", (n_splits, hidden), acc)))
+                      buffers=(("dw_partial", (n_splits, hidden, c), acc), ("db_partial", (n_splits, hidden), acc)),
+                      writes=("dx_ptr", "dw_partial_ptr", "db_partial_ptr"), unused=() if has_dpool else ("dpool_ptr",))
 
 
 def _weight_matrix(weight, x):

@@ -125,13 +125,13 @@ def channel_pool_plan(shape, dtype, channels_last, sms=None):
                           scalars=(c, n_bucket(n)),
                           constexprs=(("HW", hw), ("GROUP", group), ("ACC", acc),
                                       ("BLOCK_L", triton.next_power_of_2(group * hw))),
-                          buffers=(("out", (n, 1, c), dtype),))
+                          buffers=(("out", (n, 1, c), dtype),), writes=("out_ptr",))
     n_splits, hw_per_split = pool_split(n, c, hw, target_programs(sms))
     out_dtype = dtype if n_splits == 1 else torch.promote_types(dtype, torch.float32)
     return LaunchPlan(channel_pool_kernel, "pool", grid=((n, c, "BLOCK_C"), (n_splits, 1, None)),
                       scalars=(c, hw, hw_per_split, n_bucket(n)),
                       constexprs=(("CHANNELS_LAST", channels_last), ("ACC", acc)),
-                      buffers=(("out", (n, n_splits, c), out_dtype),))
+                      buffers=(("out", (n, n_splits, c), out_dtype),), writes=("out_ptr",))
 
 
 def channel_pool_fwd(x, channels_last, config=None):
