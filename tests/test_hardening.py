@@ -759,9 +759,9 @@ ERRORS = {
     "apply-ms-meta": (lambda mp: bam_apply(_X, _MC, _MS.to("meta"), backend="triton"), ValueError,
                       r"^ms is on meta but x is on cpu: all inputs must be on one device$"),
     "apply-x-meta": (lambda mp: bam_apply(_X.to("meta"), _MC, _MS), ValueError, r"^mc is on cpu but x is on meta"),
-    # a device the Triton path cannot run on
-    "pool-meta-triton": (lambda mp: channel_pool(_X.to("meta"), backend="triton"), RuntimeError,
-                         r"^backend='triton' supports CUDA tensors .*got a tensor on meta"),
+    # a device the Triton path cannot run on (META runs shape-only: its launches are recorded, see bench/traffic.py)
+    "resolve-xpu-triton": (lambda mp: _backend.resolve("triton", torch.device("xpu")), RuntimeError,
+                           r"^backend='triton' supports CUDA tensors .*got a tensor on xpu"),
     # combine
     "apply-combine": (lambda mp: bam_apply(_X, _MC, _MS, combine="add"), ValueError,
                       rf"^combine must be one of {_COMBINES}, got 'add'$"),
