@@ -669,7 +669,7 @@ def test_sweep_network_ops_report_bams_overhead(tmp_path, capsys):
     for provider in ("authors-eager", "torch-path"):
         r = by_provider[provider]
         overhead = float(r["median_ms"]) / float(by_provider["no-bam"]["median_ms"]) - 1
-        assert float(r["bam_overhead"]) == pytest.approx(overhead, rel=1e-4)
+        assert float(r["bam_overhead"]) == pytest.approx(overhead, abs=1e-4)  # both from 6-digit CSV values
         assert r["gbps"] == "" and r["valid"] == ""
     out = capsys.readouterr().out
     assert "resnet50-fwd batch 2 fp32 nchw (cpu-timer): BAM adds" in out and "with ours (torch-path)" in out
