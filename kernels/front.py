@@ -47,12 +47,12 @@ shapes and the three Tritons:
     forward   P64-K64-w4 56-168 / 56-124    P128-K32-w4 64-202 / 63-130   P128-K64-w8 64-166 / 57-126
               P32-K64-w4 48-111 / 40-117    P64-K32-w4 48-128 / 40-88     P256-K32-w8 78-212 / 62-154
     backward  K64-P32-w4 95-252 / 74-206    K128-P32-w8 101-255 / 75-224  K32-P32-w4 72-168 / 63-168
-              C_r <= 32: K32-P64-w4 72-205 / 64-232, K64-P64-w4 128-255 / 128-255
+              C_r <= 32: K32-P64-w4 72-205 / 64-232
               C_r <= 16: K32-P128-w8 100-180 / 80-241
 
 The backward configs the pruner drops at C_r = 64 spilled on sm_80: K32-P128-w8 76 bytes (NCHW, Triton 3.9),
-K64-P64-w4 24-48 (NHWC, 3.9); K64-P64-w8 (48 bytes, NCHW, 3.3; 24 bytes NHWC 28x28 with the maps in x's
-dtype, as the module launches them) is no longer in the list. fp32 (first configs, 256x56x56) compiles to FMA, no TF32;
+K64-P64-w4 24-48 (NHWC, 3.9). K64-P64 is no longer in the list: with the maps in x's dtype, as the module
+launches them, it spilled at 28x28 NHWC (w8: 24 bytes, sm_80, 3.9; w4: 12 bytes, sm_90, 3.3). fp32 (first configs, 256x56x56) compiles to FMA, no TF32;
 its backward spills ~560 bytes with Triton 3.2 only (fp32 is no performance target). fp64 (a correctness path for
 gradcheck, no dot) spills heavily.
 """
