@@ -160,10 +160,12 @@ class BAM(nn.Module):
             return bam_apply_unchecked(x, x.new_zeros(x.shape[:2]), x.new_zeros(x.shape[0], *x.shape[2:]),
                                        self.combine, "torch")
         path = resolve_path(x, self.backend)
-        single_read = _backend.single_read_default() if self.single_read is None else self.single_read
-        if path == "triton" and single_read and not torch.compiler.is_compiling():
+        if path == "triton" and self._single_read() and not torch.compiler.is_compiling():
             return single_read_forward(x, self.channel_att, self.spatial_att.gate_s[0], self.spatial_att, self.combine)
         return block_forward(x, self.channel_att, self.spatial_att, self.combine, path)
+
+    def _single_read(self):
+        return _backend.single_read_default() if self.single_read is None else self.single_read
 
     def _check_input(self, x):
         """Validate ``x`` for this BAM (errors name the argument); returns whether it is empty."""

@@ -290,6 +290,13 @@ class LaunchPlan:
     writes: tuple = ()  # the pointer arguments the kernel stores to
     unused: tuple = ()  # pointer arguments this variant never touches (absent optional inputs)
 
+    def __post_init__(self):
+        # Compiled Triton types a Python float argument as fp32, which would cost fp64 inputs precision (the
+        # interpreter keeps a double and would not show it): scalars are ints, checked once, where a plan is made.
+        floats = [a for a in (*self.scalars, *dict(self.constexprs).values()) if isinstance(a, float)]
+        if floats:
+            raise TypeError(f"bam_triton internal error: float scalar arguments {floats} would be fp32 on a GPU")
+
     def grid_for(self, meta):
         return tuple(count * (-(-extent // meta[block]) if block else 1) for count, extent, block in self.grid)
 
@@ -353,12 +360,7 @@ def launch(plan, *tensors, config=None):
     """Launch ``plan`` on ``tensors`` on their device and that device's current stream, one thread at a time: through
     the autotuner, or with ``config`` = (meta, num_warps) straight through the jit function (tests, every config).
     Returns the meta-parameters of the launch that ran (the autotuner evaluates the grid of the final launch last).
-
-    Scalars are ints by construction: compiled Triton types a Python float as fp32, which would cost fp64 inputs
-    precision (the interpreter keeps it a double and would not show it)."""
-    floats = [a for a in (*plan.scalars, *dict(plan.constexprs).values()) if isinstance(a, float)]
-    if floats:
-        raise TypeError(f"bam_triton internal error: float scalar arguments {floats} would be fp32 on a GPU")
+    Scalars are ints: :class:`LaunchPlan` refuses floats when it is made."""
     if tensors[0].device.type == "meta":  # nothing to run: record it, and size the results for the first kept config
         sizes = {name: t.numel() * t.element_size() for name, t in zip(plan.kernel.arg_names, tensors)}
         for launches in _RECORDERS:

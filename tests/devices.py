@@ -53,3 +53,15 @@ def cpu_only(reason):
 def cuda_only(reason):
     """Skip in the CPU run: the test needs a GPU."""
     return pytest.mark.skipif(not ON_CUDA, reason=f"needs CUDA ({DEVICE_VAR}=cuda on a GPU): {_checked(reason)}")
+
+
+def run_compiled(code, **env):
+    """Run ``code`` in a fresh Python with Triton in compiled mode (no TRITON_INTERPRET; kernels are defined, nothing
+    launches) and ``env`` added; fail with its stderr if it fails."""
+    import subprocess
+    import sys
+
+    child_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    child_env.update(env)
+    res = subprocess.run([sys.executable, "-c", code], env=child_env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -90,13 +90,15 @@ def _spatial_logits(bam):
     return captured, handle
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_partial_backward_leaves_nothing_for_a_later_pass(backend):
+@pytest.mark.parametrize("backend,single_read", [("torch", None), ("triton", None), ("triton", True)],
+                         ids=["torch", "triton", "triton-single-read"])
+def test_a_partial_backward_leaves_nothing_for_a_later_pass(backend, single_read):
     """``autograd.grad`` of the channel branch's parameters runs the apply step's backward but not the junction that
-    writes dx; a later backward of an auxiliary loss on the spatial logits must not pick up the first pass's g."""
+    writes dx; a later backward of an auxiliary loss on the spatial logits must not pick up the first pass's g (on
+    the single-read path too, whose front end is that junction)."""
     bam = _bam("product")
-    bam.backend = backend
-    x = _x((4, 16, 6, 6), False, "partial").requires_grad_()
+    bam.backend, bam.single_read = backend, single_read
+    x = _x((4, 16, 6, 6), bool(single_read), "partial").requires_grad_()
     captured, handle = _spatial_logits(bam)
     out = bam(x)
     handle.remove()

@@ -6,9 +6,6 @@ The CPU tests run the real launchers through the interpreter with the GPU-only p
 helper's device guard, the autotuner's timer); ahead-of-time compilation checks what the PTX does with fp64."""
 import dataclasses
 import importlib
-import os
-import subprocess
-import sys
 import unittest.mock
 import zlib
 
@@ -21,7 +18,7 @@ from bam_triton.bench import inspect as aot
 from bam_triton.kernels import _common
 from bam_triton.kernels import apply as apply_mod
 from bam_triton.kernels import pool as pool_mod
-from devices import TEST_DEVICE, cpu_only, cuda_only
+from devices import TEST_DEVICE, cpu_only, cuda_only, run_compiled
 from reference import ref_apply, ref_grads
 
 bwd_mod = importlib.import_module("bam_triton.kernels.apply_bwd")
@@ -84,11 +81,10 @@ def test_no_launch_passes_a_float_scalar(monkeypatch):
         assert not any(isinstance(v, float) for v in constexprs.values()), (name, constexprs)
 
 
-def test_launch_refuses_a_float_scalar():
+def test_a_launch_plan_refuses_a_float_scalar():
     plan = kernels.apply_fwd_plan((1, 2, 3, 4), torch.float32, False, "sum")
-    bad = _common.LaunchPlan(plan.kernel, plan.kind, plan.grid, plan.scalars[:-1] + (0.5,), plan.constexprs)
     with pytest.raises(TypeError, match="float scalar"):
-        _common.launch(bad, torch.zeros(1, 2, 3, 4))
+        _common.LaunchPlan(plan.kernel, plan.kind, plan.grid, plan.scalars[:-1] + (0.5,), plan.constexprs)
 
 
 @cpu_only("compiles ahead of time on the CPU; the CUDA run compiles for real")
@@ -223,10 +219,7 @@ def test_bam_triton_autotune_0_pins_every_kernel():
             "kept = pool.channel_pool_kernel.early_config_prune(cfgs, {}, CHANNELS_LAST=True)\n"
             "assert len(kept) == 1 and kept[0].kwargs['BLOCK_C'] >= 32, kept\n"
             "assert len(m.apply_bwd_dx_kernel.early_config_prune(_common.gpu_configs('elementwise'), {})) == 1\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["BAM_TRITON_AUTOTUNE"] = "0"
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
+    run_compiled(code, BAM_TRITON_AUTOTUNE="0")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

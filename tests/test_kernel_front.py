@@ -11,9 +11,6 @@ the same rounded inputs, W rounded to x's dtype as the kernels' dots take it). d
 those inputs: |err| <= 2e-5·(1 + max|ref|) + 1e-5·|ref|.
 """
 import math
-import os
-import subprocess
-import sys
 import zlib
 
 import pytest
@@ -23,7 +20,7 @@ import triton
 
 from bam_triton import TOLERANCES
 from bam_triton.kernels import _common, front
-from devices import ON_CUDA, TEST_DEVICE, cpu_only
+from devices import ON_CUDA, TEST_DEVICE, cpu_only, run_compiled
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
@@ -428,10 +425,7 @@ def test_bam_triton_autotune_0_pins_the_front_kernels():
             "    assert len(k.configs) > 1 and len(kept) == 1, kept\n"
             "    assert 'batch_bucket' in k.fn.do_not_specialize\n"
             "    assert (kept[0].kwargs, kept[0].num_warps) == _common.all_configs(kind)[0]\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["BAM_TRITON_AUTOTUNE"] = "0"
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
+    run_compiled(code, BAM_TRITON_AUTOTUNE="0")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

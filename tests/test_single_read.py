@@ -1,13 +1,14 @@
 """The opt-in single-read path of BAM (issue 14): ``BAM(single_read=True)`` or ``BAM_TRITON_SINGLE_READ=1`` on the
 Triton path runs the front-end kernels (kernels/front.py: pooling and the 1x1 reduction from one read of x; dx, dW_r
-and db_r in one backward pass). Checked against float64 autograd of the plain formula, as the other paths are."""
+and db_r in one backward pass). Checked against float64 autograd of the plain formula, as the other paths are (its
+partial-backward case is in test_autograd_paths.py, beside the other paths')."""
 import pytest
 import torch
 
 from bam_triton import BAM, _backend
 from bam_triton import kernels as kernel_package
 from devices import TEST_DEVICE
-from test_autograd_paths import _bam, _plain_bam, _spatial_logits, _spatial_ref, _x
+from test_autograd_paths import _bam, _plain_bam, _x
 
 FRONT_LAUNCHERS = ("front_fwd", "front_bwd")
 OTHER_LAUNCHERS = ("channel_pool_fwd", "apply_bwd_dx", "apply_bwd")
@@ -83,20 +84,6 @@ def test_gradient_penalty_through_the_single_read_path():
     bam.load_state_dict(state)
     for a, b in zip(got, penalty(lambda t: _plain_bam(bam, t))):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
-
-
-def test_partial_backward_then_auxiliary_loss():
-    bam = _single_read_bam("product", True)
-    x = _x((4, 16, 6, 6), True, "partial-sr").requires_grad_()
-    captured, handle = _spatial_logits(bam)
-    out = bam(x)
-    handle.remove()
-    torch.autograd.grad(out.sum(), list(bam.channel_att.parameters()), retain_graph=True)
-    (dx,) = torch.autograd.grad(captured[0].pow(2).sum(), x, retain_graph=True)
-    (dx_ref,) = torch.autograd.grad(_spatial_ref(bam, x).pow(2).sum(), x)
-    torch.testing.assert_close(dx, dx_ref, atol=1e-10, rtol=1e-8)
-    (dx_full,) = torch.autograd.grad(out.sum(), x)
-    torch.testing.assert_close(dx_full, torch.autograd.grad(_plain_bam(bam, x).sum(), x)[0], atol=1e-10, rtol=1e-8)
 
 
 def test_switch_argument_and_environment_variable(monkeypatch, launches):
