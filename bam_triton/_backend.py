@@ -57,8 +57,13 @@ def triton_installed():
     return _TRITON_INSTALLED
 
 
+_KERNELS = []  # the kernel package once imported: an import statement per launch costs ~1 µs
+
+
 def kernels():
     """Import the kernel package on first use: ``import bam_triton`` never imports triton."""
+    if _KERNELS:
+        return _KERNELS[0]
     try:
         from . import kernels as kernel_package
     except (ImportError, RuntimeError) as e:  # a broken triton install; Triton 3.2 on a machine without a GPU driver
@@ -68,6 +73,7 @@ def kernels():
                     "and later do not); ")
         raise RuntimeError(f"the Triton kernels could not be imported ({type(e).__name__}: {e}); {hint}"
                            f"use backend='torch' or 'auto'") from e
+    _KERNELS.append(kernel_package)
     return kernel_package
 
 

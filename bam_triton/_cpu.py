@@ -33,13 +33,14 @@ def pointwise_conv(x, weight, bias):
 
 
 def spatial_branch(layers, x):
-    """Run ``layers`` (the spatial branch's sequence) on ``x``, the dilated convs on channels_last input when ``x`` is
-    a CPU tensor. The (N, 1, H, W) output is the same memory either way."""
-    if x.device.type != "cpu" or plain_ops_needed(x):
+    """Run ``layers`` (the spatial branch's Sequential, or a list of its layers) on ``x``, the dilated convs on
+    channels_last input when ``x`` is a CPU tensor. The (N, 1, H, W) output is the same memory either way."""
+    on_cpu = x.device.type == "cpu" and not plain_ops_needed(x)
+    if not on_cpu and isinstance(layers, torch.nn.Module):
         return layers(x)
     h = x
     for layer in layers:
-        if isinstance(layer, torch.nn.Conv2d) and layer.kernel_size != (1, 1):
+        if on_cpu and isinstance(layer, torch.nn.Conv2d) and layer.kernel_size != (1, 1):
             h = h.contiguous(memory_format=torch.channels_last)
         h = layer(h)
     return h

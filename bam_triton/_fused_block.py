@@ -3,10 +3,10 @@
 Three gradients of x meet in BAM's backward: the apply step's g·(1+s), the pooling's dpool/(H·W) (a broadcast) and
 the spatial branch's 1x1-conv input gradient dx_conv. Plain autograd writes the first (reading g and x), adds the
 broadcast into it and adds dx_conv: with the conv's own write, 3 + 2 + 1 + 3 = 9 full passes over (N, C, H, W).
-Here x goes through a junction whose backward runs last and writes dx once::
+Here x goes through a junction, which also runs the pooling kernel, and whose backward runs last and writes dx once::
 
                  forward                                     backward (passes over (N, C, H, W))
-    x ──> _Junction ──> x_pool  ──> channel_pool ──> MLP ──> mc ─┐
+    x ──> _Junction ──> pooled  ───────────────────> MLP ──> mc ─┐
                     ├──> x_conv  ──> spatial branch ──────> ms ──┤
                     └──> x_apply ───────────────────────────────> _ApplyIntoJunction ──> out
 
@@ -24,8 +24,7 @@ derivative (``create_graph=True``) takes differentiable torch ops instead, and t
 import torch
 
 from . import _backend
-from .ops import (_dense, _differentiable_apply_backward, _memory_format, _triton_channel_pool, bam_apply_unchecked,
-                  channel_pool_unchecked)
+from .ops import _dense, _differentiable_apply_backward, _memory_format, bam_apply_unchecked, channel_pool_unchecked
 
 
 class _GradHandoff:
@@ -47,32 +46,33 @@ class _GradHandoff:
 
 
 class _Junction(torch.autograd.Function):
-    """Forward: three aliases of x (for the pooling, the spatial branch and the apply step). Backward: dx in one
-    kernel from the handoff and the branch gradients."""
+    """Forward: the channel means of x (the pooling kernel) and two aliases of x (for the spatial branch and the
+    apply step). Backward: dx in one kernel from the handoff and the branch gradients, the means' gradient folded in
+    as (N, C) values."""
 
     @staticmethod
     def forward(ctx, x, handoff, combine):
-        ctx.handoff, ctx.combine = handoff, combine
+        ctx.handoff, ctx.combine, ctx.shape = handoff, combine, x.shape
         ctx.set_materialize_grads(False)  # the apply step sends None for x: never build a zero tensor for it
-        return x.view_as(x), x.view_as(x), x.view_as(x)
+        kernels = _backend.kernels()
+        pooled = kernels.channel_pool_fwd(x, kernels.memory_plan(x).channels_last)
+        return pooled, x.view_as(x), x.view_as(x)
 
     @staticmethod
-    def backward(ctx, d_pool, d_conv, d_apply):
+    def backward(ctx, d_pooled, d_conv, d_apply):
         h = ctx.handoff
         if h.g is None:  # the apply step was not part of this backward: plain sum
-            parts = [t for t in (d_pool, d_conv, d_apply) if t is not None]
+            n, c, height, width = ctx.shape
+            parts = [t for t in (d_conv, d_apply) if t is not None]
+            if d_pooled is not None:
+                parts.append((d_pooled / (height * width)).reshape(n, c, 1, 1).expand(ctx.shape))
             return (sum(parts) if parts else None), None, None
-        dpool, rest = None, d_apply
-        if d_pool is not None:
-            if d_pool.stride(2) == 0 and d_pool.stride(3) == 0:  # the pooling's broadcast view: fold it
-                # The view holds dpool / (H·W); the kernel takes the pooling output's gradient and scales it itself.
-                dpool = d_pool[:, :, 0, 0] * (d_pool.shape[2] * d_pool.shape[3])
-            else:
-                rest = d_pool if rest is None else rest + d_pool
+        rest = d_apply
         if d_conv is not None:
             rest = d_conv if rest is None else rest + d_conv
         if rest is not None and (rest.stride() != h.x.stride() or rest.dtype != h.x.dtype):
             rest = rest.contiguous(memory_format=_memory_format(h.x)).to(h.x.dtype)
+        dpool = None if d_pooled is None else d_pooled.contiguous()
         dx = _backend.kernels().apply_bwd_dx(h.g, h.x, h.mc, h.ms, ctx.combine, dpool=dpool, dx_extra=rest)
         h.clear()
         return dx, None, None
@@ -114,8 +114,8 @@ def block_forward(x, channel_branch, spatial_branch, combine, path):
     x = _dense(x)  # the launchers below are called directly: they index dense NCHW or channels_last memory
     n, c, h, w = x.shape
     handoff = _GradHandoff()
-    x_pool, x_conv, x_apply = _Junction.apply(x, handoff, combine)
-    mc = channel_branch(_triton_channel_pool(x_pool))
+    pooled, x_conv, x_apply = _Junction.apply(x, handoff, combine)
+    mc = channel_branch(pooled)
     ms = spatial_branch(x_conv)
     return _ApplyIntoJunction.apply(x_apply, mc.reshape(n, c).contiguous(), ms.reshape(n, h * w).contiguous(),
                                     combine, handoff)

@@ -25,6 +25,9 @@ def _add_bench_commands(commands):
     cli_args.add_plot_args(plot)
     traffic = commands.add_parser("traffic", help="bytes each provider moves, as multiples of |F|")
     cli_args.add_traffic_args(traffic)
+    overhead = commands.add_parser("overhead", help="microseconds of bam_triton's own Python per call on the Triton "
+                                                    "path (kernels skipped, so it runs anywhere)")
+    cli_args.add_overhead_args(overhead)
     inspect = commands.add_parser("inspect", help="compile the kernels ahead of time for sm_80/sm_90 and report "
                                                   "vector widths, registers, spills (no GPU needed)")
     cli_args.add_inspect_args(inspect)
@@ -200,7 +203,9 @@ def main(argv=None):
         return run_check(args.device)
     if args.command == "sweep" and args.interpret and not _use_interpreter_now():
         return 2
-    if args.command in ("sweep", "plot", "traffic", "inspect", "tune", "gpu-check"):
+    if args.command == "overhead":
+        _prefer_interpreter_on_cpu(args.device)  # the kernels load as interpreter kernels there (and run nothing)
+    if args.command in ("sweep", "plot", "traffic", "overhead", "inspect", "tune", "gpu-check"):
         from .bench import cli_args
 
         return cli_args.run(args.command, args)

@@ -76,8 +76,8 @@ class SpatialGate(nn.Module):
     def forward(self, x, reduced=None):
         """``reduced``: the 1x1 reduction's output when computed elsewhere (BAM's single-read front end); the branch
         then starts after that conv (forward hooks on this module still see its logits)."""
-        if reduced is not None:
-            return _cpu.spatial_branch(self.gate_s[1:], reduced)
+        if reduced is not None:  # the layers after the 1x1 conv (a Sequential slice would build a module per call)
+            return _cpu.spatial_branch(list(self.gate_s)[1:], reduced)
         return _cpu.spatial_branch(self.gate_s, x)
 
 
@@ -161,7 +161,8 @@ class BAM(nn.Module):
                                        self.combine, "torch")
         path = resolve_path(x, self.backend)
         if path == "triton" and self._single_read() and not torch.compiler.is_compiling():
-            return single_read_forward(x, self.channel_att, self.spatial_att.gate_s[0], self.spatial_att, self.combine)
+            return single_read_forward(x, self.channel_att, self.spatial_att.gate_s.gate_s_conv_reduce0,
+                                       self.spatial_att, self.combine)
         return block_forward(x, self.channel_att, self.spatial_att, self.combine, path)
 
     def _single_read(self):

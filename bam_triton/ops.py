@@ -266,11 +266,64 @@ def _apply_backward(ctx, g):
     # The kernels read g with x's strides: a gradient in another layout (or a broadcast view) is copied once.
     if g.stride() != x.stride():
         g = g.contiguous(memory_format=_memory_format(x))
-    dx, dmc, dms = _triton_apply_backward(g, x, mc, ms, ctx.combine)
+    backward = _apply_backward_impl if _eager_direct(g, x, mc, ms) else _triton_apply_backward
+    dx, dmc, dms = backward(g, x, mc, ms, ctx.combine)
     return dx, dmc, dms, None
 
 
 _triton_apply.register_autograd(_apply_backward, setup_context=_apply_setup_context)
+
+
+# In eager mode the Triton path calls the launchers itself: a custom op's Python dispatch and autograd wrapper cost
+# ~20 µs a call, more than the host work of the launch. The custom ops run wherever something must see them as ops:
+# under torch.compile, for fake, functional or other tensor subclasses, and under a TorchDispatchMode.
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager_direct(*tensors):
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors))
+
+
+class _EagerPool(torch.autograd.Function):
+    """The ``channel_pool`` custom op's forward and backward, called directly (eager mode, plain tensors). Old-style
+    (``forward`` takes ctx): with ``setup_context``, every ``apply`` binds the forward's signature, ~15 µs."""
+
+    @staticmethod
+    def forward(ctx, x):
+        _pool_setup_context(ctx, (x,), None)
+        return _channel_pool_impl(x)
+
+    backward = staticmethod(_pool_backward)
+
+
+class _EagerApply(torch.autograd.Function):
+    """The ``apply`` custom op's forward and backward, called directly (eager mode, plain tensors)."""
+
+    @staticmethod
+    def forward(ctx, x, mc, ms, combine):
+        _apply_setup_context(ctx, (x, mc, ms, combine), None)
+        return _apply_impl(x, mc, ms, combine)
+
+    backward = staticmethod(_apply_backward)
+
+
+def triton_channel_pool(x):
+    """The Triton pooling: the launcher itself in eager mode (through an autograd Function when x needs a gradient),
+    the custom op otherwise."""
+    if not _eager_direct(x):
+        return _triton_channel_pool(x)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _EagerPool.apply(x)
+    return _channel_pool_impl(x)
+
+
+def _triton_apply_any(x, mc, ms, combine):
+    if not _eager_direct(x, mc, ms):
+        return _triton_apply(x, mc, ms, combine)
+    if torch.is_grad_enabled() and (x.requires_grad or mc.requires_grad or ms.requires_grad):
+        return _EagerApply.apply(x, mc, ms, combine)
+    return _apply_impl(x, mc, ms, combine)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -335,7 +388,7 @@ def resolve_path(x, backend, *others):
 def channel_pool_unchecked(x, path):
     if path == "plain":
         return x.mean(dim=(2, 3), dtype=torch.promote_types(x.dtype, torch.float32)).to(x.dtype)
-    return _torch_channel_pool(x) if path == "torch" else _triton_channel_pool(x)
+    return _torch_channel_pool(x) if path == "torch" else triton_channel_pool(x)
 
 
 def bam_apply_unchecked(x, mc, ms, combine, path):
@@ -353,4 +406,4 @@ def bam_apply_unchecked(x, mc, ms, combine, path):
         if torch.is_grad_enabled() and (x.requires_grad or mc.requires_grad or ms.requires_grad):
             return _TorchApply.apply(x, mc2, ms2, combine)
         return _torch_apply_forward(x, mc2, ms2, combine)
-    return _triton_apply(x, mc2, ms2, combine)
+    return _triton_apply_any(x, mc2, ms2, combine)

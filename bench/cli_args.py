@@ -1,5 +1,5 @@
-"""Arguments and entry points of the benchmarking subcommands (``bam-triton sweep|plot|traffic|inspect|tune`` and
-``gpu-check``).
+"""Arguments and entry points of the benchmarking subcommands (``bam-triton sweep|plot|traffic|overhead|inspect|tune``
+and ``gpu-check``).
 
 Importing this module imports torch but never triton: ``--interpret`` must be able to choose Triton's interpreter
 after the arguments are parsed.
@@ -46,6 +46,17 @@ def add_inspect_args(p):
     p.add_argument("--quick", action="store_true", help="first config of each kernel only")
 
 
+def add_overhead_args(p):
+    p.add_argument("--shape", type=parse_shape, default=(8, 64, 14, 14), metavar="NxCxHxW",
+                   help="default 8x64x14x14 (small: on a GPU the host, not the kernels, must be the bottleneck)")
+    p.add_argument("--dtype", type=_dtype_name, default="fp32", help="fp32, fp16, bf16 (default fp32)")
+    p.add_argument("--layout", choices=("nchw", "channels_last"), default="nchw")
+    p.add_argument("--combine", choices=("product", "sum"), default="sum")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--reps", type=int, default=300, help="timed calls per case (default 300)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+
+
 def add_tune_args(p):
     add_grid_args(p)
 
@@ -72,6 +83,10 @@ def run(command, args):
         from .traffic import run_traffic
 
         return run_traffic(args)
+    if command == "overhead":
+        from .overhead import run_overhead
+
+        return run_overhead(args)
     if command == "inspect":
         from .inspect import run_inspect
 

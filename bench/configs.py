@@ -27,10 +27,10 @@ def autotuners():
 
 
 def load_kernels():
-    """Import the kernel modules that exist (apply_bwd may not)."""
+    """Import the kernel modules."""
     import importlib
 
-    for name in ("pool", "apply", "apply_bwd"):
+    for name in ("pool", "apply", "apply_bwd", "front"):
         try:
             importlib.import_module(f"bam_triton.kernels.{name}")
         except ImportError:

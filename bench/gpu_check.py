@@ -5,7 +5,8 @@ run, each phase in its own process, with progress printed:
 
 1. tests: ``BAM_TRITON_TEST_DEVICE=cuda python -m pytest tests -m "not slow_on_gpu"`` with ``BAM_TRITON_AUTOTUNE=0``
    (one config per kernel: no tuning in the tests); counts and ``tests.log``;
-2. ``bam-triton check --device cuda`` (``check.log``);
+2. ``bam-triton check --device cuda`` (``check.log``), then ``bam-triton overhead`` (the library's host time per
+   call, kernels skipped and launched: ``overhead.json``, ``overhead.log``);
 3. ``bam-triton sweep`` of the ResNet-50 BAM shapes at batch 32 in fp16 and bf16: pool, apply-fwd, apply-bwd,
    bam-fwd, bam-fwd-bwd, all five providers, the autotuner's choices recorded (``sweep.csv``, ``sweep.json``,
    ``sweep.log``);
@@ -24,6 +25,7 @@ phase      full  quick  enforced by
 =========  ====  =====  ==================================================================================
 tests       150     60  the subprocess is killed at the deadline (counts so far kept, "timed out")
 check       180     80  killed at the deadline
+overhead    210    100  killed at the deadline
 sweep       390    190  ``--time-budget``: no new case after deadline - 60 s (quick: - 40 s), then killed at
                         the deadline; rows are written after every case, so a kill keeps them
 inspect     440    220  killed at the deadline
@@ -56,11 +58,12 @@ import threading
 import time
 
 # (phase, full deadline, quick deadline), seconds from the start.
-DEADLINES = (("tests", 150, 60), ("check", 180, 80), ("sweep", 390, 190), ("inspect", 440, 220), ("plot", 455, 232))
+DEADLINES = (("tests", 150, 60), ("check", 180, 80), ("overhead", 210, 100), ("sweep", 390, 190), ("inspect", 440, 220),
+             ("plot", 455, 232))
 # The sweep starts no new case this long before its deadline: the case in flight (a torch.compile) gets to finish.
 SWEEP_MARGIN = {"full": 60, "quick": 40}
 # Dry run (CPU): generous caps for a slow shared machine; it takes well under a minute.
-DRY_DEADLINES = {"tests": 45, "check": 55, "sweep": 85, "inspect": 100, "plot": 110}
+DRY_DEADLINES = {"tests": 45, "check": 55, "overhead": 65, "sweep": 90, "inspect": 105, "plot": 115}
 BUDGET = {"full": 480, "quick": 240}
 
 SHAPES = ((32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14))
@@ -345,6 +348,38 @@ def phase_check(run, dry):
     _finish(run, "check", run_phase(run, "check", cmd, env=_child_env(dry=dry), echo=echo))
 
 
+def phase_overhead(run, dry):
+    cmd = [sys.executable, "-m", "bam_triton", "overhead", "--device", "cpu" if dry else "cuda",
+           "--json", os.path.join(run.out, "overhead.json")] + (["--reps", "20"] if dry else [])
+    # Pinned configs: the host's time does not depend on the config, and tuning would only spend the budget.
+    env = _child_env({"BAM_TRITON_AUTOTUNE": "0"}, dry)
+    _finish(run, "overhead", run_phase(run, "overhead", cmd, env=env))
+
+
+def overhead_lines(out):
+    """The library's host time per call on the standard Triton path (``bam-triton overhead``), against the targets."""
+    try:
+        with open(os.path.join(out, "overhead.json")) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        return []
+    from .overhead import CASES, TARGETS_US
+
+    lines = ["", "## Host overhead (bam-triton overhead)", "",
+             "bam_triton's own Python per call, the attention branches replaced by pass-through stand-ins, median "
+             "microseconds. Targets: " + ", ".join(f"{case} <= {us} us" for case, us in TARGETS_US.items()) + ".", "",
+             "| path | " + " | ".join(CASES[:2]) + " |", "|---|---|---|"]
+    for title, report in results.items():
+        cells = []
+        for case in CASES[:2]:
+            own = report[case]["own_us"]
+            target = TARGETS_US.get(case)
+            mark = "" if target is None or "standard" not in title else (" (met)" if own <= target else " (**not met**)")
+            cells.append(f"{own:.1f}{mark}")
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def phase_inspect(run, mode, sm):
     if mode == "dry":
         arch, extra = 90, ["--quick", "--dtype", "fp16", "--kernels", "apply_fwd_kernel"]
@@ -483,7 +518,7 @@ def write_summary(run, info, tests, argv):
     for v in judged:
         shown = {"met": "met", "not met": "**NOT met**", "missing": "missing"}[v["verdict"]]
         lines.append(f"| {v['target']} | {shown} | {v['detail']} |")
-    lines += single_read_lines(rows) + network_lines(rows)
+    lines += single_read_lines(rows) + network_lines(rows) + overhead_lines(run.out)
     lines += ["", "## Tests", ""]
     if tests:
         scope = " and ".join(DRY_TESTS) if dry else "tests/"
@@ -517,8 +552,8 @@ def write_summary(run, info, tests, argv):
                 f"- {f['provider']} {f['op']} {f['shape']} {f['dtype']} {f['layout']}: {f['error']}"
                 for f in sweep["failures"]]
     lines += ["", "## Files", "", "`sweep.csv`, `sweep.json` (rows, chosen autotune configs), `plots/`, "
-              "`inspect.json`, and one log per phase (`tests.log`, `check.log`, `sweep.log`, `inspect.log`, "
-              "`plot.log`); `summary.json` holds this page's data.", ""]
+              "`inspect.json`, `overhead.json`, and one log per phase (`tests.log`, `check.log`, `overhead.log`, "
+              "`sweep.log`, `inspect.log`, `plot.log`); `summary.json` holds this page's data.", ""]
     with open(os.path.join(run.out, "SUMMARY.md"), "w") as f:
         f.write("\n".join(lines))
     with open(os.path.join(run.out, "summary.json"), "w") as f:
@@ -532,8 +567,8 @@ def write_summary(run, info, tests, argv):
 # ----------------------------------------------------------------------------------------------------------------------
 
 # Files a run writes: removed first so that nothing of an earlier run is taken for this one's.
-_OUTPUTS = ("SUMMARY.md", "summary.json", "sweep.csv", "sweep.json", "inspect.json", "tests.log", "check.log",
-            "sweep.log", "inspect.log", "plot.log")
+_OUTPUTS = ("SUMMARY.md", "summary.json", "sweep.csv", "sweep.json", "inspect.json", "overhead.json", "tests.log",
+            "check.log", "overhead.log", "sweep.log", "inspect.log", "plot.log")
 
 
 def _clear(out):
@@ -583,6 +618,7 @@ def run_gpu_check(args):
             + (f"{BUDGET[mode]} s" if mode != "dry" else "about a minute"))
     tests = phase_tests(run, mode == "dry")
     phase_check(run, mode == "dry")
+    phase_overhead(run, mode == "dry")
     phase_sweep(run, mode)
     phase_inspect(run, mode, info.get("sm"))
     phase_plot(run)

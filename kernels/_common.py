@@ -5,7 +5,7 @@ import functools
 import math
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -289,6 +289,9 @@ class LaunchPlan:
     buffers: tuple = ()  # (name, shape, dtype) triples
     writes: tuple = ()  # the pointer arguments the kernel stores to
     unused: tuple = ()  # pointer arguments this variant never touches (absent optional inputs)
+    # The launch the autotuner chose for this plan, (meta, jit kwargs, grid, Config), once :func:`launch` has run it:
+    # later launches call the jit function with it directly. Not part of the plan's identity.
+    tuned: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self):
         # Compiled Triton types a Python float argument as fp32, which would cost fp64 inputs precision (the
@@ -299,6 +302,15 @@ class LaunchPlan:
 
     def grid_for(self, meta):
         return tuple(count * (-(-extent // meta[block]) if block else 1) for count, extent, block in self.grid)
+
+    @functools.cached_property
+    def constexpr_kwargs(self):
+        return dict(self.constexprs)
+
+    @functools.cached_property
+    def first_kept_meta(self):
+        """The meta-parameters of the first config the pruner keeps: what a launch that runs nothing reports."""
+        return self.kept_configs()[0][0]
 
     def buffer(self, name):
         return next((shape, dtype) for key, shape, dtype in self.buffers if key == name)
@@ -328,26 +340,78 @@ class LaunchPlan:
         return tuple(values[name] for name in self.kernel.keys)
 
 
+_NO_GUARD = contextlib.nullcontext()
+
+
 def device_guard(device):
     """Make ``device`` the current CUDA device while a kernel launches: Triton launches on the current device and its
-    current stream, which need not be the inputs' device. Nothing to do for CPU tensors (the interpreter)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    current stream, which need not be the inputs' device. Nothing to do for CPU tensors (the interpreter) or when
+    ``device`` is already current (entering ``torch.cuda.device`` costs a few microseconds a launch)."""
+    if device.type != "cuda":
+        return _NO_GUARD
+    if torch.cuda.is_initialized() and device.index == torch.cuda.current_device():
+        return _NO_GUARD
+    return torch.cuda.device(device)
 
 
-# Launches on META tensors execute nothing (shape-only runs, ``bam-triton traffic``): they are handed to these lists.
+# Launches on META tensors execute nothing (shape-only runs, ``bam-triton traffic``), nor do those under skip_kernels:
+# they are handed to these lists.
 _RECORDERS = []
 
 
 @contextlib.contextmanager
 def record_launches():
-    """Collect the launches made on META tensors while the block runs: a list of (plan, {argument name: bytes of the
-    tensor passed}). Sizes, not tensors: holding a gradient would keep autograd from reusing its buffer."""
+    """Collect the launches that run nothing while the block runs (on META tensors, or under :func:`skip_kernels`): a
+    list of (plan, {argument name: bytes of the tensor passed}). Sizes, not tensors: holding a gradient would keep
+    autograd from reusing its buffer."""
     launches = []
     _RECORDERS.append(launches)
     try:
         yield launches
     finally:
         _RECORDERS.remove(launches)
+
+
+_SKIPPING = []
+
+
+@contextlib.contextmanager
+def skip_kernels():
+    """Within this block every launch does all of its host-side work (plan, config, arguments, device guard) and
+    then runs nothing, as launches on META tensors do: ``bam-triton overhead`` times the library's own Python this
+    way on any machine. Outputs are left unwritten."""
+    _SKIPPING.append(True)
+    try:
+        yield
+    finally:
+        _SKIPPING.pop()
+
+
+def planned_meta(plan, device):
+    """The meta-parameters the next launch of ``plan`` on ``device`` will use, where known before it runs (launchers
+    size their partial-sum buffers by it): the tuned config once the plan has launched, the first kept config where
+    nothing runs (META tensors, :func:`skip_kernels`); None before the first real launch (size for every config)."""
+    tuned = plan.tuned.get("launch")
+    if tuned is not None:
+        return tuned[0]
+    return plan.first_kept_meta if device.type == "meta" or _SKIPPING else None
+
+
+# Plan functions are memoised (their arguments are a hashable description of the input), so a launch makes no plan
+# and reuses the config its plan was tuned to. Bounded: a stream of new shapes cannot grow it without limit.
+_PLAN_CACHES = []
+
+
+def cached_plan(plan_function):
+    cached = functools.lru_cache(maxsize=1024)(plan_function)
+    _PLAN_CACHES.append(cached)
+    return cached
+
+
+def forget_plans():
+    """Empty the plan caches (tests that swap a kernel or a helper the plans call)."""
+    for cache in _PLAN_CACHES:
+        cache.cache_clear()
 
 
 # Launches are serialised: the interpreter patches triton.language while a kernel runs, and the autotuner keeps
@@ -357,25 +421,33 @@ _LAUNCH_LOCK = threading.Lock()
 
 
 def launch(plan, *tensors, config=None):
-    """Launch ``plan`` on ``tensors`` on their device and that device's current stream, one thread at a time: through
-    the autotuner, or with ``config`` = (meta, num_warps) straight through the jit function (tests, every config).
-    Returns the meta-parameters of the launch that ran (the autotuner evaluates the grid of the final launch last).
-    Scalars are ints: :class:`LaunchPlan` refuses floats when it is made."""
-    if tensors[0].device.type == "meta":  # nothing to run: record it, and size the results for the first kept config
-        sizes = {name: t.numel() * t.element_size() for name, t in zip(plan.kernel.arg_names, tensors)}
-        for launches in _RECORDERS:
-            launches.append((plan, sizes))
-        return (config or plan.kept_configs()[0])[0]
-    used = {}
-
-    def grid(meta):
-        used["meta"] = meta
-        return plan.grid_for(meta)
-
-    with _LAUNCH_LOCK, device_guard(tensors[0].device):
-        if config is None:
-            plan.kernel[grid](*tensors, *plan.scalars, **dict(plan.constexprs))
-        else:
-            meta, warps = config
-            plan.kernel.fn[grid](*tensors, *plan.scalars, **dict(plan.constexprs), **meta, num_warps=warps)
-    return used.get("meta")
+    """Launch ``plan`` on ``tensors`` on their device and that device's current stream, one thread at a time, and
+    return the meta-parameters of the launch. The first launch of a plan goes through the autotuner (which tunes, or
+    finds the config it tuned for the plan's key); the plan then keeps the chosen config and later launches call the
+    jit function with it directly, skipping the autotuner's per-call bookkeeping. ``config`` = (meta, num_warps)
+    forces one config (tests, every config). Scalars are ints: :class:`LaunchPlan` refuses floats when it is made."""
+    if config is not None:
+        meta, warps = config
+        tuned = (meta, {**plan.constexpr_kwargs, **meta, "num_warps": warps}, plan.grid_for(meta), None)
+    else:
+        tuned = plan.tuned.get("launch")
+    device = tensors[0].device
+    if device.type == "meta" or _SKIPPING:  # nothing to run: the launch is recorded
+        if _RECORDERS:
+            sizes = {name: t.numel() * t.element_size() for name, t in zip(plan.kernel.arg_names, tensors)}
+            for launches in _RECORDERS:
+                launches.append((plan, sizes))
+        return plan.first_kept_meta if tuned is None else tuned[0]
+    with _LAUNCH_LOCK, device_guard(device):
+        if tuned is not None:
+            meta, kwargs, grid, best = tuned
+            plan.kernel.fn[grid](*tensors, *plan.scalars, **kwargs)
+            if best is not None:  # as Autotuner.run would: best_config is the config of the latest launch
+                plan.kernel.best_config = best
+            return meta
+        plan.kernel[plan.grid_for](*tensors, *plan.scalars, **plan.constexpr_kwargs)
+        best = plan.kernel.best_config  # the config of the launch that just ran (set by Autotuner.run)
+        meta = dict(best.kwargs)
+        jit_kwargs = {**plan.constexpr_kwargs, **best.all_kwargs()}
+        plan.tuned["launch"] = (meta, jit_kwargs, plan.grid_for(meta), best)
+    return meta

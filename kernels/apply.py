@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LaunchPlan, acc_dtype, autotune, flat_index, is_channels_last, launch, layout_plan, n_bucket
+from ._common import (LaunchPlan, acc_dtype, autotune, cached_plan, flat_index, is_channels_last, launch, layout_plan,
+                      n_bucket)
 
 COMBINE_SUM = 0
 COMBINE_PRODUCT = 1
@@ -86,6 +87,7 @@ def apply_fwd_kernel(
     tl.store(out_ptr + idx, (x * (1.0 + s)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@cached_plan
 def apply_fwd_plan(shape, dtype, channels_last, combine):
     """The launch of :func:`apply_fwd` for a dense ``shape`` input of ``dtype``: one flat grid over every element."""
     plan = layout_plan(shape, channels_last)

@@ -43,9 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LaunchPlan, acc_dtype, all_configs, autotune, flat_index, is_channels_last,
-                      keep_contiguous_configs, launch, layout_plan, n_bucket, row_group, row_tile_pruner, sm_count,
-                      target_programs)
+from ._common import (LaunchPlan, acc_dtype, all_configs, autotune, cached_plan, flat_index, is_channels_last,
+                      keep_contiguous_configs, launch, layout_plan, n_bucket, planned_meta, row_group, row_tile_pruner,
+                      sm_count, target_programs)
 from .apply import COMBINE_CODES, attention_logit, col_map_index, gather_maps, row_map_index
 
 # A channel split is a multiple of every BLOCK_C (powers of two), so only the C tail is ever masked.
@@ -241,6 +241,7 @@ def apply_bwd_dx_kernel(
     tl.store(dx_ptr + idx, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@cached_plan
 def reduce_plan(shape, dtype, channels_last, combine, write_dx, sms=None):
     """The launch of the backward reductions (with dx stored when ``write_dx``) for a dense ``shape`` input of
     ``dtype`` on a GPU with ``sms`` SMs: the row-group kernel (NCHW with unaligned small H·W) or the 2D-tile kernel,
@@ -293,10 +294,13 @@ def _reduce(g, x, mc, ms, combine, dx, config):
         dmc = torch.empty(plan.buffer("dmc")[0], device=x.device, dtype=partial_dtype)
         launch(plan, g, x, mc, ms, dx_arg, dmc, dms_partial, config=config)
     else:
-        dmc_partial = torch.empty(plan.buffer("dmc_partial")[0], device=x.device, dtype=partial_dtype)
+        # One partial row per hw block, and their number depends on the config: sized for it where it is known
+        # before the launch (the plan's buffer, sized for the most, on the first launch).
+        meta = config[0] if config else planned_meta(plan, x.device)
+        size = plan.buffer("dmc_partial")[0] if meta is None else (n * -(-hw // meta["BLOCK_HW"]) * c,)
+        dmc_partial = torch.empty(size, device=x.device, dtype=partial_dtype)
         meta = launch(plan, g, x, mc, ms, dx_arg, dmc_partial, dms_partial, config=config)
-        # The number of hw blocks depends on the config that ran: the buffer is sized for the most.
-        hw_blocks = triton.cdiv(hw, meta["BLOCK_HW"])
+        hw_blocks = -(-hw // meta["BLOCK_HW"])
         dmc = dmc_partial[: n * hw_blocks * c].view(n, hw_blocks, c)
         dmc = dmc.view(n, c) if hw_blocks == 1 else dmc.sum(dim=1)
     dms = dms_partial.view(n, hw) if dms_shape[1] == 1 else dms_partial.sum(dim=1)
@@ -317,6 +321,7 @@ def apply_bwd_reduce(g, x, mc, ms, combine, config=None):
     return _reduce(g, x, mc, ms, combine, None, config)
 
 
+@cached_plan
 def dx_plan(shape, dtype, channels_last, combine, has_dpool, has_extra):
     """The launch of :func:`apply_bwd_dx` for a dense ``shape`` input of ``dtype``: one flat grid, as the forward."""
     plan = layout_plan(shape, channels_last)

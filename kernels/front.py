@@ -61,7 +61,8 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import LaunchPlan, acc_dtype, is_channels_last, launch, n_bucket, sm_count, target_programs
+from ._common import (LaunchPlan, acc_dtype, cached_plan, is_channels_last, launch, n_bucket, planned_meta, sm_count,
+                      target_programs)
 from .apply import COMBINE_CODES, attention_logit
 
 # Splits of the backward's pixels are whole chunks of this many pixels of one image: a multiple of every BLOCK_P.
@@ -310,6 +311,7 @@ def _common_constexprs(shape, dtype, channels_last, hidden):
             ("CHANNELS_LAST", channels_last), ("ACC", acc_dtype(dtype)), ("DOT", dot_mode(dtype)))
 
 
+@cached_plan
 def front_fwd_plan(shape, dtype, channels_last, hidden, sms=None):
     """The launch of :func:`front_fwd` for a dense ``shape`` (N, C, H, W) input of ``dtype`` and a C -> ``hidden``
     1x1 conv: one program per (image, pixel block). ``sms`` is unused (the grid is the work itself); it is there for
@@ -338,6 +340,7 @@ def bwd_split(n, c, hw, hidden, itemsize, target):
     return n_chunks, per_split, -(-n_chunks // per_split)
 
 
+@cached_plan
 def front_bwd_plan(shape, dtype, channels_last, hidden, combine, has_dpool=True, sms=None):
     """The launch of :func:`front_bwd` for a dense ``shape`` input of ``dtype``, C -> ``hidden`` conv, on a GPU with
     ``sms`` SMs (None: interpreter): grid (channel chunks, pixel splits). Buffers ``dw_partial`` (n_splits, C_r, C)
@@ -377,12 +380,15 @@ def front_fwd(x, weight, bias, config=None):
     hidden = w_mat.shape[0]
     b = bias.detach().contiguous() if bias is not None else torch.zeros(hidden, device=x.device, dtype=torch.float32)
     plan = front_fwd_plan(tuple(x.shape), x.dtype, channels_last, hidden, sm_count(x.device))
+    # One row of channel sums per pixel block, and their number depends on the config: sized for it where it is
+    # known before the launch (the plan's buffer, sized for the most, on the first launch).
+    meta = config[0] if config else planned_meta(plan, x.device)
     shape, dtype = plan.buffer("pool_partial")
-    partial = torch.empty(shape, device=x.device, dtype=dtype)
+    partial = torch.empty(shape if meta is None else (n * -(-hw // meta["BLOCK_P"]) * c,), device=x.device, dtype=dtype)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     y = torch.empty((n, hidden, h, w), device=x.device, dtype=x.dtype, memory_format=fmt)
     meta = launch(plan, x, w_mat, b, y, partial, config=config)
-    p_blocks = -(-hw // meta["BLOCK_P"])  # the buffer is sized for the most pixel blocks of any config
+    p_blocks = -(-hw // meta["BLOCK_P"])
     sums = partial[: n * p_blocks * c].view(n, p_blocks, c)
     sums = sums.view(n, c) if p_blocks == 1 else sums.sum(dim=1)
     return (sums / hw).to(x.dtype), y

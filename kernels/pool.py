@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (POOL_SPLIT_UNIT, LaunchPlan, acc_dtype, autotune, keep_contiguous_configs, launch, n_bucket,
-                      row_group, row_tile_pruner, sm_count, target_programs)
+from ._common import (POOL_SPLIT_UNIT, LaunchPlan, acc_dtype, autotune, cached_plan, keep_contiguous_configs, launch,
+                      n_bucket, row_group, row_tile_pruner, sm_count, target_programs)
 
 
 @autotune("pool", key=["batch_bucket", "C", "HW", "CHANNELS_LAST"], prune=keep_contiguous_configs)
@@ -112,6 +112,7 @@ def pool_split(n, c, hw, target):
     return -(-hw // hw_per_split), hw_per_split
 
 
+@cached_plan
 def channel_pool_plan(shape, dtype, channels_last, sms=None):
     """The launch of :func:`channel_pool_fwd` for a dense ``shape`` input of ``dtype`` on a GPU with ``sms`` SMs: the
     row-group kernel (NCHW with unaligned small H·W) or the 2D-tile kernel with its H·W split. Buffer ``out`` is the

@@ -38,3 +38,13 @@ def pytest_report_header(config):
 def device():
     """The device the tensors of device-parametrised tests live on: ``cpu`` or the current CUDA device."""
     return TEST_DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plans():
+    """Launch plans are memoised and keep their tuned config: each test starts without them, so a test that swaps a
+    kernel or a helper the plan functions call sees its swap (loaded only once a test has imported the kernels)."""
+    common = sys.modules.get("bam_triton.kernels._common")
+    if common is not None:
+        common.forget_plans()
+    yield

@@ -255,14 +255,16 @@ def test_dry_run_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert code == 0, (summary["phases"], printed[-3000:])
-    assert [p["phase"] for p in summary["phases"]] == ["tests", "check", "sweep", "inspect", "plot"]
+    assert [p["phase"] for p in summary["phases"]] == ["tests", "check", "overhead", "sweep", "inspect", "plot"]
     assert all(p["status"] == "ok" for p in summary["phases"]), summary["phases"]
     text = (out / "SUMMARY.md").read_text()
     assert "DRY RUN on CPU: no verdict below is valid" in text
     assert summary["dry_run"] and summary["tests"]["passed"] > 0 and summary["tests"]["failed"] == 0
     assert summary["tests"]["complete"]
-    for name in ("sweep.csv", "sweep.json", "inspect.json", "tests.log", "check.log", "sweep.log", "plot.log"):
+    for name in ("sweep.csv", "sweep.json", "inspect.json", "overhead.json", "tests.log", "check.log",
+                 "overhead.log", "sweep.log", "plot.log"):
         assert (out / name).exists(), name
+    assert "## Host overhead (bam-triton overhead)" in text
     assert list((out / "plots").glob("*.png"))
     sweep = json.loads((out / "sweep.json").read_text())
     assert sweep["finished"] and not sweep["failures"] and not sweep["not_run"]
@@ -280,7 +282,7 @@ def test_dry_run_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize("quick, sm", [(False, 90), (True, 80), (False, 86)])
 def test_gpu_run_commands(quick, sm, monkeypatch, tmp_path):
     """What a GPU run starts: the suite on CUDA without the slow tests and with one config per kernel, check on
-    CUDA, the sweep of the ResNet-50 shapes at batch 32 (fp16 and bf16, all five providers; --quick: fp16, no
+    CUDA, the host-overhead measurement, the sweep of the ResNet-50 shapes at batch 32 (fp16 and bf16, all five providers; --quick: fp16, no
     triton-compiled) within its time budget, inspect for the local sm (skipped off sm_80/sm_90), plot."""
     started = []
 
@@ -299,12 +301,15 @@ def test_gpu_run_commands(quick, sm, monkeypatch, tmp_path):
     monkeypatch.setattr(gpu_check, "_clear", lambda out: None)
     assert main(["gpu-check", "--out", str(tmp_path)] + (["--quick"] if quick else [])) == 0
     by_phase = {phase: (cmd, env) for phase, cmd, env in started}
-    assert list(by_phase) == ["tests", "check", "sweep"] + (["inspect"] if sm in (80, 90) else []) + ["plot"]
+    assert list(by_phase) == ["tests", "check", "overhead", "sweep"] + (["inspect"] if sm in (80, 90) else []) \
+        + ["plot"]
     cmd, env = by_phase["tests"]
     assert cmd[-3:] == ["-m", "not slow_on_gpu", "tests"] and cmd[1:3] == ["-m", "pytest"]
     assert env["BAM_TRITON_TEST_DEVICE"] == "cuda" and env["BAM_TRITON_AUTOTUNE"] == "0"
     assert "TRITON_INTERPRET" not in env  # the GPU phases never run the interpreter
     assert by_phase["check"][0][-3:] == ["check", "--device", "cuda"]
+    cmd, env = by_phase["overhead"]  # real launches too on CUDA; pinned configs: nothing to tune
+    assert cmd[3:6] == ["overhead", "--device", "cuda"] and env["BAM_TRITON_AUTOTUNE"] == "0"
     sweep = by_phase["sweep"][0]
     opt = {sweep[i]: sweep[i + 1] for i in range(len(sweep) - 1) if sweep[i].startswith("--")}
     assert opt["--device"] == "cuda" and opt["--batch"] == "32" and "--interpret" not in sweep
@@ -341,3 +346,20 @@ def test_summary_says_which_bam_path_is_faster_and_what_bam_adds_to_resnet50():
            (("no-bam", 10.0, None), ("authors-eager", 11.0, 0.1), ("triton", 10.5, 0.05))]
     (line,) = [line for line in gpu_check.network_lines(net) if line.startswith("- ")]
     assert "BAM adds 10.0 % with the authors' code; 5.0 % with ours (triton)" in line
+
+
+def test_summary_reports_the_host_overhead_against_its_targets(tmp_path):
+    from bam_triton.bench.overhead import CASES
+
+    def report(fwd, train):
+        return {case: dict(own_us=us, total_us=us + 1.0, stand_ins_us=1.0, launches=2)
+                for case, us in zip(CASES, (fwd, train, 5.0, 6.0, 7.0))}
+
+    (tmp_path / "overhead.json").write_text(json.dumps({
+        "standard Triton path, kernels skipped, cuda, 8x64x14x14 fp32 nchw": report(21.5, 140.0),
+        "single-read Triton path, kernels skipped, cuda, 8x64x14x14 fp32 nchw": report(35.0, 90.0)}))
+    lines = gpu_check.overhead_lines(str(tmp_path))
+    assert "| standard Triton path, kernels skipped, cuda, 8x64x14x14 fp32 nchw | 21.5 (met) | 140.0 (**not met**) |" \
+        in lines
+    assert "| single-read Triton path, kernels skipped, cuda, 8x64x14x14 fp32 nchw | 35.0 | 90.0 |" in lines
+    assert gpu_check.overhead_lines(str(tmp_path / "nothing")) == []

@@ -260,11 +260,13 @@ def test_every_config_of_every_kernel_compiled(path):
         forced = (lambda *a: dataclasses.replace(real(*a), index_64=True)) if index_64 else real
         with unittest.mock.patch.object(apply_mod, "layout_plan", forced), \
                 unittest.mock.patch.object(bwd_mod, "layout_plan", forced):
+            _common.forget_plans()  # plans are memoised: make them again with the forced layout plan
             for config in kernels.apply_fwd_plan(shape, dtype, channels_last, "product").kept_configs():
                 _close(kernels.apply_fwd(x, mc, ms, "product", config=config), ref_out, dtype, f"apply {config}")
                 dx = kernels.apply_bwd_dx(g, x, mc, ms, "product", config=config)
                 _close(dx, dx_ref, dtype, f"dx {config} index_64={index_64}")
                 checks += 2
+        _common.forget_plans()
     plan = kernels.reduce_plan(shape, dtype, channels_last, "product", True, sms)
     for config in plan.kept_configs():
         dx, dmc, dms = kernels.apply_bwd(g, x, mc, ms, "product", config=config)

@@ -318,7 +318,11 @@ def _raw_apply(x, mc, ms, combine, meta, warps, index_64=False):
     real_plan = apply_mod.layout_plan
     forced = (lambda *a: dataclasses.replace(real_plan(*a), index_64=True)) if index_64 else real_plan
     with unittest.mock.patch.object(apply_mod, "layout_plan", forced):
-        return kernels.apply_fwd(x, mc, ms.reshape(n, h * w), combine, config=(meta, warps))
+        _common.forget_plans()  # plans are memoised: make this one with the forced layout plan, and forget it after
+        try:
+            return kernels.apply_fwd(x, mc, ms.reshape(n, h * w), combine, config=(meta, warps))
+        finally:
+            _common.forget_plans()
 
 
 @pytest.mark.parametrize("config", ELEMENTWISE_CONFIGS, ids=_common.config_id)
@@ -388,6 +392,7 @@ def test_apply_launcher_passes_index_64_from_the_plan(monkeypatch):
 
     real_plan = apply_mod.layout_plan
     monkeypatch.setattr(apply_mod, "layout_plan", lambda *a: dataclasses.replace(real_plan(*a), index_64=True))
+    _common.forget_plans()  # plans are memoised: make it again with the forced layout plan
     assert_close(kernels.apply_fwd(x, mc, ms.reshape(2, 20), "sum"), ref, torch.float32)
     assert spy.launches[-1][1]["INDEX_64"] is True
 

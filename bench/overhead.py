@@ -1,0 +1,179 @@
+"""Host overhead: microseconds of bam_triton's own Python per call on the Triton path (``bam-triton overhead``).
+
+On a GPU a BAM kernel at batch 32 takes tens of microseconds, so the Python around it must cost less. This times
+that Python on any machine:
+
+- the kernels run nothing (``kernels._common.skip_kernels``): every launch does its host work (plan, config,
+  arguments, device guard) and stops short of Triton's own launch call (``JITFunction.run``), which comes on top on a
+  GPU, once per launch (``launches`` in the report);
+- the module's two attention branches are replaced by stand-ins that pass their input through (views, no layers run),
+  so what remains is BAM's own code: checks, backend choice, pooling and apply dispatch, autograd glue, buffers.
+  The stand-ins alone are timed too and subtracted.
+
+Torch ops the library itself calls (allocations, the partial-sum reductions, the gradient's layout check) count:
+they are its overhead. On CPU the kernels need Triton's interpreter to be importable as kernels at all (the command
+selects it); on CUDA the same measurement runs, and besides it the real launches (``--launch``), whose difference is
+Triton's own launch cost. Medians of ``--reps`` timed calls after a warm-up (the first call tunes and plans).
+"""
+import statistics
+import time
+
+import torch
+from torch import nn
+
+# What is timed: every case runs on the Triton path; the module's branches are replaced by stand-ins.
+CASES = ("BAM forward (eval, no grad)", "BAM forward+backward (train)", "channel_pool", "bam_apply forward",
+         "bam_apply forward+backward")
+# Issue 13's budget for the module's own host time on the standard Triton path, microseconds per call.
+TARGETS_US = {CASES[0]: 30, CASES[1]: 100}
+
+
+class _ChannelStandIn(nn.Module):
+    """The channel branch's place in BAM: keeps the real layers (BAM reads their parameters' dtype), runs none."""
+
+    def __init__(self, gate):
+        super().__init__()
+        self.gate_c = gate.gate_c
+
+    def forward(self, pooled):
+        return pooled
+
+
+class _SpatialStandIn(nn.Module):
+    """The spatial branch's place in BAM: keeps the real layers (the single-read path reads the 1x1 conv's
+    parameters), runs none; its (N, 1, H, W) output is a view of its input's first channel."""
+
+    def __init__(self, gate):
+        super().__init__()
+        self.gate_s = gate.gate_s
+
+    def forward(self, x, reduced=None):
+        return (x if reduced is None else reduced)[:, :1]
+
+
+def _median_us(fn, reps, warmup=20):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(shape=(8, 64, 14, 14), dtype=torch.float32, channels_last=False, combine="sum", single_read=False,
+            device="cpu", reps=300, launch=False):
+    """{case: {"total_us", "stand_ins_us", "own_us", "launches"}} for the CASES at ``shape``. ``launch``: run the
+    kernels (CUDA only) instead of skipping them."""
+    from bam_triton import BAM, bam_apply, channel_pool
+    from bam_triton.kernels import _common
+
+    device = torch.device(device)
+    if launch and device.type != "cuda":
+        raise ValueError("launch=True needs a CUDA device: on CPU the kernels would run through the interpreter")
+    n, c, h, w = shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    xg = x.detach().clone().requires_grad_()
+    g = torch.randn_like(x)
+    mc = torch.randn(n, c, device=device, dtype=dtype)
+    ms = torch.randn(n, h, w, device=device, dtype=dtype)
+    mcg, msg = mc.clone().requires_grad_(), ms.clone().requires_grad_()
+
+    def stand_in_bam(training):
+        bam = BAM(c, reduction=min(16, c), combine=combine, backend="triton", single_read=single_read,
+                  device=device, dtype=dtype).train(training)
+        bam.channel_att, bam.spatial_att = _ChannelStandIn(bam.channel_att), _SpatialStandIn(bam.spatial_att)
+        return bam
+
+    bam_in_eval, bam_in_training = stand_in_bam(False), stand_in_bam(True)
+    channel, spatial = bam_in_eval.channel_att, bam_in_eval.spatial_att
+    pooled = torch.randn(n, c, device=device, dtype=dtype)
+
+    def bam_eval():
+        with torch.no_grad():
+            bam_in_eval(x)
+
+    def bam_train():
+        bam_in_training(xg).backward(g)
+
+    def stand_ins_eval():
+        with torch.no_grad():
+            channel(pooled), spatial(x)
+
+    def stand_ins_train():
+        p = pooled.detach().requires_grad_()
+        mc_, ms_ = channel(p), spatial(xg)
+        torch.autograd.backward([mc_, ms_], [torch.ones_like(mc_), torch.ones_like(ms_)])
+
+    def apply_train():
+        bam_apply(x, mcg, msg, combine=combine, backend="triton").backward(g)
+
+    cases = {
+        CASES[0]: (bam_eval, stand_ins_eval),
+        CASES[1]: (bam_train, stand_ins_train),
+        CASES[2]: (lambda: channel_pool(x, backend="triton"), None),
+        CASES[3]: (lambda: bam_apply(x, mc, ms, combine=combine, backend="triton"), None),
+        CASES[4]: (lambda: bam_apply(xg, mcg, msg, combine=combine, backend="triton").backward(g), None),
+    }
+    report = {}
+    for name, (fn, stand_ins) in cases.items():
+        with _common.skip_kernels():
+            fn()  # the first call tunes and plans (with the kernels skipped, it plans only)
+            with _common.record_launches() as launches:
+                fn()
+
+        def timed(call=fn):
+            call()
+            _sync(device)  # with a small shape the GPU keeps up: the host's time per call is what is left
+
+        if launch:
+            total = _median_us(timed, reps)
+        else:
+            with _common.skip_kernels():
+                total = _median_us(timed, reps)
+        baseline = _median_us(stand_ins, reps) if stand_ins else 0.0
+        report[name] = {"total_us": total, "stand_ins_us": baseline, "own_us": total - baseline,
+                        "launches": len(launches)}
+    return report
+
+
+def format_report(report, title):
+    lines = [title, f"{'microseconds per call (median)':<34}{'own':>8}{'total':>9}{'stand-ins':>11}{'launches':>10}"]
+    for name, row in report.items():
+        lines.append(f"{name:<34}{row['own_us']:8.1f}{row['total_us']:9.1f}{row['stand_ins_us']:11.1f}"
+                     f"{row['launches']:>10}")
+    lines.append("own = total - stand-ins (the branches' pass-through stand-ins timed alone).")
+    return "\n".join(lines)
+
+
+def run_overhead(args):
+    """``bam-triton overhead``: the report with the kernels skipped, and on CUDA also with them launched."""
+    import json
+
+    from bam_triton._dtypes import DTYPE_NAMES
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPE_NAMES[args.dtype]
+    results = {}
+    for single_read in (False, True):
+        for launch in (False, True) if device.type == "cuda" else (False,):
+            report = measure(tuple(args.shape), dtype, args.layout == "channels_last", args.combine, single_read,
+                             device, args.reps, launch)
+            title = (f"{'single-read' if single_read else 'standard'} Triton path, "
+                     f"{'kernels launched' if launch else 'kernels skipped'}, {device.type}, "
+                     f"{'x'.join(map(str, args.shape))} {args.dtype} {args.layout}")
+            print(format_report(report, title) + "\n")
+            results[title] = report
+    if device.type != "cuda":
+        print("Kernels skipped: on a GPU each launch adds Triton's own launch call (JITFunction.run) on top.")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+    return 0
