@@ -146,7 +146,7 @@ def _storage_key(t):
 
 def launch_bytes(plan, sizes):
     """(read, write) bytes of one recorded launch: every pointer argument the plan reads or writes, once, at the size
-    of the tensor the launcher passed (partial-sum buffers as allocated, for the config that needs the most)."""
+    of the tensor the launcher passed (partial-sum buffers as allocated: for the first config the pruner keeps)."""
     read = write = 0
     for name, nbytes in sizes.items():
         if not name.endswith("_ptr") or name in plan.unused:

@@ -72,7 +72,7 @@ def channel_pool_kernel(
     tl.store(out, (sums / tl.cast(HW, ACC)).to(out_ptr.dtype.element_ty), mask=c_mask)
 
 
-# Up to 16 elements per thread: one load and a few adds each, ~40 registers (bam-triton inspect).
+# Up to 16 elements per thread: one load and a few adds each, 16-64 registers (bam-triton inspect, Triton 3.9).
 @autotune("rows", key=["batch_bucket", "C", "HW", "GROUP"], prune=row_tile_pruner(max_per_thread=16))
 @triton.jit(do_not_specialize=["batch_bucket"])
 def channel_pool_rows_kernel(
