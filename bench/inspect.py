@@ -25,7 +25,7 @@ DTYPES = ("fp32", "fp16", "bf16")
 LAYOUTS = ("nchw", "channels_last")
 
 # Pointer arguments that hold full (N, C, H, W) tensors of x's dtype; every other pointer is a small map.
-_FULL_TENSORS = ("x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dx_extra_ptr", "dx_conv_ptr", "extra_ptr", "rest_ptr")
+_FULL_TENSORS = ("x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dx_extra_ptr")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
