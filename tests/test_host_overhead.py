@@ -15,7 +15,7 @@ from bam_triton._dtypes import assert_close
 from bam_triton.bench import overhead
 from bam_triton.kernels import _common
 from bam_triton.kernels import front as front_mod
-from devices import TEST_DEVICE
+from devices import TEST_DEVICE, cpu_only, run_compiled
 from reference import ref_apply
 
 bwd_mod = importlib.import_module("bam_triton.kernels.apply_bwd")
@@ -169,3 +169,55 @@ def test_overhead_measurement_counts_the_launches_of_each_call():
     assert single[overhead.CASES[0]]["launches"] == 2 and single[overhead.CASES[1]]["launches"] == 4
     text = overhead.format_report(report, "title")
     assert text.splitlines()[0] == "title" and all(case in text for case in overhead.CASES)
+
+
+_COMPILED_LAUNCHES = r"""
+import torch
+from triton.runtime.jit import JITFunction
+from bam_triton import kernels
+from bam_triton.kernels import _common
+
+assert not _common.INTERPRETED and _common.PINNED
+calls = []
+
+
+def recording_run(self, *args, grid, warmup, **kwargs):  # JITFunction.run, compiled mode: record, launch nothing
+    calls.append((self.__name__, args, grid, kwargs))
+
+
+JITFunction.run = recording_run
+z = torch.zeros
+for shape in ((2, 8, 4, 4), (2, 16, 7, 7)):  # the 2D-tile kernels; at 7x7 the row-group ones
+    n, c, h, w = shape
+    x, mc, ms = z(shape), z(n, c), z(n, h * w)
+    weight, dy = z(2, c, 1, 1), z(n, 2, h, w)
+    for _ in range(2):  # the first launch of each plan goes through the autotuner, the second does not
+        kernels.channel_pool_fwd(x, False)
+        kernels.apply_fwd(x, mc, ms, "sum")
+        kernels.apply_bwd(x, x, mc, ms, "product")
+        kernels.apply_bwd_dx(x, x, mc, ms, "sum", dpool=mc, dx_extra=x)
+        kernels.front_fwd(x, weight, None)
+        kernels.front_bwd(x, x, mc, ms, "sum", mc, dy, weight)
+by_kernel = {}
+for name, args, grid, kwargs in calls:
+    by_kernel.setdefault(name, []).append((args, grid, kwargs))
+assert len(by_kernel) == 8, sorted(by_kernel)
+for name, launches in by_kernel.items():
+    assert len(launches) % 2 == 0, name
+    for (args1, grid1, kw1), (args2, grid2, kw2) in zip(launches[0::2], launches[1::2]):
+        # through the autotuner: the plan's grid function; directly: the grid it gave for the tuned config
+        assert callable(grid1) and not callable(grid2), name
+        assert grid1(dict(kw1)) == grid2, (name, grid1(dict(kw1)), grid2)
+        assert kw1 == kw2, (name, kw1, kw2)
+        assert len(args1) == len(args2), name
+        for a, b in zip(args1, args2):
+            assert (a.dtype == b.dtype) if isinstance(a, torch.Tensor) else (a == b), (name, a, b)
+print("ok", sorted(by_kernel))
+"""
+
+
+@cpu_only("imports the kernels in a compiled-mode subprocess of the CPU machine")
+def test_direct_launches_pass_what_the_autotuner_passed():
+    """Compiled mode (Triton's real JITFunction, its run mocked to record): a plan's second launch, made without the
+    autotuner, passes the jit function the same arguments, constexprs, config options and grid as its first."""
+    run_compiled(_COMPILED_LAUNCHES, BAM_TRITON_AUTOTUNE="0")
