@@ -25,7 +25,7 @@ phase      full  quick  enforced by
 =========  ====  =====  ==================================================================================
 tests       150     60  the subprocess is killed at the deadline (counts so far kept, "timed out")
 check       180     80  killed at the deadline
-overhead    210    100  killed at the deadline
+overhead    220    105  killed at the deadline
 sweep       390    190  ``--time-budget``: no new case after deadline - 60 s (quick: - 40 s), then killed at
                         the deadline; rows are written after every case, so a kill keeps them
 inspect     440    220  killed at the deadline
@@ -58,7 +58,7 @@ import threading
 import time
 
 # (phase, full deadline, quick deadline), seconds from the start.
-DEADLINES = (("tests", 150, 60), ("check", 180, 80), ("overhead", 210, 100), ("sweep", 390, 190), ("inspect", 440, 220),
+DEADLINES = (("tests", 150, 60), ("check", 180, 80), ("overhead", 220, 105), ("sweep", 390, 190), ("inspect", 440, 220),
              ("plot", 455, 232))
 # The sweep starts no new case this long before its deadline: the case in flight (a torch.compile) gets to finish.
 SWEEP_MARGIN = {"full": 60, "quick": 40}
