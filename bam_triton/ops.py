@@ -3,7 +3,8 @@
 This layer validates arguments (one place, before any kernel launch), picks the backend (``_backend.resolve``) and
 wires autograd. The Triton path is registered as ``torch.library`` custom ops (``bam_triton::channel_pool``,
 ``bam_triton::apply``, ``bam_triton::apply_backward``) with fake implementations, so ``torch.compile`` sees them as
-single graph nodes; the torch path is plain torch, which ``torch.compile`` traces through.
+single graph nodes; in eager mode on plain tensors the same implementations run without the custom ops' dispatch
+(``_eager_direct``). The torch path is plain torch, which ``torch.compile`` traces through.
 
 Shapes: ``x`` (N, C, H, W) in NCHW or channels_last; ``mc`` (N, C) or (N, C, 1, 1); ``ms`` (N, H, W) or (N, 1, H, W).
 """
@@ -308,7 +309,7 @@ class _EagerApply(torch.autograd.Function):
     backward = staticmethod(_apply_backward)
 
 
-def triton_channel_pool(x):
+def _run_triton_pool(x):
     """The Triton pooling: the launcher itself in eager mode (through an autograd Function when x needs a gradient),
     the custom op otherwise."""
     if not _eager_direct(x):
@@ -318,7 +319,7 @@ def triton_channel_pool(x):
     return _channel_pool_impl(x)
 
 
-def _triton_apply_any(x, mc, ms, combine):
+def _run_triton_apply(x, mc, ms, combine):
     if not _eager_direct(x, mc, ms):
         return _triton_apply(x, mc, ms, combine)
     if torch.is_grad_enabled() and (x.requires_grad or mc.requires_grad or ms.requires_grad):
@@ -388,7 +389,7 @@ def resolve_path(x, backend, *others):
 def channel_pool_unchecked(x, path):
     if path == "plain":
         return x.mean(dim=(2, 3), dtype=torch.promote_types(x.dtype, torch.float32)).to(x.dtype)
-    return _torch_channel_pool(x) if path == "torch" else triton_channel_pool(x)
+    return _torch_channel_pool(x) if path == "torch" else _run_triton_pool(x)
 
 
 def bam_apply_unchecked(x, mc, ms, combine, path):
@@ -406,4 +407,4 @@ def bam_apply_unchecked(x, mc, ms, combine, path):
         if torch.is_grad_enabled() and (x.requires_grad or mc.requires_grad or ms.requires_grad):
             return _TorchApply.apply(x, mc2, ms2, combine)
         return _torch_apply_forward(x, mc2, ms2, combine)
-    return _triton_apply_any(x, mc2, ms2, combine)
+    return _run_triton_apply(x, mc2, ms2, combine)
