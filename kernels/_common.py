@@ -73,8 +73,9 @@ _CONFIGS = {
         (dict(BLOCK_R=16), 8),
     ],
     # The single-read front end (front.py), a GEMM over pixels with tl.dot: [BLOCK_P pixels, BLOCK_K channels] per
-    # step. The first config of each list is kept by the pruner at every ResNet-50 shape in both layouts; registers
-    # per config: front.py's docstring.
+    # step. For fp16/bf16 the first config of each list is kept by the pruner at every ResNet-50 shape in both
+    # layouts; the last entries are for fp32 only (an FMA dot: smaller tiles, see front.fits); registers per config:
+    # front.py's docstring.
     "front_fwd": [
         (dict(BLOCK_P=64, BLOCK_K=64), 4),
         (dict(BLOCK_P=128, BLOCK_K=32), 4),
@@ -82,6 +83,7 @@ _CONFIGS = {
         (dict(BLOCK_P=32, BLOCK_K=64), 4),
         (dict(BLOCK_P=64, BLOCK_K=32), 4),
         (dict(BLOCK_P=256, BLOCK_K=32), 8),
+        (dict(BLOCK_P=32, BLOCK_K=32), 8),  # fp32
     ],
     # (BLOCK_K=64, BLOCK_P=64) is not here: with the maps and bias in x's dtype, as the module launches it, it spilled
     # at 32x512x28x28 channels_last (8 warps: 24 bytes on sm_80, Triton 3.9; 4 warps: 12 bytes on sm_90, Triton 3.3).
@@ -91,6 +93,8 @@ _CONFIGS = {
         (dict(BLOCK_K=128, BLOCK_P=32), 8),
         (dict(BLOCK_K=32, BLOCK_P=128), 8),
         (dict(BLOCK_K=32, BLOCK_P=32), 4),
+        (dict(BLOCK_K=32, BLOCK_P=16), 16),  # fp32, NHWC: one element of dx per thread
+        (dict(BLOCK_K=16, BLOCK_P=32), 16),  # fp32, NCHW
     ],
 }
 

@@ -52,9 +52,22 @@ shapes and the three Tritons:
 
 The backward configs the pruner drops at C_r = 64 spilled on sm_80: K32-P128-w8 76 bytes (NCHW, Triton 3.9),
 K64-P64-w4 24-48 (NHWC, 3.9). K64-P64 is no longer in the list: with the maps in x's dtype, as the module
-launches them, it spilled at 28x28 NHWC (w8: 24 bytes, sm_80, 3.9; w4: 12 bytes, sm_90, 3.3). fp32 (first configs, 256x56x56) compiles to FMA, no TF32;
-its backward spills ~560 bytes with Triton 3.2 only (fp32 is no performance target). fp64 (a correctness path for
-gradcheck, no dot) spills heavily.
+launches them, it spilled at 28x28 NHWC (w8: 24 bytes, sm_80, 3.9; w4: 12 bytes, sm_90, 3.3).
+
+fp32 compiles to FMA (IEEE, no TF32), which keeps the whole reduction of each of a thread's outputs in registers: with
+the tensor-core budget the first configs spilled at the larger C_r (Triton 3.9, sm_80: forward 536 bytes at 28x28
+NHWC, 864 / 1048 at 14x14 NCHW / NHWC, 7480 / 2072 at 2048x7x7; backward 2396-20776 at 14x14 and 7x7; sm_90 too).
+The pruner tells fp32 by DOT (DOT_FMA) and keeps it within a budget of its own: forward P64-K32-w4 up to C_r = 64
+and P32-K32-w8, backward K32-P16-w16 (NHWC) and K16-P32-w16 (NCHW), one element of dx per thread; the last three are
+fp32-only entries of the lists, too small for the tensor-core floor. The tests compile every config fp32 keeps at
+the ResNet-50 shapes and 2048x7x7, both layouts, sm_80 and sm_90 (44 variants): no spills with Triton 3.2, 3.3 and
+3.9; registers sm_80 / sm_90, over those shapes and Tritons:
+
+    forward   P64-K32-w4 56-204 / 62-128    P32-K32-w8 37-194 / 40-118
+    backward  K32-P16-w16 40-64 / 40-64     K16-P32-w16 40-117 / 40-70
+
+Where none fits (the lists without their fp32 entries; a wider C_r) the pruner keeps the first config, which spills
+at C_r >= 64. fp32 is no performance target. fp64 (a correctness path for gradcheck, no dot) spills heavily.
 """
 import torch
 import triton
@@ -71,13 +84,38 @@ P_SPLIT_UNIT = max(meta["BLOCK_P"] for meta, _ in _common.all_configs("front_bwd
 _MIN_FWD_BLOCK_P = min(meta["BLOCK_P"] for meta, _ in _common.all_configs("front_fwd"))
 # Channel chunk the backward plan assumes when it counts programs (the config is not known yet).
 _TYPICAL_BLOCK_K = 64
-# Register budget, in elements per thread, of the tiles a program keeps live, and of the backward's whole dy tile
-# (it feeds both dots, in two operand layouts). sm_80 is the tighter target: at C_r = 64 ptxas spilled with 32
-# elements of dy, dx and dW per thread (Triton 3.9), with a [64, 128] dy tile on 8 warps (3.9) and with a [64, 64]
-# one on 8 warps (3.3); every kept config compiles without spills at the ResNet-50 shapes with 3.2, 3.3 and 3.9.
+# How the kernels multiply their tiles (constexpr DOT): tl.dot on the tiles as loaded (fp16, bf16: tensor cores; fp32:
+# DOT_FMA, the same IEEE tl.dot, compiled to FMA: a value of its own so that the pruner can tell fp32 tiles apart),
+# tl.dot on fp32 copies (bf16 in the interpreter, whose dot multiplies numpy's raw bf16 bit patterns; exact, since
+# bf16 -> fp32 is), or for fp64 a broadcast-multiply-sum (Triton 3.2 and 3.3 have no fp64 dot).
+DOT_NATIVE, DOT_FP32, DOT_NONE, DOT_FMA = 1, 2, 0, 3
+
+
+def dot_mode(dtype):
+    if dtype == torch.float64:
+        return DOT_NONE
+    if dtype == torch.float32:
+        return DOT_FMA
+    return DOT_FP32 if _common.INTERPRETED and dtype == torch.bfloat16 else DOT_NATIVE
+
+
+# Register budget of the tensor-core path (fp16, bf16; fp64 too), in elements per thread, of the tiles a program keeps
+# live, and of the backward's whole dy tile (it feeds both dots, in two operand layouts). sm_80 is the tighter target:
+# at C_r = 64 ptxas spilled with 32 elements of dy, dx and dW per thread (Triton 3.9), with a [64, 128] dy tile on 8
+# warps (3.9) and with a [64, 64] one on 8 warps (3.3); every kept config compiles without spills at the ResNet-50
+# shapes with 3.2, 3.3 and 3.9. Its floor: 16 bytes of x (8 elements) per thread and step; smaller tiles are for fp32.
 _FWD_LIMITS = dict(acc=64, x=64)
 _BWD_LIMITS = dict(dy=16, dw=32, dx=32)
 _BWD_DY_TILE = 2048
+_MIN_X = 8
+# fp32 (DOT_FMA): an FMA dot keeps the whole reduction of a thread's outputs in registers (BLOCK_K in the forward,
+# C_r and BLOCK_P in the backward), so the tensor-core budget does not carry over. Measured with bam-triton inspect at
+# the ResNet-50 shapes, sm_80 and sm_90: BLOCK_K = 64 spilled at C_r = 32 and 64, 64 elements of acc per thread at
+# C_r = 128 (Triton 3.9), x tiles of 32 took 254-255 registers (NHWC, 3.9); in the backward each of 22 configs with
+# 2 or more elements of dx per thread spilled at C_r = 64 or 128 with Triton 3.2, 3.3 or 3.9, those with 1 never.
+_FMA_FWD_LIMITS = dict(acc=32, x=16)
+_FMA_FWD_BLOCK_K = 32
+_FMA_BWD_LIMITS = dict(dy=16, dw=32, dx=1)
 
 
 def hidden_pad(hidden):
@@ -94,19 +132,33 @@ def tile_elements(kind, meta, num_warps, r_pad):
                 dx=meta["BLOCK_K"] * meta["BLOCK_P"] // threads)
 
 
+def fits(kind, meta, num_warps, r_pad, dot):
+    """Whether a ``kind`` config's register tiles stay within the budget above of its ``dot`` path at ``r_pad``."""
+    sizes = tile_elements(kind, meta, num_warps, r_pad)
+    if dot == DOT_FMA:
+        if kind == "front_fwd" and meta["BLOCK_K"] > _FMA_FWD_BLOCK_K:
+            return False
+        limits = _FMA_FWD_LIMITS if kind == "front_fwd" else _FMA_BWD_LIMITS
+    else:
+        if sizes["x" if kind == "front_fwd" else "dx"] < _MIN_X:
+            return False
+        if kind == "front_bwd" and r_pad * meta["BLOCK_P"] > _BWD_DY_TILE:
+            return False
+        limits = _FWD_LIMITS if kind == "front_fwd" else _BWD_LIMITS
+    return all(sizes[name] <= limit for name, limit in limits.items())
+
+
 def _prune(kind):
     """``early_config_prune`` of ``kind``: keep the configs whose block along x's contiguous axis has at least 32
     elements (BLOCK_P for NCHW, BLOCK_K for NHWC; or the whole axis when it is shorter), whose pixel block is at most
-    twice the image's pixels (rounded up to a power of two, at least 32), and whose register tiles stay within the
-    limits above (per thread; the backward's dy tile as a whole). Never empty: the first config of the list stays
-    when nothing else would."""
-    limits = _FWD_LIMITS if kind == "front_fwd" else _BWD_LIMITS
+    twice the image's pixels (rounded up to a power of two, at least 32), and that :func:`fits` the register budget
+    of the dot path (DOT: fp32 or not). Never empty: the first config of the list stays when nothing else would."""
 
     def prune(configs, named_args, **kwargs):
         def arg(name):
             return kwargs[name] if name in kwargs else named_args[name]
 
-        channels_last, c, hw, r_pad = arg("CHANNELS_LAST"), arg("C"), arg("HW"), arg("R_PAD")
+        channels_last, c, hw, r_pad, dot = arg("CHANNELS_LAST"), arg("C"), arg("HW"), arg("R_PAD"), arg("DOT")
         contiguous_axis, extent = ("BLOCK_K", c) if channels_last else ("BLOCK_P", hw)
 
         def keep(cf):
@@ -115,37 +167,22 @@ def _prune(kind):
                 return False
             if meta["BLOCK_P"] > max(32, 2 * triton.next_power_of_2(hw)):
                 return False
-            if kind == "front_bwd" and r_pad * meta["BLOCK_P"] > _BWD_DY_TILE:
-                return False
-            sizes = tile_elements(kind, meta, cf.num_warps, r_pad)
-            return all(sizes[name] <= limit for name, limit in limits.items())
+            return fits(kind, meta, cf.num_warps, r_pad, dot)
 
         return [cf for cf in configs if keep(cf)] or configs[:1]
 
     return prune
 
 
-# How the kernels multiply their tiles (constexpr DOT): tl.dot on the tiles as loaded (fp16, bf16, fp32), tl.dot on
-# fp32 copies (bf16 in the interpreter, whose dot multiplies numpy's raw bf16 bit patterns; exact, since bf16 -> fp32
-# is), or for fp64 a broadcast-multiply-sum (Triton 3.2 and 3.3 have no fp64 dot).
-DOT_NATIVE, DOT_FP32, DOT_NONE = 1, 2, 0
-
-
-def dot_mode(dtype):
-    if dtype == torch.float64:
-        return DOT_NONE
-    return DOT_FP32 if _common.INTERPRETED and dtype == torch.bfloat16 else DOT_NATIVE
-
-
 @triton.jit
 def _mma(a, b, acc, DOT: tl.constexpr):
     """``acc + a·b``: tl.dot (IEEE for fp32 operands: no TF32), or for fp64 a broadcast-multiply-sum."""
-    if DOT == 1:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    elif DOT == 2:
+    if DOT == 2:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
+    elif DOT == 0:
         return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:  # DOT_NATIVE, DOT_FMA
+        return tl.dot(a, b, acc, input_precision="ieee")
 
 
 @_common.autotune("front_fwd", prune=_prune("front_fwd"), key=["batch_bucket", "C", "HW", "C_R", "CHANNELS_LAST"])
@@ -163,7 +200,7 @@ def front_fwd_kernel(
     R_PAD: tl.constexpr,  # C_R rounded up to a power of two >= 16
     CHANNELS_LAST: tl.constexpr,
     ACC: tl.constexpr,  # fp32, fp64 for fp64 inputs
-    DOT: tl.constexpr,  # DOT_NATIVE, DOT_FP32 or DOT_NONE (dot_mode)
+    DOT: tl.constexpr,  # dot_mode(x's dtype)
     BLOCK_P: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):

@@ -3,8 +3,9 @@ the pooling's gradients folded in, dW and db, backward) against float64 referenc
 formulas (F.conv2d, mean, autograd), never from the kernels' own formulas.
 
 Tensors live on the run's device (tests/devices.py): through Triton's interpreter on CPU, compiled in a CUDA run.
-The ahead-of-time evidence (tensor-core instructions, 128-bit loads of x, no spills on sm_80 and sm_90 at the
-ResNet-50 BAM shapes, for every config the pruner keeps) compiles in subprocesses without TRITON_INTERPRET, on CPU.
+The ahead-of-time evidence (no spills on sm_80 and sm_90 at the ResNet-50 BAM shapes, for every config the pruner
+keeps; tensor-core instructions and 128-bit loads of x for fp16/bf16, FMA for fp32) compiles in subprocesses without
+TRITON_INTERPRET, on CPU.
 
 Tolerances: y, pooled and dx are stored in x's dtype: ``bam_triton.TOLERANCES`` relative to |ref| (the references use
 the same rounded inputs, W rounded to x's dtype as the kernels' dots take it). dW and db are fp32 sums of products of
@@ -384,6 +385,39 @@ def test_pruner():
                             assert front.hidden_pad(shape[1] // 16) * meta["BLOCK_P"] <= front._BWD_DY_TILE
 
 
+# The fp32-only entries at the end of kernels/_common.py's lists: the FMA budget needs them where no other config fits
+# it (forward at C_r = 128, backward everywhere: 16 warps, one element of dx per thread).
+FP32_CONFIGS = {"front_fwd": [(dict(BLOCK_P=32, BLOCK_K=32), 8)],
+                "front_bwd": [(dict(BLOCK_K=32, BLOCK_P=16), 16), (dict(BLOCK_K=16, BLOCK_P=32), 16)]}
+FP32_SHAPES = RESNET_SHAPES + ((32, 2048, 7, 7),)
+
+
+def _kept(kind, shape, dtype, channels_last, configs):
+    """What ``kind``'s pruner keeps of ``configs`` ((meta, warps) pairs) for a launch at ``shape`` (r = 16)."""
+    plan = _plan(kind, shape, dtype, channels_last)
+    kept = plan.kernel.early_config_prune([triton.Config(dict(meta), num_warps=w) for meta, w in configs],
+                                          dict(zip(plan.scalar_names(), plan.scalars)), **plan.constexpr_kwargs)
+    return [(dict(cf.kwargs), cf.num_warps) for cf in kept]
+
+
+def test_pruner_fp32():
+    """fp32 keeps at the ResNet-50 shapes (2048x7x7 too) only configs within the FMA budget, at least one; fp16, bf16
+    and fp64 never keep the fp32-only configs: they keep what they would keep without them."""
+    for kind in TUNERS:
+        configs = _common.all_configs(kind)
+        assert configs[-len(FP32_CONFIGS[kind]):] == FP32_CONFIGS[kind]
+        others = configs[:-len(FP32_CONFIGS[kind])]
+        for shape in FP32_SHAPES + ((1, 8, 1, 1), (2, 19, 7, 7), (1, 4096, 3, 3)):
+            for channels_last in LAYOUTS:
+                if shape in FP32_SHAPES:
+                    kept = _kept(kind, shape, torch.float32, channels_last, configs)
+                    r_pad = front.hidden_pad(shape[1] // 16)
+                    assert kept and all(front.fits(kind, meta, warps, r_pad, front.DOT_FMA) for meta, warps in kept)
+                for dtype in (torch.float16, torch.bfloat16, torch.float64):
+                    assert _kept(kind, shape, dtype, channels_last, configs) == \
+                        _kept(kind, shape, dtype, channels_last, others)
+
+
 @pytest.mark.skipif(triton.__version__.startswith("3.2."), reason="Triton 3.2's triton.autotune drops do_bench (the "
                     "counting timer); tests/triton_compat gives it one that refuses to time without a GPU")
 def test_one_tuning_per_batch_bucket(monkeypatch):
@@ -429,7 +463,7 @@ def test_bam_triton_autotune_0_pins_the_front_kernels():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Ahead-of-time evidence: sm_80 and sm_90, every kept config at the ResNet-50 BAM shapes (r = 16), fp16 and bf16
+# Ahead-of-time evidence: sm_80 and sm_90, every kept config at the ResNet-50 BAM shapes (r = 16), fp16, bf16, fp32
 # ----------------------------------------------------------------------------------------------------------------------
 
 AOT_ARCHS = (80, 90)
@@ -440,21 +474,20 @@ KERNEL_OF = {"front_fwd": "front_fwd_kernel", "front_bwd": "front_bwd_kernel"}
 
 def aot_jobs():
     """Every config the pruner keeps, for both kernels, at the ResNet-50 BAM shapes (batch 32, r = 16), fp16 and bf16,
-    both layouts, sm_80 and sm_90 (``bam-triton inspect``'s jobs: the launchers' plans); plus one fp32 job per kernel
-    and arch (IEEE: no TF32 tensor cores)."""
+    both layouts, sm_80 and sm_90 (``bam-triton inspect``'s jobs: the launchers' plans); fp32 the same at FP32_SHAPES
+    (2048x7x7 too)."""
     from bam_triton.bench import inspect as aot
 
     jobs = []
     for kind in TUNERS:
         kernel = KERNEL_OF[kind]
         for arch in AOT_ARCHS:
-            for dtype in AOT_DTYPES:
-                for shape in RESNET_SHAPES:
+            for dtype, shapes in [(dtype, RESNET_SHAPES) for dtype in AOT_DTYPES] + [("fp32", FP32_SHAPES)]:
+                for shape in shapes:
                     for layout in LAYOUT_IDS:
                         for index in range(len(_common.all_configs(kind))):
                             if aot.runs(kernel, kind, index, dtype, shape, layout, arch):
                                 jobs.append(aot.make_job(kernel, kind, index, arch, dtype, shape, layout))
-            jobs.append(aot.make_job(kernel, kind, 0, arch, "fp32", RESNET_SHAPES[0], "nchw"))
     return jobs
 
 
@@ -488,10 +521,7 @@ def test_aot_tensor_cores_vector_loads_no_spills(aot_results):
         r["spill"] = r.get("spill_stores", 0) + r.get("spill_loads", 0)
         lines.append(f"{head}: {r.get('registers', r.get('ptxas_registers'))} registers, {r['spill']} spill bytes, "
                      f"mma {r['mma']}, wgmma {r['wgmma']}, x loads {x_bits}")
-        if r["dtype"] == "fp32":  # IEEE: FMA, never TF32 tensor cores (fp32 is no performance target: spills allowed;
-            # Triton 3.9 has none at these shapes, 3.2 spills ~550 bytes in the backward)
-            if r["tf32"] or r["mma"] or r["wgmma"]:
-                failures.append(f"{head}: the fp32 dot uses TF32 tensor cores")
+        if r["dtype"] == "fp32":  # test_aot_fp32_fma_no_spills
             continue
         expected = x_load_bits(r["shape"], r["dtype"], r["layout"])
         problems = [what for what, bad in (
@@ -502,8 +532,31 @@ def test_aot_tensor_cores_vector_loads_no_spills(aot_results):
             failures.append(f"{head}: {'; '.join(problems)}")
     print("\n".join(lines))
     assert not failures, "\n".join(failures)
-    kinds = {(r["kind"], r["arch"], r["dtype"], r["layout"]) for r in aot_results}
-    assert len(kinds) == len(TUNERS) * len(AOT_ARCHS) * (len(AOT_DTYPES) * len(LAYOUT_IDS) + 1)
+    kinds = {(r["kind"], r["arch"], r["dtype"], r["layout"]) for r in aot_results if r["dtype"] != "fp32"}
+    assert len(kinds) == len(TUNERS) * len(AOT_ARCHS) * len(AOT_DTYPES) * len(LAYOUT_IDS)
+
+
+@cpu_only("compiles ahead of time in subprocesses without the interpreter; a CUDA run compiles for real")
+def test_aot_fp32_fma_no_spills(aot_results):
+    """fp32, every kept config at FP32_SHAPES: compiles to FMA (IEEE: no TF32 tensor cores) and spills nothing."""
+    lines, failures = [], []
+    results = [r for r in aot_results if r["dtype"] == "fp32"]
+    for r in results:
+        head = f"{r['kind']} {_common.config_id((r['meta'], r['num_warps'])) if 'meta' in r else r['config']} " \
+               f"sm_{r['arch']} {'x'.join(map(str, r['shape']))} {r['layout']}"
+        if "error" in r:
+            failures.append(f"{head}: {r['error']}")
+            continue
+        spill = r.get("spill_stores", 0) + r.get("spill_loads", 0)
+        lines.append(f"{head}: {r.get('registers', r.get('ptxas_registers'))} registers, {spill} spill bytes")
+        if r["tf32"] or r["mma"] or r["wgmma"]:
+            failures.append(f"{head}: the fp32 dot uses TF32 tensor cores")
+        if spill or not r["ptxas_ok"]:
+            failures.append(f"{head}: {spill} spill bytes")
+    print("\n".join(lines))
+    assert not failures, "\n".join(failures)
+    cases = {(r["kind"], r["arch"], tuple(r["shape"]), r["layout"]) for r in results}
+    assert len(cases) == len(TUNERS) * len(AOT_ARCHS) * len(FP32_SHAPES) * len(LAYOUT_IDS)
 
 
 @cpu_only("the device test run has no ahead-of-time part")
