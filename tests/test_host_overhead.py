@@ -221,3 +221,14 @@ def test_direct_launches_pass_what_the_autotuner_passed():
     """Compiled mode (Triton's real JITFunction, its run mocked to record): a plan's second launch, made without the
     autotuner, passes the jit function the same arguments, constexprs, config options and grid as its first."""
     run_compiled(_COMPILED_LAUNCHES, BAM_TRITON_AUTOTUNE="0")
+
+
+@cpu_only("checks the CLI's refusal of CUDA where there is none")
+def test_overhead_command_refuses_bad_arguments(capsys):
+    from bam_triton.cli import main
+
+    assert main(["overhead", "--reps", "0"]) == 2
+    assert "--reps must be >= 1" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["overhead", "--device", "cuda"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
