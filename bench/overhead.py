@@ -11,9 +11,10 @@ that Python on any machine:
   The stand-ins alone are timed too and subtracted.
 
 Torch ops the library itself calls (allocations, the partial-sum reductions, the gradient's layout check) count:
-they are its overhead. On CPU the kernels need Triton's interpreter to be importable as kernels at all (the command
-selects it); on CUDA the same measurement runs, and besides it the real launches (``--launch``), whose difference is
-Triton's own launch cost. Medians of ``--reps`` timed calls after a warm-up (the first call tunes and plans).
+they are its overhead. On CPU the kernels load as interpreter kernels (the command selects Triton's interpreter) and
+run nothing. On CUDA the report is made twice, the second time with the kernels launched: the difference is Triton's
+own launch cost. Medians of ``--reps`` timed calls after a warm-up (which plans, and with the kernels launched also
+tunes).
 """
 import statistics
 import time
