@@ -376,19 +376,24 @@ def record_launches():
         _RECORDERS.remove(launches)
 
 
-_SKIPPING = []
+# Per thread: a measurement in one thread must not stop another thread's launches.
+_SKIPPING = threading.local()
+
+
+def _skipping():
+    return getattr(_SKIPPING, "depth", 0) > 0
 
 
 @contextlib.contextmanager
 def skip_kernels():
-    """Within this block every launch does all of its host-side work (plan, config, arguments, device guard) and
-    then runs nothing, as launches on META tensors do: ``bam-triton overhead`` times the library's own Python this
-    way on any machine. Outputs are left unwritten."""
-    _SKIPPING.append(True)
+    """Within this block (in this thread) every launch does all of its host-side work (plan, config, arguments,
+    device guard) and then runs nothing, as launches on META tensors do: ``bam-triton overhead`` times the library's
+    own Python this way on any machine. Outputs are left unwritten."""
+    _SKIPPING.depth = getattr(_SKIPPING, "depth", 0) + 1
     try:
         yield
     finally:
-        _SKIPPING.pop()
+        _SKIPPING.depth -= 1
 
 
 def planned_meta(plan, device):
@@ -398,7 +403,7 @@ def planned_meta(plan, device):
     tuned = plan.tuned.get("launch")
     if tuned is not None:
         return tuned[0]
-    return plan.first_kept_meta if device.type == "meta" or _SKIPPING else None
+    return plan.first_kept_meta if device.type == "meta" or _skipping() else None
 
 
 # Plan functions are memoised (their arguments are a hashable description of the input), so a launch makes no plan
@@ -436,7 +441,7 @@ def launch(plan, *tensors, config=None):
     else:
         tuned = plan.tuned.get("launch")
     device = tensors[0].device
-    if device.type == "meta" or _SKIPPING:  # nothing to run: the launch is recorded
+    if device.type == "meta" or _skipping():  # nothing to run: the launch is recorded
         if _RECORDERS:
             sizes = {name: t.numel() * t.element_size() for name, t in zip(plan.kernel.arg_names, tensors)}
             for launches in _RECORDERS:

@@ -232,3 +232,16 @@ def test_overhead_command_refuses_bad_arguments(capsys):
     if not torch.cuda.is_available():
         assert main(["overhead", "--device", "cuda"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_skip_kernels_holds_for_its_own_thread_only():
+    import threading
+
+    x = _x((2, 8, 4, 4), "thread")
+    mc, ms = torch.zeros(2, 8, device=TEST_DEVICE), torch.zeros(2, 16, device=TEST_DEVICE)
+    results = {}
+    with _common.skip_kernels():
+        worker = threading.Thread(target=lambda: results.update(out=kernels.apply_fwd(x, mc, ms, "sum")))
+        worker.start()
+        worker.join()
+    assert_close(results["out"], x * 1.5, torch.float32)  # the other thread's launch ran
