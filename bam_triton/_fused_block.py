@@ -181,8 +181,9 @@ def single_read_forward(x, channel_branch, reduce_conv, spatial_branch, combine)
     arguments, eager mode."""
     x = _dense(x)
     n, c, h, w = x.shape
-    params = (reduce_conv.weight, reduce_conv.bias)
-    if not torch.is_grad_enabled() or not (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+    params = weight, bias = reduce_conv.weight, reduce_conv.bias
+    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
+                                           or (bias is not None and bias.requires_grad)):
         kernels = _backend.kernels()
         pooled, y = kernels.front_fwd(x, *params)
         mc, ms = channel_branch(pooled), spatial_branch(x, reduced=y)

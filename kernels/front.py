@@ -394,15 +394,23 @@ def front_bwd_plan(shape, dtype, channels_last, hidden, combine, has_dpool=True,
                       writes=("dx_ptr", "dw_partial_ptr", "db_partial_ptr"), unused=() if has_dpool else ("dpool_ptr",))
 
 
+# The launchers run once per BAM call: their conversions are checked in Python first (a no-op torch call still costs
+# a dispatch, about a microsecond).
+def _in_dtype(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _weight_matrix(weight, x):
     """W_r (C_r, C[, 1, 1]) as a contiguous (C_r, C) matrix in x's dtype (the dots' operand dtype)."""
-    return weight.detach().reshape(weight.shape[0], -1).to(x.dtype).contiguous()
+    w = _in_dtype(weight.detach().reshape(weight.shape[0], -1), x.dtype)
+    return w if w.is_contiguous() else w.contiguous()
 
 
-def _like_x(t, x):
+def _like_x(t, x, channels_last):
     """``t`` (N, C', H, W) in x's dtype and memory format (a copy only when it is not already)."""
-    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-    return t.to(x.dtype).contiguous(memory_format=fmt)
+    t = _in_dtype(t, x.dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
 
 
 def front_fwd(x, weight, bias, config=None):
@@ -415,7 +423,10 @@ def front_fwd(x, weight, bias, config=None):
     channels_last = is_channels_last(x)
     w_mat = _weight_matrix(weight, x)
     hidden = w_mat.shape[0]
-    b = bias.detach().contiguous() if bias is not None else torch.zeros(hidden, device=x.device, dtype=torch.float32)
+    if bias is None:
+        b = torch.zeros(hidden, device=x.device, dtype=torch.float32)
+    else:  # the kernel reads its memory; autograd never sees it
+        b = bias if bias.is_contiguous() else bias.contiguous()
     plan = front_fwd_plan(tuple(x.shape), x.dtype, channels_last, hidden, sm_count(x.device))
     # One row of channel sums per pixel block, and their number depends on the config: sized for it where it is
     # known before the launch (the plan's buffer, sized for the most, on the first launch).
@@ -428,7 +439,7 @@ def front_fwd(x, weight, bias, config=None):
     p_blocks = -(-hw // meta["BLOCK_P"])
     sums = partial[: n * p_blocks * c].view(n, p_blocks, c)
     sums = sums.view(n, c) if p_blocks == 1 else sums.sum(dim=1)
-    return (sums / hw).to(x.dtype), y
+    return _in_dtype(sums.div_(hw), x.dtype), y  # in place: the launcher's own buffer or a fresh sum
 
 
 def front_bwd(g, x, mc, ms, combine, dpool, dy, weight, config=None):
@@ -440,7 +451,7 @@ def front_bwd(g, x, mc, ms, combine, dpool, dy, weight, config=None):
     channels_last = is_channels_last(x)
     w_mat = _weight_matrix(weight, x)
     hidden = w_mat.shape[0]
-    dy = _like_x(dy, x)
+    dy = _like_x(dy, x, channels_last)
     plan = front_bwd_plan(tuple(x.shape), x.dtype, channels_last, hidden, combine, dpool is not None,
                           sm_count(x.device))
     dx = torch.empty_like(x)  # x is dense, so empty_like keeps its strides (memory format)
@@ -450,4 +461,4 @@ def front_bwd(g, x, mc, ms, combine, dpool, dy, weight, config=None):
     launch(plan, g, x, mc, ms, mc if dpool is None else dpool, dy, w_mat, dx, dw_partial, db_partial, config=config)
     dw = dw_partial[0] if dw_shape[0] == 1 else dw_partial.sum(dim=0)
     db = db_partial[0] if dw_shape[0] == 1 else db_partial.sum(dim=0)
-    return dx, dw.reshape(weight.shape).to(weight.dtype), db.to(weight.dtype)
+    return dx, _in_dtype(dw.reshape(weight.shape), weight.dtype), _in_dtype(db, weight.dtype)
