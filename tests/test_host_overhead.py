@@ -6,6 +6,7 @@ import zlib
 
 import pytest
 import torch
+import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.autotuner import Autotuner
 
@@ -217,6 +218,8 @@ print("ok", sorted(by_kernel))
 
 
 @cpu_only("imports the kernels in a compiled-mode subprocess of the CPU machine")
+@pytest.mark.skipif(tuple(map(int, triton.__version__.split(".")[:2])) < (3, 4),
+                    reason="Triton 3.2 and 3.3 time even a single pinned config, which needs a GPU driver")
 def test_direct_launches_pass_what_the_autotuner_passed():
     """Compiled mode (Triton's real JITFunction, its run mocked to record): a plan's second launch, made without the
     autotuner, passes the jit function the same arguments, constexprs, config options and grid as its first."""
