@@ -31,8 +31,9 @@ test: $(BIN)/.installed
 test-big: $(BIN)/.installed
 	BAM_TRITON_BIG_TESTS=1 $(BIN)/python -m pytest tests/test_large_tensors.py
 
-# Users' GPUs run whatever triton their torch pins, 3.2 and newer: the kernels' interpreter tests and the ahead-of-time
-# compile checks (128-bit vectors, no spills) under older Tritons, each in its own venv. tests/triton_compat works
+# Users' GPUs run whatever triton their torch pins, 3.2 and newer: the kernels' interpreter tests, the launch path
+# (plans, the tuned config launched directly) and the ahead-of-time compile checks (128-bit vectors, no spills) under
+# older Tritons, each in its own venv. tests/triton_compat works
 # around two Triton 3.2 bugs that only show without a GPU driver; numpy < 2.3 because Triton 3.2's interpreter turns
 # one-element arrays into Python ints, which newer numpy refuses.
 TRITON_COMPAT ?= 3.2.0 3.3.1
@@ -49,7 +50,7 @@ test-triton-compat:
 		TRITON_INTERPRET=1 PYTHONPATH=tests/triton_compat $$venv/bin/python -m pytest -q \
 			-W "ignore:Conversion of an array with ndim:DeprecationWarning" \
 			tests/test_kernels_forward.py tests/test_kernel_apply_bwd.py tests/test_kernel_front.py \
-			tests/test_bench.py -k "not test_bench or aot or inspect or persistence"; \
+			tests/test_host_overhead.py tests/test_bench.py -k "not test_bench or aot or inspect or persistence"; \
 	done
 
 # On a GPU: the full ResNet-50 grid (batch 32/64/128) in fp16. On a CPU: batch 8 (the CPU providers only; the
