@@ -24,7 +24,8 @@ derivative (``create_graph=True``) takes differentiable torch ops instead, and t
 import torch
 
 from . import _backend
-from .ops import _dense, _differentiable_apply_backward, _memory_format, bam_apply_unchecked, channel_pool_unchecked
+from .ops import (_channel_pool_impl, _dense, _differentiable_apply_backward, _memory_format, bam_apply_unchecked,
+                  channel_pool_unchecked)
 
 
 class _GradHandoff:
@@ -54,9 +55,7 @@ class _Junction(torch.autograd.Function):
     def forward(ctx, x, handoff, combine):
         ctx.handoff, ctx.combine, ctx.shape = handoff, combine, x.shape
         ctx.set_materialize_grads(False)  # the apply step sends None for x: never build a zero tensor for it
-        kernels = _backend.kernels()
-        pooled = kernels.channel_pool_fwd(x, kernels.memory_plan(x).channels_last)
-        return pooled, x.view_as(x), x.view_as(x)
+        return _channel_pool_impl(x), x.view_as(x), x.view_as(x)
 
     @staticmethod
     def backward(ctx, d_pooled, d_conv, d_apply):

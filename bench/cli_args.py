@@ -25,12 +25,17 @@ def _dtype_name(text):
     return text
 
 
-def add_traffic_args(p):
-    p.add_argument("--shape", type=parse_shape, default=(32, 256, 56, 56), metavar="NxCxHxW",
-                   help="default 32x256x56x56 (ResNet-50's first BAM)")
-    p.add_argument("--dtype", type=_dtype_name, default="fp16", help="fp32, fp16, bf16 (default fp16)")
+def _add_case_args(p, shape, why, dtype, combine):
+    """--shape, --dtype, --layout, --combine of the commands that study one case (traffic, overhead)."""
+    p.add_argument("--shape", type=parse_shape, default=shape, metavar="NxCxHxW",
+                   help=f"default {'x'.join(map(str, shape))} ({why})")
+    p.add_argument("--dtype", type=_dtype_name, default=dtype, help=f"fp32, fp16, bf16 (default {dtype})")
     p.add_argument("--layout", choices=("nchw", "channels_last"), default="nchw")
-    p.add_argument("--combine", choices=("product", "sum"), default="product")
+    p.add_argument("--combine", choices=("product", "sum"), default=combine)
+
+
+def add_traffic_args(p):
+    _add_case_args(p, (32, 256, 56, 56), "ResNet-50's first BAM", dtype="fp16", combine="product")
     p.add_argument("--ops-detail", action="store_true", help="also list every aten op of each provider")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
 
@@ -47,11 +52,8 @@ def add_inspect_args(p):
 
 
 def add_overhead_args(p):
-    p.add_argument("--shape", type=parse_shape, default=(8, 64, 14, 14), metavar="NxCxHxW",
-                   help="default 8x64x14x14 (small: on a GPU the host, not the kernels, must be the bottleneck)")
-    p.add_argument("--dtype", type=_dtype_name, default="fp32", help="fp32, fp16, bf16 (default fp32)")
-    p.add_argument("--layout", choices=("nchw", "channels_last"), default="nchw")
-    p.add_argument("--combine", choices=("product", "sum"), default="sum")
+    _add_case_args(p, (8, 64, 14, 14), "small: on a GPU the host, not the kernels, must be the bottleneck",
+                   dtype="fp32", combine="sum")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     p.add_argument("--reps", type=int, default=300, help="timed calls per case (default 300)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")

@@ -506,28 +506,37 @@ def aot_results():
     return aot.run_jobs(aot_jobs())
 
 
+def _aot_head(r):
+    """A compiled variant's name in failure messages: kind, config, arch, dtype, shape, layout."""
+    config = _common.config_id((r["meta"], r["num_warps"])) if "meta" in r else r["config"]
+    return f"{r['kind']} {config} sm_{r['arch']} {r['dtype']} {'x'.join(map(str, r['shape']))} {r['layout']}"
+
+
+def _spill_bytes(r):
+    return r.get("spill_stores", 0) + r.get("spill_loads", 0)
+
+
 @cpu_only("compiles ahead of time in subprocesses without the interpreter; a CUDA run compiles for real")
 def test_aot_tensor_cores_vector_loads_no_spills(aot_results):
     """Every kept config: compiles, uses tensor cores (mma.sync on sm_80; wgmma or mma.sync on sm_90), loads x only
     in vectors as wide as its rows' alignment allows (128-bit everywhere but NCHW 14x14), spills nothing."""
     lines, failures = [], []
     for r in aot_results:
-        head = f"{r['kind']} {_common.config_id((r['meta'], r['num_warps'])) if 'meta' in r else r['config']} " \
-               f"sm_{r['arch']} {r['dtype']} {'x'.join(map(str, r['shape']))} {r['layout']}"
+        if r["dtype"] == "fp32":  # test_aot_fp32_fma_no_spills
+            continue
+        head = _aot_head(r)
         if "error" in r:
             failures.append(f"{head}: {r['error']}")
             continue
         x_bits = sorted(int(b) for b in r["access"].get("x_ptr", {}).get("load", {}))
-        r["spill"] = r.get("spill_stores", 0) + r.get("spill_loads", 0)
-        lines.append(f"{head}: {r.get('registers', r.get('ptxas_registers'))} registers, {r['spill']} spill bytes, "
+        spill = _spill_bytes(r)
+        lines.append(f"{head}: {r.get('registers', r.get('ptxas_registers'))} registers, {spill} spill bytes, "
                      f"mma {r['mma']}, wgmma {r['wgmma']}, x loads {x_bits}")
-        if r["dtype"] == "fp32":  # test_aot_fp32_fma_no_spills
-            continue
         expected = x_load_bits(r["shape"], r["dtype"], r["layout"])
         problems = [what for what, bad in (
             ("no tensor-core instruction", (r["mma"] if r["arch"] == 80 else r["mma"] + r["wgmma"]) == 0),
             (f"x loads {x_bits}, expected [{expected}]", x_bits != [expected]),
-            (f"{r['spill']} spill bytes", r["spill"] != 0 or not r["ptxas_ok"])) if bad]
+            (f"{spill} spill bytes", spill != 0 or not r["ptxas_ok"])) if bad]
         if problems:
             failures.append(f"{head}: {'; '.join(problems)}")
     print("\n".join(lines))
@@ -542,12 +551,11 @@ def test_aot_fp32_fma_no_spills(aot_results):
     lines, failures = [], []
     results = [r for r in aot_results if r["dtype"] == "fp32"]
     for r in results:
-        head = f"{r['kind']} {_common.config_id((r['meta'], r['num_warps'])) if 'meta' in r else r['config']} " \
-               f"sm_{r['arch']} {'x'.join(map(str, r['shape']))} {r['layout']}"
+        head = _aot_head(r)
         if "error" in r:
             failures.append(f"{head}: {r['error']}")
             continue
-        spill = r.get("spill_stores", 0) + r.get("spill_loads", 0)
+        spill = _spill_bytes(r)
         lines.append(f"{head}: {r.get('registers', r.get('ptxas_registers'))} registers, {spill} spill bytes")
         if r["tf32"] or r["mma"] or r["wgmma"]:
             failures.append(f"{head}: the fp32 dot uses TF32 tensor cores")
