@@ -177,6 +177,17 @@ def row_tile_pruner(max_per_thread):
     return prune
 
 
+def per_thread_pruner(max_per_thread):
+    """An ``early_config_prune`` for the flat kernels that gather many small maps per element: keep the configs with
+    at most ``max_per_thread`` elements of BLOCK per thread (every gathered value and its address is a register)."""
+
+    def prune(configs, named_args, **kwargs):
+        kept = [cf for cf in configs if cf.kwargs["BLOCK"] <= max_per_thread * 32 * cf.num_warps]
+        return kept or configs
+
+    return prune
+
+
 def gpu_configs(kind):
     """Every GPU config of ``kind`` as a ``triton.Config``."""
     return [triton.Config(meta, num_warps=warps) for meta, warps in _CONFIGS[kind]]
@@ -271,6 +282,35 @@ def flat_index(pid, BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
     else:
         start = pid * BLOCK
     return start + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def track_max(best, best_index, values, index, valid):
+    """One step of a running max with its argmax, per lane: a lane takes ``values`` where valid and (it holds nothing
+    yet, or the value is larger, or it is the first NaN). Lanes see their positions in increasing order, so a lane
+    keeps the first of equal values, as torch's CPU ``max`` does. ``best_index`` is -1 while a lane holds nothing."""
+    take = valid & ((best_index < 0) | (values > best) | ((values != values) & (best == best)))
+    return tl.where(take, values, best), tl.where(take, index, best_index)
+
+
+@triton.jit
+def argmax_combine(value_a, index_a, value_b, index_b):
+    """``tl.reduce`` combine of (value, index) pairs from :func:`track_max` lanes: a lane holding something beats
+    one holding nothing (index -1), NaN beats numbers, then the larger value, then (equal, or both NaN) the smaller
+    index."""
+    nan_a, nan_b = value_a != value_a, value_b != value_b
+    same = (value_a == value_b) | (nan_a & nan_b)
+    wins = (value_a > value_b) | (nan_a & ~nan_b) | (same & (index_a < index_b))
+    keep_a = (index_b < 0) | ((index_a >= 0) & wins)
+    return tl.where(keep_a, value_a, value_b), tl.where(keep_a, index_a, index_b)
+
+
+def fold_max_splits(values, indices):
+    """The (N, C) max and argmax from per-split partials (N, n_splits, C) of :func:`track_max` reductions whose splits
+    cover increasing positions: ``argmax`` over the splits takes the first split holding the max (or the first NaN),
+    which holds the first maximal position."""
+    split = values.argmax(dim=1, keepdim=True)
+    return values.gather(1, split).squeeze(1), indices.gather(1, split).squeeze(1)
 
 
 @dataclass(frozen=True)
