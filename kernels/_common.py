@@ -294,15 +294,18 @@ def track_max(best, best_index, values, index, valid):
 
 
 @triton.jit
-def argmax_combine(value_a, index_a, value_b, index_b):
-    """``tl.reduce`` combine of (value, index) pairs from :func:`track_max` lanes: a lane holding something beats
-    one holding nothing (index -1), NaN beats numbers, then the larger value, then (equal, or both NaN) the smaller
-    index."""
-    nan_a, nan_b = value_a != value_a, value_b != value_b
-    same = (value_a == value_b) | (nan_a & nan_b)
-    wins = (value_a > value_b) | (nan_a & ~nan_b) | (same & (index_a < index_b))
-    keep_a = (index_b < 0) | ((index_a >= 0) & wins)
-    return tl.where(keep_a, value_a, value_b), tl.where(keep_a, index_a, index_b)
+def argmax_reduce(values, indices, AXIS: tl.constexpr):
+    """Reduce :func:`track_max` lanes along ``AXIS`` to (max, first index): lanes holding nothing (index -1) never
+    win; any NaN wins, at its smallest index; otherwise the largest value at its smallest index. Three plain
+    reductions (max, max, min) rather than one ``tl.reduce`` with a combine function, which Triton's interpreter
+    evaluates one element at a time."""
+    valid = indices >= 0
+    nan = valid & (values != values)
+    has_nan = tl.max(nan.to(tl.int32), AXIS) > 0
+    largest = tl.max(tl.where(valid & ~nan, values, float("-inf")), AXIS)
+    winners = tl.where(tl.expand_dims(has_nan, AXIS), nan, valid & (values == tl.expand_dims(largest, AXIS)))
+    first = tl.min(tl.where(winners, indices, 2**31 - 1), AXIS)
+    return tl.where(has_nan, float("nan"), largest), first
 
 
 def fold_max_splits(values, indices):

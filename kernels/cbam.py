@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LaunchPlan, acc_dtype, argmax_combine, autotune, cached_plan, flat_index, fold_max_splits,
+from ._common import (LaunchPlan, acc_dtype, argmax_reduce, autotune, cached_plan, flat_index, fold_max_splits,
                       is_channels_last, keep_contiguous_configs, launch, layout_plan, n_bucket, per_thread_pruner,
                       sm_count, target_programs, track_max)
 from .apply import col_map_index, row_map_index
@@ -66,7 +66,7 @@ def _store_channel_reduction(sum_ptr, max_ptr, argmax_ptr, row, hw_mask, sums, b
     """Reduce channel_reduce_kernel's tiles along their channel axis ``AXIS`` and store the split's results."""
     tl.store(sum_ptr + row, tl.sum(sums, axis=AXIS).to(sum_ptr.dtype.element_ty), mask=hw_mask)
     if not WITH_G:
-        maxima, channels = tl.reduce((best, best_c), AXIS, argmax_combine)
+        maxima, channels = argmax_reduce(best, best_c, AXIS)
         tl.store(max_ptr + row, maxima.to(max_ptr.dtype.element_ty), mask=hw_mask)
         tl.store(argmax_ptr + row, channels, mask=hw_mask)
 

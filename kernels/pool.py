@@ -12,7 +12,7 @@ Splitting H·W over ``grid[1]`` gives channels_last inputs with few channels blo
 the split partial sums land in an (N, n_splits, C) fp32 buffer that a tiny second pass adds up in a fixed order,
 so results are deterministic (no atomics). With one split the kernel writes the pooled (N, C) result directly. The
 max keeps a running (value, position) per tile lane (``_common.track_max``) and reduces the lanes once at the end
-(``_common.argmax_combine``); split maxima are folded by ``_common.fold_max_splits``.
+(``_common.argmax_reduce``); split maxima are folded by ``_common.fold_max_splits``.
 Per-image offsets are int32 (the op layer checks C·H·W < 2**31); the image base is int64.
 
 NCHW with a small H·W that is not a multiple of 16 (14x14, 7x7) goes to ``channel_pool_rows_kernel`` instead: rows
@@ -27,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (POOL_SPLIT_UNIT, LaunchPlan, acc_dtype, argmax_combine, autotune, cached_plan, fold_max_splits,
-                      keep_contiguous_configs, launch, n_bucket, row_group, row_tile_pruner, sm_count, target_programs,
-                      track_max)
+from ._common import (POOL_SPLIT_UNIT, LaunchPlan, acc_dtype, argmax_reduce, autotune, cached_plan,
+                      fold_max_splits, keep_contiguous_configs, launch, n_bucket, row_group, row_tile_pruner, sm_count,
+                      target_programs, track_max)
 
 
 @autotune("pool", key=["batch_bucket", "C", "HW", "CHANNELS_LAST", "WITH_MAX"], prune=keep_contiguous_configs)
@@ -73,7 +73,7 @@ def channel_pool_kernel(
                 best, best_hw = track_max(best, best_hw, tile, hw[:, None], mask)
         sums = tl.sum(acc, axis=0)
         if WITH_MAX:
-            maxima, positions = tl.reduce((best, best_hw), 0, argmax_combine)
+            maxima, positions = argmax_reduce(best, best_hw, 0)
     else:
         acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
         best = tl.full([BLOCK_C, BLOCK_HW], float("-inf"), ACC)
@@ -87,7 +87,7 @@ def channel_pool_kernel(
                 best, best_hw = track_max(best, best_hw, tile, hw[None, :], mask)
         sums = tl.sum(acc, axis=1)
         if WITH_MAX:
-            maxima, positions = tl.reduce((best, best_hw), 1, argmax_combine)
+            maxima, positions = argmax_reduce(best, best_hw, 1)
     row = (n * n_splits + split) * C + c
     # Divided by H·W in ACC: a float argument for 1 / (H·W) would be fp32 on a GPU even for fp64 inputs.
     tl.store(out_ptr + row, (sums / tl.cast(HW, ACC)).to(out_ptr.dtype.element_ty), mask=c_mask)
@@ -132,7 +132,7 @@ def channel_pool_rows_kernel(
         if WITH_MAX:
             valid = mask & in_channel
             values = tl.where(valid, tile, float("-inf"))
-            maxima, positions = tl.reduce((values, tl.where(valid, l[None, :] - j * HW, -1)), 1, argmax_combine)
+            maxima, positions = argmax_reduce(values, tl.where(valid, l[None, :] - j * HW, -1), 1)
             tl.store(max_ptr + rows + j, maxima.to(max_ptr.dtype.element_ty), mask=r_mask)
             tl.store(argmax_ptr + rows + j, positions, mask=r_mask)
 
