@@ -308,12 +308,15 @@ def argmax_reduce(values, indices, AXIS: tl.constexpr):
     return tl.where(has_nan, float("nan"), largest), first
 
 
-def fold_max_splits(values, indices):
-    """The (N, C) max and argmax from per-split partials (N, n_splits, C) of :func:`track_max` reductions whose splits
-    cover increasing positions: ``argmax`` over the splits takes the first split holding the max (or the first NaN),
-    which holds the first maximal position."""
-    split = values.argmax(dim=1, keepdim=True)
-    return values.gather(1, split).squeeze(1), indices.gather(1, split).squeeze(1)
+def fold_max(values, indices, dim):
+    """:func:`argmax_reduce` in torch, for partial maxima the kernels leave per split: along ``dim`` the max of
+    ``values`` and the smallest of its ``indices`` (any NaN wins, at its smallest index)."""
+    nan = values.isnan()
+    has_nan = nan.any(dim=dim, keepdim=True)
+    largest = values.masked_fill(nan, float("-inf")).amax(dim=dim, keepdim=True)
+    winners = torch.where(has_nan, nan, values == largest)
+    first = indices.masked_fill(~winners, torch.iinfo(indices.dtype).max).amin(dim=dim)
+    return torch.where(has_nan, float("nan"), largest).squeeze(dim).to(values.dtype), first
 
 
 @dataclass(frozen=True)

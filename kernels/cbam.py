@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LaunchPlan, acc_dtype, argmax_reduce, autotune, cached_plan, flat_index, fold_max_splits,
+from ._common import (LaunchPlan, acc_dtype, argmax_reduce, autotune, cached_plan, flat_index, fold_max,
                       is_channels_last, keep_contiguous_configs, launch, layout_plan, n_bucket, per_thread_pruner,
                       sm_count, target_programs, track_max)
 from .apply import col_map_index, row_map_index
@@ -152,7 +152,7 @@ def _channel_reduce(x, g, a, config):
         return [t[:, 0] for t in outputs]
     if g is not None:
         return [sums.sum(dim=1)]
-    return [sums.sum(dim=1), *fold_max_splits(*outputs[1:])]
+    return [sums.sum(dim=1), *fold_max(*outputs[1:], dim=1)]
 
 
 def spatial_pool(x, a, with_index=True, config=None):

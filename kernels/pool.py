@@ -12,7 +12,7 @@ Splitting H·W over ``grid[1]`` gives channels_last inputs with few channels blo
 the split partial sums land in an (N, n_splits, C) fp32 buffer that a tiny second pass adds up in a fixed order,
 so results are deterministic (no atomics). With one split the kernel writes the pooled (N, C) result directly. The
 max keeps a running (value, position) per tile lane (``_common.track_max``) and reduces the lanes once at the end
-(``_common.argmax_reduce``); split maxima are folded by ``_common.fold_max_splits``.
+(``_common.argmax_reduce``); split maxima are folded by ``_common.fold_max``.
 Per-image offsets are int32 (the op layer checks C·H·W < 2**31); the image base is int64.
 
 NCHW with a small H·W that is not a multiple of 16 (14x14, 7x7) goes to ``channel_pool_rows_kernel`` instead: rows
@@ -28,11 +28,21 @@ import triton
 import triton.language as tl
 
 from ._common import (POOL_SPLIT_UNIT, LaunchPlan, acc_dtype, argmax_reduce, autotune, cached_plan,
-                      fold_max_splits, keep_contiguous_configs, launch, n_bucket, row_group, row_tile_pruner, sm_count,
+                      fold_max, keep_contiguous_configs, launch, n_bucket, row_group, row_tile_pruner, sm_count,
                       target_programs, track_max)
 
 
-@autotune("pool", key=["batch_bucket", "C", "HW", "CHANNELS_LAST", "WITH_MAX"], prune=keep_contiguous_configs)
+def _pool_prune(configs, named_args, **kwargs):
+    """keep_contiguous_configs, and WITH_MAX at most 16 elements per thread: a running max and argmax beside the sum
+    make three accumulators per element, and 32 per thread took 168-179 registers on sm_80/sm_90 (bam-triton
+    inspect)."""
+    kept = keep_contiguous_configs(configs, named_args, **kwargs)
+    if kwargs.get("WITH_MAX", named_args.get("WITH_MAX")):
+        kept = [cf for cf in kept if cf.kwargs["BLOCK_C"] * cf.kwargs["BLOCK_HW"] <= 16 * 32 * cf.num_warps] or kept
+    return kept
+
+
+@autotune("pool", key=["batch_bucket", "C", "HW", "CHANNELS_LAST", "WITH_MAX"], prune=_pool_prune)
 @triton.jit(do_not_specialize=["batch_bucket"])
 def channel_pool_kernel(
     x_ptr,  # (N, C, H, W), dense NCHW or NHWC
@@ -185,7 +195,7 @@ def _pool(x, channels_last, with_max, config):
         return [t.view(n, c) for t in outputs]
     if not with_max:
         return [out.sum(dim=1).to(x.dtype)]
-    return [out.sum(dim=1).to(x.dtype), *fold_max_splits(*outputs[1:])]
+    return [out.sum(dim=1).to(x.dtype), *fold_max(*outputs[1:], dim=1)]
 
 
 def channel_pool_fwd(x, channels_last, config=None):
