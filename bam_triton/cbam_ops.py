@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import _backend, _cpu
 from ._fused_block import GradHandoff
-from .ops import (_STRIDE_TAGS, _dense, _eager_direct, _memory_format, _check_tensor, check_feature_map,
+from .ops import (_PLAIN_TENSOR_TYPES, _STRIDE_TAGS, _check_tensor, _dense, _memory_format, check_feature_map,
                   resolve_path)
 
 POOL_TYPES = ("avg", "max", "lp", "lse")
@@ -357,7 +357,9 @@ def cbam_forward(x, channel_gate, spatial_gate, pool_types, backend):
     path = resolve_path(x, backend)
     if path == "plain" or (path == "torch" and torch.compiler.is_compiling()):
         return _plain_forward(x, channel_gate, spatial_gate, pool_types)
-    if path == "triton" and not _eager_direct(x):
+    if path == "triton" and (torch.compiler.is_compiling() or type(x) not in _PLAIN_TENSOR_TYPES):
+        # Custom ops where the graph must see ops (torch.compile, fake and other tensor subclasses). Under a plain
+        # TorchDispatchMode the steps below run as in eager mode (the mode sees the torch ops between launches).
         return _custom_op_forward(x, channel_gate, spatial_gate, pool_types)
     x = _dense(x)
     steps = _STEPS[path]

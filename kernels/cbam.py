@@ -61,14 +61,18 @@ def _channel_tile(x_image, g_image, a_row, offsets, mask, c, c_valid, sums, best
 
 
 @triton.jit
-def _store_channel_reduction(sum_ptr, max_ptr, argmax_ptr, row, hw_mask, sums, best, best_c, AXIS: tl.constexpr,
-                             WITH_G: tl.constexpr):
-    """Reduce channel_reduce_kernel's tiles along their channel axis ``AXIS`` and store the split's results."""
-    tl.store(sum_ptr + row, tl.sum(sums, axis=AXIS).to(sum_ptr.dtype.element_ty), mask=hw_mask)
+def _store_channel_reduction(sum_ptr, max_ptr, argmax_ptr, row, argmax_row, hw_mask, sums, best, best_c, C,
+                             AXIS: tl.constexpr, WITH_G: tl.constexpr, MEAN: tl.constexpr):
+    """Reduce channel_reduce_kernel's tiles along their channel axis ``AXIS`` and store the split's results (the sum
+    divided by C when it is the ``MEAN``) at ``row``, the argmax at ``argmax_row``."""
+    sums = tl.sum(sums, axis=AXIS)
+    if MEAN:
+        sums = sums / tl.cast(C, sums.dtype)
+    tl.store(sum_ptr + row, sums.to(sum_ptr.dtype.element_ty), mask=hw_mask)
     if not WITH_G:
         maxima, channels = argmax_reduce(best, best_c, AXIS)
         tl.store(max_ptr + row, maxima.to(max_ptr.dtype.element_ty), mask=hw_mask)
-        tl.store(argmax_ptr + row, channels, mask=hw_mask)
+        tl.store(argmax_ptr + argmax_row, channels, mask=hw_mask)
 
 
 @autotune("reduce2d", key=["batch_bucket", "C", "HW", "CHANNELS_LAST", "WITH_G"], prune=keep_contiguous_configs)
@@ -77,15 +81,17 @@ def channel_reduce_kernel(
     x_ptr,  # (N, C, H, W), dense NCHW or NHWC
     g_ptr,  # like x; read only WITH_G
     a_ptr,  # (N, C): the channel attention
-    sum_ptr,  # (N, n_splits, H·W): Σ over the split's channels of x·a (g·x·a WITH_G)
-    max_ptr,  # (N, n_splits, H·W): the split's max of x·a; written only without g
+    sum_ptr,  # (N, ·, H·W), image stride out_stride: Σ over the split's channels of x·a (g·x·a WITH_G); MEAN: / C
+    max_ptr,  # (N, ·, H·W), image stride out_stride: the split's max of x·a; written only without g
     argmax_ptr,  # (N, n_splits, H·W) int32: the channel of that max; written only without g
     C,
     HW,
     c_per_split,  # multiple of every BLOCK_C (apply_bwd.channel_split)
+    out_stride,  # elements from one image's results to the next: n_splits·H·W, or 2·H·W writing into s
     batch_bucket,  # tuning key only: N rounded up to a power of two (_common.n_bucket)
     CHANNELS_LAST: tl.constexpr,
     WITH_G: tl.constexpr,
+    MEAN: tl.constexpr,  # one split: store the mean (the sum / C), straight into s
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     ACC: tl.constexpr = tl.float32,  # accumulation dtype: fp32, fp64 for fp64 inputs
@@ -100,7 +106,8 @@ def channel_reduce_kernel(
     x_image, g_image, a_row = x_ptr + image, g_ptr + image, a_ptr + n * C
     c_start = split * c_per_split
     c_stop = tl.minimum(c_start + c_per_split, C)
-    row = (n * tl.num_programs(1) + split) * HW + hw
+    row = n * out_stride + split * HW + hw
+    argmax_row = (n * tl.num_programs(1) + split) * HW + hw
     if CHANNELS_LAST:
         sums = tl.zeros([BLOCK_HW, BLOCK_C], dtype=ACC)
         best = tl.full([BLOCK_HW, BLOCK_C], float("-inf"), ACC)
@@ -110,7 +117,8 @@ def channel_reduce_kernel(
             mask = hw_mask[:, None] & (c < C)
             sums, best, best_c = _channel_tile(x_image, g_image, a_row, hw[:, None] * C + c, mask, c, c < C, sums,
                                                best, best_c, WITH_G, ACC)
-        _store_channel_reduction(sum_ptr, max_ptr, argmax_ptr, row, hw_mask, sums, best, best_c, 1, WITH_G)
+        _store_channel_reduction(sum_ptr, max_ptr, argmax_ptr, row, argmax_row, hw_mask, sums, best, best_c, C, 1,
+                                 WITH_G, MEAN)
     else:
         sums = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
         best = tl.full([BLOCK_C, BLOCK_HW], float("-inf"), ACC)
@@ -120,39 +128,40 @@ def channel_reduce_kernel(
             mask = (c < C) & hw_mask[None, :]
             sums, best, best_c = _channel_tile(x_image, g_image, a_row, c * HW + hw[None, :], mask, c, c < C, sums,
                                                best, best_c, WITH_G, ACC)
-        _store_channel_reduction(sum_ptr, max_ptr, argmax_ptr, row, hw_mask, sums, best, best_c, 0, WITH_G)
+        _store_channel_reduction(sum_ptr, max_ptr, argmax_ptr, row, argmax_row, hw_mask, sums, best, best_c, C, 0,
+                                 WITH_G, MEAN)
 
 
 @cached_plan
 def channel_reduce_plan(shape, dtype, channels_last, with_g, sms=None):
     """The launch of :func:`spatial_pool` (``with_g`` False) or :func:`grad_b` for a dense ``shape`` input of
-    ``dtype`` on a GPU with ``sms`` SMs. Buffers ``sum`` (and without g ``max``, ``argmax``): (N, n_splits, H·W)."""
+    ``dtype`` on a GPU with ``sms`` SMs. Buffers: the spatial pool's ``s`` (N, 2, H·W) in x's dtype, which the kernel
+    fills itself when the channels are not split, else fp32 partials ``sum`` and ``max`` (N, n_splits, H·W); its
+    ``argmax`` (N, n_splits, H·W) int32; db's ``sum``."""
     n, c, h, w = shape
     hw = h * w
     n_splits, c_per_split = channel_split(n, c, hw, target_programs(sms))
     acc = torch.promote_types(dtype, torch.float32)
-    buffers = (("sum", (n, n_splits, hw), acc),)
-    if not with_g:
-        buffers += (("max", (n, n_splits, hw), acc), ("argmax", (n, n_splits, hw), torch.int32))
+    mean = not with_g and n_splits == 1
+    if with_g:
+        buffers = (("sum", (n, n_splits, hw), acc),)
+    elif mean:
+        buffers = (("s", (n, 2, hw), dtype), ("argmax", (n, 1, hw), torch.int32))
+    else:
+        buffers = (("sum", (n, n_splits, hw), acc), ("max", (n, n_splits, hw), acc),
+                   ("argmax", (n, n_splits, hw), torch.int32))
     return LaunchPlan(channel_reduce_kernel, "reduce2d", grid=((n, hw, "BLOCK_HW"), (n_splits, 1, None)),
-                      scalars=(c, hw, c_per_split, n_bucket(n)),
-                      constexprs=(("CHANNELS_LAST", channels_last), ("WITH_G", with_g), ("ACC", acc_dtype(dtype))),
+                      scalars=(c, hw, c_per_split, (2 if mean else n_splits) * hw, n_bucket(n)),
+                      constexprs=(("CHANNELS_LAST", channels_last), ("WITH_G", with_g), ("MEAN", mean),
+                                  ("ACC", acc_dtype(dtype))),
                       buffers=buffers,
                       writes=("sum_ptr",) if with_g else ("sum_ptr", "max_ptr", "argmax_ptr"),
                       unused=("max_ptr", "argmax_ptr") if with_g else ("g_ptr",))
 
 
-def _channel_reduce(x, g, a, config):
+def _plan_and_outputs(x, g):
     plan = channel_reduce_plan(tuple(x.shape), x.dtype, is_channels_last(x), g is not None, sm_count(x.device))
-    outputs = [torch.empty(shape, device=x.device, dtype=dtype) for _, shape, dtype in plan.buffers]
-    sums = outputs[0]
-    # Absent tensors are passed as x (g) or the sums (max, argmax): never touched.
-    launch(plan, x, x if g is None else g, a, sums, *(outputs[1:] if g is None else (sums, sums)), config=config)
-    if sums.shape[1] == 1:
-        return [t[:, 0] for t in outputs]
-    if g is not None:
-        return [sums.sum(dim=1)]
-    return [sums.sum(dim=1), *fold_max(*outputs[1:], dim=1)]
+    return plan, [torch.empty(shape, device=x.device, dtype=dtype) for _, shape, dtype in plan.buffers]
 
 
 def spatial_pool(x, a, with_index=True, config=None):
@@ -161,14 +170,23 @@ def spatial_pool(x, a, with_index=True, config=None):
     accepted for the torch step set's signature (the kernel finds the argmax anyway). ``config`` forces one
     (meta, num_warps) config (tests)."""
     n, c, h, w = x.shape
-    sums, maxima, argmax = _channel_reduce(x, None, a, config)
-    s = torch.stack((maxima, sums.div_(c)), dim=1).to(x.dtype)
+    plan, outputs = _plan_and_outputs(x, None)
+    if len(outputs) == 2:  # one split: the kernel writes the max and the mean into s itself
+        s, argmax = outputs
+        launch(plan, x, x, a, s[:, 1], s[:, 0], argmax, config=config)  # x as g: never read
+        return s.view(n, 2, h, w), argmax.view(n, h * w)
+    sums, maxima, argmax = outputs
+    launch(plan, x, x, a, sums, maxima, argmax, config=config)
+    maxima, argmax = fold_max(maxima, argmax, dim=1)
+    s = torch.stack((maxima, sums.sum(dim=1).div_(c)), dim=1).to(x.dtype)
     return s.view(n, 2, h, w), argmax
 
 
 def grad_b(g, x, a, config=None):
     """db (N, H·W) = Σ_c g·x·a in fp32 (fp64 for fp64); ``g`` in x's strides, ``a`` (N, C) contiguous."""
-    return _channel_reduce(x, g, a, config)[0]
+    plan, (sums,) = _plan_and_outputs(x, g)
+    launch(plan, x, g, a, sums, sums, sums, config=config)  # the sums as max and argmax: never touched
+    return sums[:, 0] if sums.shape[1] == 1 else sums.sum(dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
