@@ -153,6 +153,16 @@ class OpCase:
         self.g = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
         if channels_last:
             self.g = self.g.contiguous(memory_format=torch.channels_last)
+        if op.startswith("cbam"):
+            from bam_triton import CBAM
+
+            torch.manual_seed(seed)
+            base = CBAM(c, backend="torch").to(device=device, dtype=dtype)
+            triton_mod = CBAM(c, backend="triton").to(device=device, dtype=dtype)
+            triton_mod.load_state_dict(base.state_dict())
+            self.modules = {"torch": base, "triton": triton_mod, "authors": AuthorsCBAM(base)}
+            for m in self.modules.values():
+                m.train(op == "cbam-fwd-bwd")
         if op.startswith("bam"):
             torch.manual_seed(seed)
             base = BAM(c, combine=combine, backend="torch").to(device=device, dtype=dtype)
@@ -244,11 +254,11 @@ class OpCase:
             out = f(x, mc, ms)
             g = self.g
             return (lambda: torch.autograd.grad(out, (x, mc, ms), g, retain_graph=True)), (lambda grads: grads[0])
-        if op in ("bam-fwd", "bam-fwd-bwd"):
+        if op in ("bam-fwd", "bam-fwd-bwd", "cbam-fwd", "cbam-fwd-bwd"):
             module = self.modules[SINGLE_READ if provider == SINGLE_READ else
                                   "authors" if provider.startswith("authors") else backend]
             m = _compile(module) if compiled else module
-            if op == "bam-fwd":
+            if op.endswith("-fwd"):
                 x = self.x
 
                 def fwd():
