@@ -236,18 +236,18 @@ def test_traffic_forward_orientation(chw):
     shape = (32,) + chw
     f = 32 * chw[0] * chw[1] * chw[2] * 2
     authors = provider_traffic("authors-eager", "bam-fwd", shape, torch.float16)
-    fused = provider_traffic("fused", "bam-fwd", shape, torch.float16)
+    fused = provider_traffic("triton", "bam-fwd", shape, torch.float16)
     assert 9 <= authors.total / f <= 13
     assert 4 <= fused.total / f <= 5.5
     # the apply step alone: 8|F| for the authors' four full-size ops, exactly 2|F| (+ small maps) fused
     assert provider_traffic("authors-eager", "apply-fwd", shape, torch.float16).total / f == pytest.approx(8, abs=0.02)
-    assert provider_traffic("fused", "apply-fwd", shape, torch.float16).total / f == pytest.approx(2, abs=0.02)
+    assert provider_traffic("triton", "apply-fwd", shape, torch.float16).total / f == pytest.approx(2, abs=0.02)
 
 
 def test_traffic_backward_counts_one_pass_over_g_and_x():
     shape = (8, 256, 56, 56)
     f = 8 * 256 * 56 * 56 * 4
-    log = provider_traffic("fused", "apply-fwd-bwd", shape, torch.float32)
+    log = provider_traffic("triton", "apply-fwd-bwd", shape, torch.float32)
     names = [name for name, _, _ in log.ops]
     assert "triton:apply_fwd_kernel" in names
     assert "triton:apply_bwd_reduce_kernel" in names and "triton:apply_bwd_dx_kernel" not in names
@@ -259,7 +259,7 @@ def test_traffic_backward_counts_one_pass_over_g_and_x():
 def test_traffic_cli(capsys):
     assert main(["traffic", "--shape", "4x256x56x56", "--dtype", "fp16"]) == 0
     out = capsys.readouterr().out
-    assert "authors-eager" in out and "fused" in out and "apply_bwd_dx_kernel" in out
+    assert "authors-eager" in out and "triton-single-read" in out and "apply_bwd_dx_kernel" in out
 
 
 def test_minimal_bytes():
@@ -711,7 +711,7 @@ def test_inspect_and_traffic_see_what_the_launchers_launch(shape, layout, single
         assert {k: v for k, v in compiled.constexprs if k not in _VARIANT_FLAGS} == \
             {k: v for k, v in plan.constexprs if k not in _VARIANT_FLAGS}, plan.kernel_name
         assert compiled.kept_configs() == plan.kept_configs()
-    provider = traffic.SINGLE_READ_PROVIDER if single_read else "fused"
+    provider = traffic.SINGLE_READ if single_read else "triton"
     log = traffic.provider_traffic(provider, "bam-fwd-bwd", shape, torch.float16, layout == "channels_last",
                                    combine="sum")
     charged = [(name, read, write) for name, read, write in log.ops if name.startswith("triton:")]
