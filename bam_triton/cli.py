@@ -187,7 +187,38 @@ def _run_export(args):
     return 0 if verdict == "OK" else 1
 
 
-def main(argv=None):
+# The optional packages a command cannot run without (export checks its own: they depend on --dynamo; gpu-check its
+# own, with the GPU), and how to install each.
+_COMMAND_NEEDS = {"plot": ("matplotlib",), "attention": ("matplotlib",), "traffic": ("triton",),
+                  "inspect": ("triton",), "overhead": ("triton",), "tune": ("triton",)}
+_INSTALL = {"matplotlib": "pip install matplotlib (or the bench extra: pip install 'bam-triton[bench]')",
+            "triton": "pip install triton (Linux only; torch's CUDA wheels bring it)"}
+
+
+def _user_mistake(args):
+    """The mistakes every command refuses before it starts, as one line (``None`` when there is none): a bad
+    ``BAM_TRITON_*`` environment variable, ``--device cuda`` without a CUDA GPU, a missing package the command needs.
+    Checked first, so that no command prints half a report and then a traceback."""
+    import importlib.util
+
+    import torch
+
+    from . import _backend
+
+    try:
+        _backend.check_environment()
+    except ValueError as error:
+        return str(error)
+    if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
+        return f"--device cuda needs a CUDA GPU, and torch {torch.__version__} sees none"
+    for package in _COMMAND_NEEDS.get(args.command, ()):
+        found = _backend.triton_installed() if package == "triton" else importlib.util.find_spec(package) is not None
+        if not found:
+            return f"needs the {package} package, which is not installed: {_INSTALL[package]}"
+    return None
+
+
+def _parser():
     parser = argparse.ArgumentParser(prog="bam-triton", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="versions, device, runnable backends, and a kernel self-test")
@@ -195,7 +226,16 @@ def main(argv=None):
     _add_bench_commands(commands)
     _add_attention_command(commands)
     _add_export_command(commands)
+    return parser
+
+
+def main(argv=None):
+    parser = _parser()
     args = parser.parse_args(argv)
+    mistake = _user_mistake(args)
+    if mistake:
+        print(f"error: bam-triton {args.command}: {mistake}", file=sys.stderr)
+        return 2
     if args.command == "check":
         _prefer_interpreter_on_cpu(args.device)
         from .selftest import run_check
