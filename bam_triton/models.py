@@ -250,8 +250,9 @@ def _bam_name(stage_name):
     return f"bam{match.group(1)}" if match else "bam_" + stage_name.replace(".", "_")
 
 
-def _stage_output_channels(model, stages, example_input):
-    """Run ``model`` once on ``example_input`` in eval mode and record dim 1 of each stage's output."""
+def _stage_output_channels(model, stages, example_input, default_input):
+    """Run ``model`` once on ``example_input`` in eval mode and record dim 1 of each stage's output;
+    ``default_input``: whether ``example_input`` is add_bam's default, not the caller's (for the error message)."""
     channels = {}
     handles = []
     for name, stage in stages.items():
@@ -268,6 +269,12 @@ def _stage_output_channels(model, stages, example_input):
         model.eval()
         with torch.no_grad():
             model(example_input)
+    except RuntimeError as error:  # torch's shape and dtype errors, deep inside the model
+        given = (f"the default example_input, zeros{tuple(example_input.shape)}" if default_input else
+                 f"example_input of shape {tuple(example_input.shape)}")
+        raise ValueError(f"add_bam infers each stage's channels from one forward pass, and the model failed on "
+                         f"{given}: {type(error).__name__}: {error}. Pass example_input=<a batch your model accepts>, "
+                         f"e.g. torch.zeros(1, 1, 64, 64) for 1-channel images") from error
     finally:
         for handle in handles:
             handle.remove()
@@ -297,29 +304,40 @@ def add_bam(model, stages=BAM_STAGES, example_input=None, **bam_kwargs):
     Args:
         model: an ``nn.Module`` whose submodules named in ``stages`` each return an (N, C, H, W) tensor.
         stages: qualified submodule names (``model.get_submodule(name)``). Default ``("layer1", "layer2", "layer3")``.
-        example_input: input for the dry run, when (1, 3, 64, 64) does not fit the model.
+        example_input: input for the dry run, when (1, 3, 64, 64) does not fit the model (e.g. ``zeros(1, 1, 64,
+            64)`` for 1-channel images).
         **bam_kwargs: for each :class:`~bam_triton.BAM` (``reduction``, ``dilation``, ``combine``, ``backend``, ...);
-            ``combine`` defaults to ``"product"``, as in :class:`ResNet`.
+            ``combine`` defaults to ``"product"`` here (the authors' code, which their checkpoints need), where
+            ``BAM`` itself defaults to ``"sum"`` (the paper); pass ``combine="sum"`` for the paper's eq. 2.
 
     Raises:
-        ValueError: a stage is named twice or already has a BAM from an earlier call.
+        ValueError: a stage is named twice, is not a submodule of ``model`` or already has a BAM from an earlier call;
+            the dry run fails on ``example_input``.
     """
     if isinstance(stages, str):
         stages = (stages,)
     if len(set(stages)) != len(stages):
         raise ValueError(f"add_bam: stages must be distinct, got {stages!r}")
     bam_kwargs.setdefault("combine", "product")
-    stage_modules = {name: model.get_submodule(name) for name in stages}
+    stage_modules = {}
+    for name in stages:
+        try:
+            stage_modules[name] = model.get_submodule(name)
+        except AttributeError as error:
+            children = ", ".join(child for child, _ in model.named_children())
+            raise ValueError(f"add_bam: stages names submodules of model (as model.get_submodule does), and model has "
+                             f"no {name!r} ({error}); its top-level submodules: {children or 'none'}") from error
     for name in stages:
         bam_name = _bam_name(name)
         if hasattr(model, bam_name):
             raise ValueError(f"add_bam: model already has an attribute {bam_name!r}; is there a BAM after {name!r} "
                              f"already?")
-    if example_input is None:
+    default_input = example_input is None
+    if default_input:
         reference = next(iter(model.parameters()), None)
         example_input = torch.zeros(1, 3, 64, 64, device=None if reference is None else reference.device,
                                     dtype=None if reference is None else reference.dtype)
-    channels = _stage_output_channels(model, stage_modules, example_input)
+    channels = _stage_output_channels(model, stage_modules, example_input, default_input)
     reference = next(iter(model.parameters()), None)
     for name, stage in stage_modules.items():
         bam = BAM(channels[name], **bam_kwargs)

@@ -407,6 +407,26 @@ def test_add_bam_names_other_stages_and_refuses_duplicates():
         add_bam(TinyResNet(), stages=("layer1", "layer1"))
 
 
+def _gray_tiny_resnet():
+    model = TinyResNet()
+    model.stem[0] = nn.Conv2d(1, 8, 3, padding=1, bias=False)  # 1-channel images
+    return model
+
+
+def test_add_bam_errors_name_add_bam_and_what_to_pass():
+    with pytest.raises(ValueError, match=r"^add_bam .* the default example_input, zeros\(1, 3, 64, 64\): RuntimeError: "
+                                         r".*Pass example_input=<a batch your model accepts>"):
+        add_bam(_gray_tiny_resnet())
+    with pytest.raises(ValueError, match=r"^add_bam .* example_input of shape \(2, 3, 8, 8\)"):
+        add_bam(_gray_tiny_resnet(), example_input=torch.zeros(2, 3, 8, 8))
+    assert add_bam(_gray_tiny_resnet(), example_input=torch.zeros(1, 1, 8, 8), reduction=4).bam3.channels == 32
+    with pytest.raises(ValueError, match=r"^add_bam: .* no 'layer5' .*; its top-level submodules: stem, layer1, "
+                                         r"layer2, layer3, fc$"):
+        add_bam(TinyResNet(), stages=("layer2", "layer5"))
+    with pytest.raises(ValueError, match=r"^add_bam: .* no 'layer1.7'"):
+        add_bam(TinyResNet(), stages="layer1.7")
+
+
 def test_add_bam_deepcopy_uses_the_copys_bam(device):
     torch.manual_seed(0)
     model = add_bam(TinyResNet().to(device), reduction=4, backend="torch").eval()
