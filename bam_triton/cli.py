@@ -50,8 +50,9 @@ def _use_interpreter_now():
 
 def _add_attention_command(commands):
     """``attention``: BAM's attention maps over images (``bam_triton.viz``, imported only when it runs)."""
-    attention = commands.add_parser("attention", help="plot BAM's attention maps of a ResNet+BAM over synthetic "
-                                                      "images (random weights unless --checkpoint)")
+    attention = commands.add_parser("attention", help="plot BAM's attention maps of a ResNet+BAM "
+                                                      "(combine='product', the authors') over synthetic images "
+                                                      "(random weights unless --checkpoint)")
     attention.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50", "resnet101"], default="resnet18")
     attention.add_argument("--checkpoint", default=None, help="the authors' ResNet+BAM checkpoint (*.pth.tar) or a "
                                                               "state_dict; default: random initialisation")
@@ -137,7 +138,7 @@ def _run_export(args):
     if args.checkpoint is not None:
         try:
             models.load_official_checkpoint(model, args.checkpoint)
-        except (models.CheckpointMismatchError, TypeError, ValueError) as error:
+        except (RuntimeError, TypeError, ValueError) as error:  # CheckpointMismatchError, a BAM with another combine
             return _export_error(f"--checkpoint {args.checkpoint!r} does not fit {args.model} with --num-classes "
                                  f"{args.num_classes}: {error}")
         source = args.checkpoint

@@ -11,12 +11,14 @@
 
 Default ``combine="product"``: the networks the paper evaluates were trained with the authors' code, whose BAM
 multiplies the two branches (``sigmoid(Mc * Ms)``), and their released checkpoints are only correct with it. Pass
-``combine="sum"`` for the paper's eq. 2. ``combine`` has no parameters, so a checkpoint loads either way; only its
-outputs differ (:func:`load_official_checkpoint` warns when a BAM is not ``"product"``).
+``combine="sum"`` for the paper's eq. 2 (:class:`~bam_triton.BAM`'s own default). ``combine`` has no parameters: our
+``state_dict()`` records it in its metadata, and loading into a BAM with the other one raises; the authors' files
+record nothing, and :func:`load_official_checkpoint` warns when one goes into a BAM that is not ``"product"``.
 """
 import os
 import re
 import warnings
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -389,6 +391,11 @@ def _extract_state_dict(checkpoint):
     return checkpoint
 
 
+def _strip_module(key):
+    """A key (or metadata prefix) of a DataParallel/DDP state_dict without its ``module`` level."""
+    return "" if key == "module" else key[len("module."):] if key.startswith("module.") else key
+
+
 def load_official_checkpoint(model, path_or_dict, weights_only=True):
     """Load the authors' ResNet+BAM checkpoint (or any state_dict in that layout) into ``model``, strictly.
 
@@ -396,7 +403,8 @@ def load_official_checkpoint(model, path_or_dict, weights_only=True):
     'best_prec1', 'optimizer'}``, state_dict keys prefixed ``module.`` by DataParallel; the released file is named
     ``*.pth.tar`` but is a plain ``torch.save`` file), a bare state_dict, with or without ``module.``, as a path or
     an already loaded dict. ``module.`` is stripped; ``model`` may itself be wrapped in DataParallel/DDP. Missing
-    ``num_batches_tracked`` buffers (files from PyTorch < 0.4.1) are filled with 0; nothing else is forgiven.
+    ``num_batches_tracked`` buffers (files from PyTorch < 0.4.1) are filled with 0; nothing else is forgiven. A
+    state_dict saved by bam_triton records each BAM's ``combine``, and a BAM of ``model`` with another one raises.
 
     Args:
         model: e.g. ``resnet50(bam=True)`` (default ``combine="product"``, the one their checkpoints need).
@@ -419,8 +427,9 @@ def load_official_checkpoint(model, path_or_dict, weights_only=True):
         source = "(dict)"
         checkpoint = path_or_dict
     state_dict = _extract_state_dict(checkpoint)
-    state_dict = {(key[len("module."):] if key.startswith("module.") else key): value
-                  for key, value in state_dict.items()}
+    metadata = getattr(state_dict, "_metadata", {})  # our own files record each BAM's combine there (BAM's docstring)
+    state_dict = OrderedDict(((_strip_module(key), value) for key, value in state_dict.items()))
+    state_dict._metadata = OrderedDict((_strip_module(key), value) for key, value in metadata.items())
     target = model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
     expected = target.state_dict()
     for key, value in expected.items():
@@ -433,7 +442,9 @@ def load_official_checkpoint(model, path_or_dict, weights_only=True):
                         and state_dict[key].shape != expected[key].shape]
     if missing or unexpected or shape_mismatches:
         raise CheckpointMismatchError(missing, unexpected, shape_mismatches, source)
-    not_product = [name for name, bam in bam_modules(target) if bam.combine != "product"]
+    # A BAM whose checkpoint entry records its combine is checked by load_state_dict (it raises on a mismatch).
+    not_product = [name for name, bam in bam_modules(target)
+                   if bam.combine != "product" and "combine" not in state_dict._metadata.get(name, {})]
     if not_product:
         warnings.warn(f"BAM modules {not_product} use combine='sum'; the authors' checkpoints were trained with "
                       f"combine='product' and give wrong outputs otherwise", stacklevel=2)

@@ -31,7 +31,9 @@ def _add_case_args(p, shape, why, dtype, combine):
                    help=f"default {'x'.join(map(str, shape))} ({why})")
     p.add_argument("--dtype", type=_dtype_name, default=dtype, help=f"fp32, fp16, bf16 (default {dtype})")
     p.add_argument("--layout", choices=("nchw", "channels_last"), default="nchw")
-    p.add_argument("--combine", choices=("product", "sum"), default=combine)
+    p.add_argument("--combine", choices=("product", "sum"), default=combine,
+                   help=f"⊕ of the two branches (default {combine}: " + (
+                       "the authors' code, as the sweep)" if combine == "product" else "BAM's own default)"))
 
 
 def add_traffic_args(p):

@@ -313,14 +313,26 @@ def test_a_plain_resnet_rejects_a_bam_checkpoint(official_state):
         load_official_checkpoint(models.resnet50(bam=False), official_state)
 
 
-def test_warns_when_loading_into_sum_bams():
+def test_combine_of_a_checkpoint(tmp_path):
+    """The authors' files record no combine: loading one into "sum" BAMs warns. Ours record each BAM's (state_dict
+    metadata): loading into the other combine raises, also through a DataParallel prefix and a file."""
     source = models.resnet18(num_classes=10, cifar=True, width=8, reduction=4, backend="torch")
     target = models.resnet18(num_classes=10, cifar=True, width=8, reduction=4, combine="sum", backend="torch")
+    authors_like = dict(source.state_dict())  # a plain dict: keys and tensors only, as the authors' files
     with pytest.warns(UserWarning, match="combine='product'"):
+        load_official_checkpoint(target, authors_like)
+    with pytest.raises(RuntimeError, match="bam1: these weights were saved by a BAM with combine='product' and this "
+                                           "BAM has combine='sum'"):
         load_official_checkpoint(target, source.state_dict())
+    path = tmp_path / "ours.pth.tar"
+    torch.save({"epoch": 1, "state_dict": nn.DataParallel(source).state_dict()}, path)  # keys under module.
+    with pytest.raises(RuntimeError, match="bam3: these weights were saved by a BAM with combine='product'"):
+        load_official_checkpoint(target, path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        load_official_checkpoint(source, target.state_dict())
+        load_official_checkpoint(source, path)
+        load_official_checkpoint(models.resnet18(num_classes=10, cifar=True, width=8, reduction=4, combine="sum"),
+                                 target.state_dict())  # ours, trained with sum: nothing to warn about
 
 
 def test_rejects_what_is_not_a_checkpoint():

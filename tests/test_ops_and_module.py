@@ -346,6 +346,15 @@ def test_extra_repr():
     assert bam.channel_att.gate_c.gate_c_fc_0.out_features == 64 // 8
 
 
+def test_help_of_the_constructor_documents_its_arguments():
+    import pydoc
+
+    text = pydoc.render_doc(BAM.__init__, renderer=pydoc.plaintext)
+    assert "Initialize internal Module state" not in text  # nn.Module's, which help() showed before
+    for argument in ("channels", "reduction", "dilation", "num_dilated_convs", "combine", "backend", "single_read"):
+        assert f"    {argument}: " in text or f"    {argument}, " in text, argument
+
+
 @pytest.mark.parametrize("memory_format", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_spatial_branch_on_cpu_feeds_its_dilated_convs_channels_last(train, memory_format):
