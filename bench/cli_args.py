@@ -51,6 +51,9 @@ def add_inspect_args(p):
                    help="comma-separated kernel names (default: every kernel found)")
     p.add_argument("--out", default="bench-results", metavar="DIR", help="where inspect.json goes")
     p.add_argument("--quick", action="store_true", help="first config of each kernel only")
+    p.add_argument("--table", action="store_true",
+                   help="one line per compiled variant (config, arch, dtype, shape, layout) instead of the summary "
+                        "of one line per kernel")
 
 
 def add_overhead_args(p):

@@ -401,10 +401,18 @@ def test_inspect_cli_quick(tmp_path, capsys):
     assert main(["inspect", "--quick", "--arch", "90", "--dtype", "fp16", "--kernels", "apply_fwd_kernel",
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "x:ld128" in out and "out:st128" in out
+    variants = len(aot.INSPECT_SHAPES) * len(aot.LAYOUTS)
+    # The summary by default: one line per kernel over its variants.
+    row = next(line for line in out.splitlines() if line.startswith("apply_fwd_kernel"))
+    assert row.split()[1:2] == [str(variants)] and row.endswith("x:ld128 out:st128")
+    assert f"{variants} variants: 0 errors" in out and "--table" in out
     data = json.loads((tmp_path / "inspect.json").read_text())
-    assert len(data) == len(aot.INSPECT_SHAPES) * len(aot.LAYOUTS)
-    assert os.path.exists(tmp_path / "inspect.json")
+    assert len(data) == variants
+    # --table: one line per variant.
+    assert main(["inspect", "--quick", "--arch", "90", "--dtype", "fp16", "--kernels", "apply_fwd_kernel",
+                 "--out", str(tmp_path), "--table"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("apply_fwd_kernel")]
+    assert len(rows) == variants and all("x:ld128 out:st128" in line for line in rows)
 
 
 @pytest.mark.parametrize("kernel", ["apply_fwd_kernel", "apply_bwd_dx_kernel"])
