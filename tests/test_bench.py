@@ -68,7 +68,7 @@ def test_sweep_quick_writes_csv_and_json(quick_sweep):
     env = meta["environment"]
     for key in ("date", "torch", "triton", "cpu", "copy_bandwidth_gbps", "driver", "cuda"):
         assert key in env
-    assert env["copy_bandwidth_gbps"] > 0
+    assert env["copy_bandwidth_gbps"] > 0 and env["host_reference_us"] > 0
     assert "triton-compiled" in meta["skipped_providers"]
     assert meta["chosen_configs"]["triton"]  # the (pinned) config of each kernel the interpreter ran
 
@@ -99,6 +99,14 @@ def test_summary_judges_the_cpu_target_only_on_the_default_grid():
     assert "at 128x256x56x56 fp32 nchw: 1.40x (does NOT meet the 1.5x CPU target)" in text
     line = next(x for x in text.splitlines() if "at 8x1024x14x14" in x)
     assert "meet" not in line and "set for the default grid" in line
+    # The valid column, blank on these rows, is explained; the run's references and the pointer to traffic follow.
+    assert "valid: the Triton kernels' outputs against the torch path's" in text
+    assert "Same-machine references of this run: copy bandwidth 10.0 GB/s." in text
+    assert "`bam-triton traffic` counts the bytes each provider moves" in text
+    env.update(host_reference="a small module call", host_reference_us=4.25)
+    text = summary_table([dict(row(8, 1024, 14, 1.2), provider="triton", valid=True)], env)
+    assert "valid: " not in text  # nothing blank to explain
+    assert "copy bandwidth 10.0 GB/s, host reference 4.2 us per call (a small module call)." in text
 
 
 def test_cpu_timer_interleaves_its_rounds_and_pools_the_samples():

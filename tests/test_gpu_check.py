@@ -356,9 +356,12 @@ def test_summary_reports_the_host_overhead_against_its_targets(tmp_path):
                 for case, us in zip(CASES, (fwd, train, 5.0, 6.0, 7.0))}
 
     (tmp_path / "overhead.json").write_text(json.dumps({
-        "standard Triton path, kernels skipped, cuda, 8x64x14x14 fp32 nchw": report(21.5, 140.0),
-        "single-read Triton path, kernels skipped, cuda, 8x64x14x14 fp32 nchw": report(35.0, 90.0)}))
+        "reference": {"what": "a small module call", "us_before": 4.25, "us_after": 4.5},
+        "reports": {"standard Triton path, kernels skipped, cuda, 8x64x14x14 fp32 nchw": report(21.5, 140.0),
+                    "single-read Triton path, kernels skipped, cuda, 8x64x14x14 fp32 nchw": report(35.0, 90.0)}}))
     lines = gpu_check.overhead_lines(str(tmp_path))
+    assert any("Same-machine reference, a small module call: 4.2 us before the cases, 4.5 after." in line
+               for line in lines)
     assert "| standard Triton path, kernels skipped, cuda, 8x64x14x14 fp32 nchw | 21.5 (met) | 140.0 (**not met**) |" \
         in lines
     assert "| single-read Triton path, kernels skipped, cuda, 8x64x14x14 fp32 nchw | 35.0 | 90.0 |" in lines
