@@ -232,6 +232,26 @@ def test_plot_writes_png_and_svg_without_interpreter_rows(quick_sweep, tmp_path)
     assert "torch-path" in svg and "authors-eager" in svg and ">triton<" not in svg
 
 
+def test_plot_says_where_ours_is_not_faster(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from bam_triton.bench import plot
+
+    rows = [dict(op="pool", N=2, C=32, H=7, W=7, dtype="fp32", layout="nchw", timing_mode="cpu-timer", provider=p,
+                 median_ms=t, p20_ms=t, p80_ms=t, gbps=1.0, frac_copy_bw=0.1, speedup_vs_authors_eager=s)
+            for p, t, s in (("authors-eager", 1.0, 1.0), ("torch-path", 2.0, 0.5), ("authors-compiled", 4.0, 0.25))]
+    assert plot.not_faster(rows) == [("pool", "fp32", "nchw", "2x32x7x7", "torch-path", 0.5)]  # ours only
+    path = tmp_path / "sweep.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    assert main(["plot", str(path)]) == 0
+    assert "not faster than the authors' eager code: pool 2x32x7x7 fp32 nchw: torch-path 0.50x" in \
+        capsys.readouterr().out
+    assert "not faster than the authors' eager: torch-path 0.50x at 2x32x7x7" in \
+        (tmp_path / "pool_fp32_nchw.svg").read_text()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # traffic
 # ----------------------------------------------------------------------------------------------------------------------
