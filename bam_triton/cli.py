@@ -192,7 +192,7 @@ def _run_export(args):
 # own, with the GPU), and how to install each.
 _COMMAND_NEEDS = {"plot": ("matplotlib",), "attention": ("matplotlib",), "traffic": ("triton",),
                   "inspect": ("triton",), "overhead": ("triton",), "tune": ("triton",)}
-_INSTALL = {"matplotlib": "pip install matplotlib (or the bench extra: pip install 'bam-triton[bench]')",
+_INSTALL = {"matplotlib": "pip install matplotlib (the project's bench extra)",
             "triton": "pip install triton (Linux only; torch's CUDA wheels bring it)"}
 
 
@@ -253,6 +253,9 @@ def main(argv=None):
     if args.command == "attention":
         if args.images < 1:
             parser.error("--images must be >= 1")
+        if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+            print(f"error: bam-triton attention: --checkpoint {args.checkpoint!r}: no such file", file=sys.stderr)
+            return 2
         from .viz import attention_figure
 
         out, _ = attention_figure(args.arch, args.checkpoint, images=args.images, out=args.out, kind=args.kind,

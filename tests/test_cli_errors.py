@@ -39,7 +39,7 @@ NO_PACKAGE = {"check": "triton is optional: it reports the torch path", "sweep":
 
 
 def _run(command, extra, tmp_path, capsys):
-    argv = [str(tmp_path) + arg[3:] if arg.startswith("OUT") else arg for arg in COMMANDS[command]] + extra
+    argv = [str(tmp_path) + arg[3:] if arg.startswith("OUT") else arg for arg in COMMANDS[command] + extra]
     status = cli.main(argv)
     out, err = capsys.readouterr()
     return status, out, err
@@ -84,6 +84,12 @@ def test_missing_package(command, monkeypatch, tmp_path, capsys):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # gpu-check: the GPU is there, triton is not
     _assert_one_line(*_run(command, [], tmp_path, capsys), command, package)
     assert not os.listdir(tmp_path)
+
+
+def test_a_checkpoint_that_is_not_there(tmp_path, capsys):
+    for command in ("attention", "export"):
+        _assert_one_line(*_run(command, ["--checkpoint", "OUT/missing.pth.tar"], tmp_path, capsys), command,
+                         "missing.pth.tar", "no such file")
 
 
 def test_a_real_process_ends_in_one_line():
