@@ -369,11 +369,14 @@ def overhead_lines(out):
         return []
     from .overhead import CASES, TARGETS_US
 
+    reference = results["reference"]
     lines = ["", "## Host overhead (bam-triton overhead)", "",
              "bam_triton's own Python per call, the attention branches replaced by pass-through stand-ins, median "
-             "microseconds. Targets: " + ", ".join(f"{case} <= {us} us" for case, us in TARGETS_US.items()) + ".", "",
+             "microseconds. Targets: " + ", ".join(f"{case} <= {us} us" for case, us in TARGETS_US.items()) + ". "
+             f"Same-machine reference, {reference['what']}: {reference['us_before']:.1f} us before the cases, "
+             f"{reference['us_after']:.1f} after.", "",
              "| path | " + " | ".join(CASES[:2]) + " |", "|---|---|---|"]
-    for title, report in results.items():
+    for title, report in results["reports"].items():
         cells = []
         for case in CASES[:2]:
             own = report[case]["own_us"]

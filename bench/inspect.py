@@ -447,6 +447,39 @@ def full_tensor_args(result):
     return [a for a in result.get("access", {}) if a in _FULL_TENSORS and a not in small]
 
 
+def _widths_text(arg, loads, stores):
+    """``x:ld128st128``: the widths (bits) of a full-tensor argument's loads and stores."""
+    return (f"{arg[:-4]}:" + ("ld" + "/".join(map(str, loads)) if loads else "")
+            + ("st" + "/".join(map(str, stores)) if stores else ""))
+
+
+def summarize_kernels(results):
+    """One line per kernel over its compiled variants: how many, registers (fewest-most), how many spill, and every
+    width its full-tensor loads and stores take; then the variants that failed to compile, one line each."""
+    by_kernel = {}
+    for r in results:
+        by_kernel.setdefault(r["kernel"], []).append(r)
+    lines = [f"{'kernel':<32}{'variants':>9}{'regs':>10}{'spilling':>9}{'errors':>7}  full-tensor loads/stores (bits)"]
+    for kernel, rows in by_kernel.items():
+        ok = [r for r in rows if "error" not in r]
+        regs = [r.get("registers", r.get("ptxas_registers")) for r in ok]
+        regs = [v for v in regs if isinstance(v, int)]
+        spilling = sum(1 for r in ok if r.get("spill_stores", 0) or r.get("spill_loads", 0))
+        widths = {}
+        for r in ok:
+            for a in full_tensor_args(r):
+                loads, stores = widths.setdefault(a, (set(), set()))
+                loads.update(vector_bits(r, a, "load"))
+                stores.update(vector_bits(r, a, "store"))
+        text = " ".join(_widths_text(a, sorted(ld), sorted(st)) for a, (ld, st) in widths.items())
+        span = f"{min(regs)}-{max(regs)}" if regs else "?"
+        lines.append(f"{kernel:<32}{len(rows):>9}{span:>10}{spilling:>9}{len(rows) - len(ok):>7}  {text}")
+    errors = [r for r in results if "error" in r]
+    if errors:
+        lines += ["", summarize(errors)]
+    return "\n".join(lines)
+
+
 def summarize(results):
     """One line per result: kernel, config, arch, dtype, shape, layout, widths of full-tensor loads/stores, regs."""
     lines = [f"{'kernel':<24}{'config':<30}{'sm':>3} {'dtype':<5}{'shape':<16}{'layout':<14}"
@@ -456,11 +489,7 @@ def summarize(results):
         if "error" in r:
             lines.append(f"{r['kernel']:<24}{cfg:<30}{r['arch']:>3} {r['dtype']:<5}ERROR {r['error'][:120]}")
             continue
-        acc = []
-        for a in full_tensor_args(r):
-            ld, st = vector_bits(r, a, "load"), vector_bits(r, a, "store")
-            acc.append(f"{a[:-4]}:" + ("ld" + "/".join(map(str, ld)) if ld else "") + ("st" + "/".join(map(str, st))
-                                                                                        if st else ""))
+        acc = [_widths_text(a, vector_bits(r, a, "load"), vector_bits(r, a, "store")) for a in full_tensor_args(r)]
         spill = r.get("spill_stores", 0) + r.get("spill_loads", 0)
         lines.append(f"{r['kernel']:<24}{cfg:<30}{r['arch']:>3} {r['dtype']:<5}{'x'.join(map(str, r['shape'])):<16}"
                      f"{r['layout']:<14}{' '.join(acc):<44}{r.get('registers', r.get('ptxas_registers', '?')):>5}"
@@ -476,7 +505,7 @@ def run_inspect(args):
     print(f"compiling {len(jobs)} kernel variants for sm_{'/sm_'.join(map(str, archs))} "
           f"({os.cpu_count()} worker processes, no GPU needed)...", file=sys.stderr)
     results = run_jobs(jobs)
-    print(summarize(results))
+    print(summarize(results) if args.table else summarize_kernels(results))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "inspect.json")
     with open(path, "w") as f:
@@ -487,5 +516,6 @@ def run_inspect(args):
               and any(b != 128 for a in full_tensor_args(r) for k in ("load", "store") for b in vector_bits(r, a, k))]
     print(f"\n{len(results)} variants: {len(errors)} errors, {len(spills)} with spills, "
           f"{len(narrow)} variants of the vectorised kernels ({', '.join(VECTOR_KERNELS)}) with full-tensor "
-          f"accesses narrower than 128 bits. Wrote {path}")
+          f"accesses narrower than 128 bits. Wrote {path}"
+          + ("" if args.table else " (one line per variant: --table)"))
     return 1 if errors else 0

@@ -344,15 +344,12 @@ def _unit_entry(unit, reason=None):
 
 def run_sweep(args):
     from . import configs
-    from .timing import copy_bandwidth, steady_cpu_allocator
+    from .timing import HOST_REFERENCE, copy_bandwidth, host_reference_us, steady_cpu_allocator
 
     t_start = time.time()
     budget = getattr(args, "time_budget", None)
     device, shapes, dtypes, layouts, ops = grid(args)
     interpret = bool(args.interpret) and device.type == "cpu"
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
     requested = _flatten(args.providers, PROVIDERS)
     if BASELINE not in requested:
         requested.insert(0, BASELINE)  # speedups need the baseline
@@ -375,8 +372,10 @@ def run_sweep(args):
         persistence = configs.enable_persistence()
     copy = copy_bandwidth(device, mib=args.copy_mib)
     bw = copy["gbps"]
+    env.update(host_reference=HOST_REFERENCE, host_reference_us=host_reference_us())
     print(f"device: {device_label(env)}; copy bandwidth ({copy['method']}, {args.copy_mib} MiB): {bw:.1f} GB/s "
-          f"(clone: {copy['clone_gbps']:.1f} GB/s)")
+          f"(clone: {copy['clone_gbps']:.1f} GB/s); host reference ({HOST_REFERENCE}): "
+          f"{env['host_reference_us']:.1f} us per call")
     env.update(copy_bandwidth_gbps=bw, copy_bandwidth_method=copy["method"], clone_bandwidth_gbps=copy["clone_gbps"],
                copy_into_bandwidth_gbps=copy["copy_into_gbps"], copy_bandwidth_mib=args.copy_mib,
                autotune_persistence=persistence, cpu_cache_flush_mib=0 if device.type == "cuda" else args.flush_mib)
@@ -585,6 +584,19 @@ def summary_table(rows, env):
                      f"{r['timing_mode']:<12}{r['median_ms']:>11.3f}{spread:>21}{gbps:>8}{frac:>7}{speed:>9}  {valid}")
     lines += cpu_target_lines(rows)
     lines += network_overhead_lines(rows)
+    lines.append("")
+    if any(r.get("valid") is None for r in rows):
+        lines.append("valid: the Triton kernels' outputs against the torch path's within bam_triton.TOLERANCES (ok or "
+                     "FAIL); blank where nothing is judged: the torch path is the reference, the authors' formulations "
+                     "are compared in sweep.csv's max_abs_err only, and a whole network's logits are not judged.")
+    reference = env.get("host_reference_us")
+    lines.append(f"Same-machine references of this run: copy bandwidth {env['copy_bandwidth_gbps']:.1f} GB/s"
+                 + (f", host reference {reference:.1f} us per call ({env['host_reference']})" if reference else "")
+                 + ". A slower machine lowers the first and raises the second, and every time with them; the "
+                   "speedups and %copy compare providers within the run, so a change in them at similar references "
+                   "is the code's.")
+    lines.append("Why the speedups are what they are: `bam-triton traffic` counts the bytes each provider moves at one "
+                 "shape (multiples of |F|, the feature map's size), and its bound at equal bandwidth.")
     return "\n".join(lines)
 
 

@@ -235,6 +235,23 @@ def fake_venv(tmp_path):
     return make, bin_dir
 
 
+def test_make_installs_torch_from_the_index_given(tmp_path):
+    """TORCH_INDEX (e.g. PyTorch's CPU-only index) is used for torch alone; without it pip's default index decides."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "TORCH_INDEX")}
+
+    def recipe(*variables):
+        target = str(tmp_path / "venv" / "bin" / ".installed")
+        out = subprocess.run(["make", "-n", "-s", "-C", ROOT, f"VENV={tmp_path / 'venv'}", *variables, target],
+                             env=env, check=True, capture_output=True, text=True, timeout=60).stdout
+        return [line.split("-m pip install --quiet ")[1].strip() for line in out.splitlines() if "pip install" in line]
+
+    assert recipe() == ['"torch==2.13.0"', '-e ".[dev]"']
+    assert recipe("TORCH_INDEX=https://download.pytorch.org/whl/cpu") == [
+        '"torch==2.13.0" --index-url "https://download.pytorch.org/whl/cpu"', '-e ".[dev]"']
+
+
 def test_make_test_runs_the_suite_again_on_the_gpu_when_cuda_is_there(fake_venv):
     make, _ = fake_venv
     cuda_check = 'device= python -c import torch, sys; sys.exit(not torch.cuda.is_available())'
@@ -371,9 +388,12 @@ def test_summary_reports_the_host_overhead_against_its_targets(tmp_path):
                 for case, us in zip(CASES, (fwd, train, 5.0, 6.0, 7.0))}
 
     (tmp_path / "overhead.json").write_text(json.dumps({
-        "standard Triton path, kernels skipped, cuda, 8x64x14x14 fp32 nchw": report(21.5, 140.0),
-        "single-read Triton path, kernels skipped, cuda, 8x64x14x14 fp32 nchw": report(35.0, 90.0)}))
+        "reference": {"what": "a small module call", "us_before": 4.25, "us_after": 4.5},
+        "reports": {"standard Triton path, kernels skipped, cuda, 8x64x14x14 fp32 nchw": report(21.5, 140.0),
+                    "single-read Triton path, kernels skipped, cuda, 8x64x14x14 fp32 nchw": report(35.0, 90.0)}}))
     lines = gpu_check.overhead_lines(str(tmp_path))
+    assert any("Same-machine reference, a small module call: 4.2 us before the cases, 4.5 after." in line
+               for line in lines)
     assert "| standard Triton path, kernels skipped, cuda, 8x64x14x14 fp32 nchw | 21.5 (met) | 140.0 (**not met**) |" \
         in lines
     assert "| single-read Triton path, kernels skipped, cuda, 8x64x14x14 fp32 nchw | 35.0 | 90.0 |" in lines
