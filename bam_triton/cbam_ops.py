@@ -131,39 +131,32 @@ class TorchSteps:
     int64 here. On CPU the forward steps run a few images at a time so their temporaries stay in cache."""
 
     @staticmethod
-    def pool(x, with_index):
-        """(avg, max, argmax over H·W or None), (N, C) each, avg and max in x's dtype."""
+    def pool(x):
+        """(avg, max, argmax over H·W), (N, C) each, avg and max in x's dtype."""
         n, c, h, w = x.shape
         avg = torch.empty(n, c, dtype=x.dtype, device=x.device)
         mx = torch.empty_like(avg)
-        argmax = torch.empty(n, c, dtype=torch.long, device=x.device) if with_index else None
+        argmax = torch.empty(n, c, dtype=torch.long, device=x.device)
         for images in _cpu.image_chunks(x):
             chunk = x[images]
-            torch.div(chunk.sum(dim=(2, 3), dtype=_acc(x.dtype)), h * w, out=avg[images]) if x.dtype == _acc(
-                x.dtype) else avg[images].copy_(chunk.sum(dim=(2, 3), dtype=_acc(x.dtype)) / (h * w))
-            if with_index:
-                torch.max(chunk.flatten(2), dim=2, out=(mx[images], argmax[images]))
-            else:
-                torch.amax(chunk, dim=(2, 3), out=mx[images])
+            avg[images] = chunk.sum(dim=(2, 3), dtype=_acc(x.dtype)) / (h * w)
+            torch.max(chunk.flatten(2), dim=2, out=(mx[images], argmax[images]))
         return avg, mx, argmax
 
     @staticmethod
-    def spatial_pool(x, a, with_index):
-        """(s, argmax over C or None): s (N, 2, H, W) = [max over C, mean over C] of x·a, in x's dtype."""
+    def spatial_pool(x, a):
+        """(s, argmax over C): s (N, 2, H, W) = [max over C, mean over C] of x·a, in x's dtype; argmax (N, H·W)."""
         n, c, h, w = x.shape
         s = torch.empty(n, 2, h, w, dtype=x.dtype, device=x.device)
-        argmax = torch.empty(n, h, w, dtype=torch.long, device=x.device) if with_index else None
+        argmax = torch.empty(n, h, w, dtype=torch.long, device=x.device)
         a4 = a.reshape(n, c, 1, 1)
         chunks = _cpu.image_chunks(x)
         scratch = torch.empty_like(x[chunks[0]])
         for images in chunks:
             x1 = torch.mul(x[images], a4[images], out=scratch[:images.stop - images.start])
-            if with_index:
-                torch.max(x1, dim=1, out=(s[images, 0], argmax[images]))
-            else:
-                torch.amax(x1, dim=1, out=s[images, 0])
+            torch.max(x1, dim=1, out=(s[images, 0], argmax[images]))
             s[images, 1] = x1.sum(dim=1, dtype=_acc(x.dtype)) / c
-        return s, None if argmax is None else argmax.reshape(n, h * w)
+        return s, argmax.reshape(n, h * w)
 
     @staticmethod
     def apply(x, a, b):
@@ -244,7 +237,7 @@ class _Junction(torch.autograd.Function):
     def forward(ctx, x, steps, handoff):
         ctx.set_materialize_grads(False)
         ctx.steps, ctx.handoff, ctx.shape = steps, handoff, x.shape
-        avg, mx, ctx.argmax_hw = steps.pool(x, True)
+        avg, mx, ctx.argmax_hw = steps.pool(x)
         return avg, mx, x.view_as(x), x.view_as(x)
 
     @staticmethod
@@ -272,7 +265,7 @@ class _SpatialPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, steps, handoff):
         ctx.steps, ctx.handoff = steps, handoff
-        s, ctx.argmax_c = steps.spatial_pool(x, a, True)
+        s, ctx.argmax_c = steps.spatial_pool(x, a)
         ctx.save_for_backward(x, a)
         return s
 
@@ -335,18 +328,48 @@ def _fused_forward(x, channel_gate, spatial_gate, pool_types, steps):
     return _Apply.apply(x_apply, a, b, steps, handoff)
 
 
-def _steps_forward(x, channel_gate, spatial_gate, pool_types, steps):
-    """CBAM's forward with no autograd: the steps without their argmax maps."""
+def _triton_inference(x, channel_gate, spatial_gate, pool_types):
+    """CBAM's forward with no autograd on the Triton path: the three kernels, their argmax maps unused."""
     n, c, h, w = x.shape
-    avg, mx, _ = steps.pool(x, False)
+    steps = _STEPS["triton"]
+    avg, mx, _ = steps.pool(x)
     pooled = {"avg": avg, "max": mx}
     a = torch.sigmoid(channel_gate([pooled[k] if k in pooled else _pool(x, k) for k in pool_types]))
     a = a.reshape(n, c).contiguous()
     b = None
     if spatial_gate is not None:
-        s, _ = steps.spatial_pool(x, a, False)
+        s, _ = steps.spatial_pool(x, a)
         b = torch.sigmoid(spatial_gate(s)).reshape(n, h * w).contiguous()
     return steps.apply(x, a, b)
+
+
+def _torch_inference(x, channel_gate, spatial_gate, pool_types):
+    """CBAM's forward with no autograd on the torch path, a few images at a time (``_cpu.image_chunks``): on CPU a
+    chunk of x is read from memory once, and x·a is written into the output and multiplied by b there while both
+    are still in cache. The spatial gate's BatchNorm in training mode needs the whole batch's statistics: then the
+    chunks' (N, 2, H, W) pools are gathered first, and the output read once more for b."""
+    n, c, h, w = x.shape
+    out = torch.empty_like(x, memory_format=_memory_format(x))
+    per_chunk = spatial_gate is not None and not spatial_gate.training
+    pools = []
+    for images in _cpu.image_chunks(x):
+        chunk = x[images]
+        pooled = {"avg": chunk.mean(dim=(2, 3), dtype=_acc(x.dtype)).to(x.dtype), "max": chunk.amax(dim=(2, 3))}
+        a = torch.sigmoid(channel_gate([pooled[k] if k in pooled else _pool(chunk, k) for k in pool_types]))
+        x1 = torch.mul(chunk, a.reshape(-1, c, 1, 1), out=out[images])
+        if spatial_gate is None:
+            continue
+        s = torch.cat((x1.amax(dim=1, keepdim=True), x1.mean(dim=1, keepdim=True, dtype=_acc(x.dtype)).to(x.dtype)),
+                      dim=1)
+        if per_chunk:
+            x1.mul_(torch.sigmoid(spatial_gate(s)))
+        else:
+            pools.append(s)
+    if pools:
+        b = torch.sigmoid(spatial_gate(torch.cat(pools)))
+        for images in _cpu.image_chunks(x):
+            out[images].mul_(b[images])
+    return out
 
 
 def cbam_forward(x, channel_gate, spatial_gate, pool_types, backend):
@@ -362,10 +385,10 @@ def cbam_forward(x, channel_gate, spatial_gate, pool_types, backend):
         # TorchDispatchMode the steps below run as in eager mode (the mode sees the torch ops between launches).
         return _custom_op_forward(x, channel_gate, spatial_gate, pool_types)
     x = _dense(x)
-    steps = _STEPS[path]
     if _needs_autograd(x, channel_gate, spatial_gate):
-        return _fused_forward(x, channel_gate, spatial_gate, pool_types, steps)
-    return _steps_forward(x, channel_gate, spatial_gate, pool_types, steps)
+        return _fused_forward(x, channel_gate, spatial_gate, pool_types, _STEPS[path])
+    inference = _torch_inference if path == "torch" else _triton_inference
+    return inference(x, channel_gate, spatial_gate, pool_types)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -383,7 +406,7 @@ def _custom_op(name, impl, fake, backward, setup_context):
 
 
 def _pool_impl(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    avg, mx, argmax = _STEPS["triton"].pool(_dense(x), True)
+    avg, mx, argmax = _STEPS["triton"].pool(_dense(x))
     return avg, mx, argmax
 
 
@@ -407,7 +430,7 @@ _triton_pool = _custom_op("cbam_pool", _pool_impl, _pool_fake, _pool_backward, _
 
 def _spatial_pool_impl(x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, c = x.shape[:2]
-    s, argmax = _STEPS["triton"].spatial_pool(_dense(x), a.reshape(n, c).contiguous(), True)
+    s, argmax = _STEPS["triton"].spatial_pool(_dense(x), a.reshape(n, c).contiguous())
     return s, argmax
 
 

@@ -164,10 +164,9 @@ def _plan_and_outputs(x, g):
     return plan, [torch.empty(shape, device=x.device, dtype=dtype) for _, shape, dtype in plan.buffers]
 
 
-def spatial_pool(x, a, with_index=True, config=None):
+def spatial_pool(x, a, config=None):
     """``(s, argmax_c)``: s (N, 2, H, W) in x's dtype, ``[max over C, mean over C]`` of ``x·a``, from one read of a
-    dense ``x``; argmax_c (N, H·W) int32, the first channel of each max. ``a`` (N, C) contiguous. ``with_index`` is
-    accepted for the torch step set's signature (the kernel finds the argmax anyway). ``config`` forces one
+    dense ``x``; argmax_c (N, H·W) int32, the first channel of each max. ``a`` (N, C) contiguous. ``config`` forces one
     (meta, num_warps) config (tests)."""
     n, c, h, w = x.shape
     plan, outputs = _plan_and_outputs(x, None)
@@ -440,7 +439,7 @@ def grad_x(g, a, b, argmax_c, dmax_c, dmean_c, d_avg, d_max, argmax_hw, extra, c
     return dx
 
 
-def pool(x, with_index=True, config=None):
+def pool(x, config=None):
     """``(avg, max, argmax_hw)`` over H·W from one read of a dense ``x`` (kernels/pool.py with WITH_MAX); argmax
-    int32. ``with_index`` is accepted for the torch step set's signature (the kernel finds the argmax anyway)."""
+    int32."""
     return channel_pool_max_fwd(x, is_channels_last(x), config=config)

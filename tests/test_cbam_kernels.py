@@ -65,7 +65,7 @@ def _check_argmax(index, values, maxima, dim, what):
 @pytest.mark.parametrize("steps", sorted(STEP_SETS))
 def test_pool_mean_max_argmax(steps, shape, dtype, layout):
     x = _x(shape, dtype, layout, "pool")
-    avg, mx, argmax = STEP_SETS[steps].pool(x, True)
+    avg, mx, argmax = STEP_SETS[steps].pool(x)
     x64 = x.double().flatten(2)
     assert avg.dtype == mx.dtype == dtype and avg.shape == mx.shape == argmax.shape == shape[:2]
     assert_close(avg, x64.mean(dim=2), what="avg")
@@ -81,7 +81,7 @@ def test_spatial_pool_max_mean_over_channels_of_x_times_a(steps, shape, dtype, l
     n, c, h, w = shape
     x = _x(shape, dtype, layout, "spatial")
     a, _ = _maps(shape, dtype, "spatial")
-    s, argmax = STEP_SETS[steps].spatial_pool(x, a, True)
+    s, argmax = STEP_SETS[steps].spatial_pool(x, a)
     x1 = (x.double() * a.double()[:, :, None, None]).flatten(2)
     assert s.shape == (n, 2, h, w) and s.dtype == dtype and argmax.shape == (n, h * w)
     # The kernels multiply in fp32 (the torch steps round x·a to x's dtype, as the authors' code does).
@@ -213,10 +213,10 @@ def test_ties_go_to_the_first_maximum_like_torch_max(steps, shape, layout):
     (over C), what ``torch.max(dim)`` returns on CPU, also across split partials and group rows."""
     x = torch.randint(0, 3, shape, generator=_gen("ties", shape)).float()
     x = x.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
-    _, _, argmax_hw = STEP_SETS[steps].pool(x, True)
+    _, _, argmax_hw = STEP_SETS[steps].pool(x)
     assert torch.equal(argmax_hw.long(), x.flatten(2).max(dim=2).indices)
     a = torch.ones(shape[:2])
-    _, argmax_c = STEP_SETS[steps].spatial_pool(x, a, True)
+    _, argmax_c = STEP_SETS[steps].spatial_pool(x, a)
     assert torch.equal(argmax_c.long(), x.max(dim=1).indices.flatten(1))
 
 
@@ -228,10 +228,10 @@ def test_nan_propagates_into_the_maxima_and_mean(steps, layout):
     x[0, 1, 2, 3] = x[0, 1, 4, 0] = float("nan")
     x[1, :, 1, 1] = float("inf")
     x = x.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
-    avg, mx, argmax_hw = STEP_SETS[steps].pool(x, True)
+    avg, mx, argmax_hw = STEP_SETS[steps].pool(x)
     assert mx[0, 1].isnan() and avg[0, 1].isnan() and argmax_hw[0, 1] == 2 * 7 + 3  # the first NaN
     assert not mx[0, 0].isnan() and mx[1].isinf().all()
-    s, argmax_c = STEP_SETS[steps].spatial_pool(x, torch.ones(shape[:2]), True)
+    s, argmax_c = STEP_SETS[steps].spatial_pool(x, torch.ones(shape[:2]))
     assert s[0, 0, 2, 3].isnan() and s[0, 1, 2, 3].isnan() and argmax_c[0, 2 * 7 + 3] == 1
     assert s[1, 0, 1, 1] == float("inf") and argmax_c[1, 7 + 1] == 0
     assert not s[0, :, 0, 0].isnan().any()
@@ -272,7 +272,7 @@ def test_every_config(launcher, config, layout):
         assert_close(mx, x.double().amax(dim=(2, 3)), what="max")
     elif launcher == "spatial_pool":
         s, _ = cbam_kernels.spatial_pool(x, a, config=config)
-        want = TorchSteps.spatial_pool(x.double(), a.double(), False)[0]
+        want = TorchSteps.spatial_pool(x.double(), a.double())[0]
         assert_close(s, want, what="s")
     elif launcher == "grad_b":
         assert_close(cbam_kernels.grad_b(g, x, a, config=config), TorchSteps.grad_b(g.double(), x.double(), a.double()),
