@@ -172,41 +172,72 @@ class TorchSteps:
 
     @staticmethod
     def grad_b(g, x, a):
-        """db (N, H·W) = Σ_c g·x·a, in fp32 (fp64 for fp64)."""
+        """db (N, H·W) = Σ_c g·x·a, in fp32 (fp64 for fp64): per chunk g·x in one buffer, then a batched product."""
         n, c, h, w = x.shape
-        gx = (g * x).to(_acc(x.dtype))
-        return torch.einsum("nchw,nc->nhw", gx, a.to(gx.dtype)).reshape(n, h * w)
+        acc = _acc(x.dtype)
+        db = torch.empty(n, h * w, dtype=acc, device=x.device)
+        chunks = _cpu.image_chunks(x)
+        scratch = torch.empty_like(x[chunks[0]], dtype=acc)
+        channels_last = _memory_format(x) == torch.channels_last
+        for images in chunks:
+            k = images.stop - images.start
+            gx = torch.mul(g[images], x[images], out=scratch[:k])
+            a3 = a[images].to(acc).reshape(k, c, 1)
+            if channels_last:  # (k, hw, c) is gx's memory order: a view
+                db[images] = torch.bmm(gx.permute(0, 2, 3, 1).reshape(k, h * w, c), a3).reshape(k, h * w)
+            else:
+                db[images] = torch.bmm(a3.transpose(1, 2), gx.reshape(k, c, h * w)).reshape(k, h * w)
+        return db
 
     @staticmethod
-    def _dy(g, b, argmax_c, dmax_c, dmean_c, dtype):
-        """dy = g·b + dmax_c at argmax_c + dmean_c / C (the gradient of x·a), (N, C, H, W) in ``dtype``."""
-        n, c, h, w = g.shape
+    def _dy(g, b, argmax_c, dmax_c, dmean_c, out):
+        """dy = g·b + dmax_c at argmax_c + dmean_c / C (the gradient of x·a) for one chunk of images, written into
+        ``out``; ``g`` itself without the spatial gate."""
+        k, c, h, w = g.shape
         if b is None:
-            return g.to(dtype)
-        dy = g.to(dtype) * b.reshape(n, 1, h, w).to(dtype)
-        dy = dy + (dmean_c.to(dtype) / c).reshape(n, 1, h, w)
-        dy.flatten(2).scatter_add_(1, argmax_c.long().reshape(n, 1, h * w), dmax_c.to(dtype).reshape(n, 1, h * w))
+            return out.copy_(g)
+        dy = torch.mul(g, b.reshape(k, 1, h, w), out=out)
+        dy.add_((dmean_c / c).reshape(k, 1, h, w))
+        dy.flatten(2).scatter_add_(1, argmax_c.long().reshape(k, 1, h * w), dmax_c.to(dy.dtype).reshape(k, 1, h * w))
         return dy
 
     @staticmethod
     def grad_a(g, x, b, argmax_c, dmax_c, dmean_c):
         """da (N, C) = Σ_hw dy·x, in fp32 (fp64 for fp64)."""
-        dy = TorchSteps._dy(g, b, argmax_c, dmax_c, dmean_c, _acc(x.dtype))
-        return (dy * x).sum(dim=(2, 3))
+        n, c, h, w = x.shape
+        acc = _acc(x.dtype)
+        da = torch.empty(n, c, dtype=acc, device=x.device)
+        chunks = _cpu.image_chunks(x)
+        scratch = torch.empty_like(x[chunks[0]], dtype=acc)
+        for images in chunks:
+            maps = (None,) * 4 if b is None else (b[images], argmax_c[images], dmax_c[images], dmean_c[images])
+            dy = TorchSteps._dy(g[images], *maps, scratch[:images.stop - images.start])
+            da[images] = dy.mul_(x[images]).sum(dim=(2, 3))
+        return da
 
     @staticmethod
     def grad_x(g, a, b, argmax_c, dmax_c, dmean_c, d_avg, d_max, argmax_hw, extra):
         """dx = dy·a + d_avg / (H·W) + d_max at argmax_hw (+ extra), in g's dtype and memory format."""
         n, c, h, w = g.shape
         acc = _acc(g.dtype)
-        dx = TorchSteps._dy(g, b, argmax_c, dmax_c, dmean_c, acc) * a.reshape(n, c, 1, 1).to(acc)
-        if d_avg is not None:
-            dx = dx + (d_avg.to(acc) / (h * w)).reshape(n, c, 1, 1)
-        if d_max is not None:
-            dx.flatten(2).scatter_add_(2, argmax_hw.long().reshape(n, c, 1), d_max.to(acc).reshape(n, c, 1))
-        if extra is not None:
-            dx = dx + extra
-        return dx.to(g.dtype).contiguous(memory_format=_memory_format(g))
+        dx = torch.empty_like(g, memory_format=_memory_format(g))
+        chunks = _cpu.image_chunks(g)
+        scratch = None if acc == g.dtype else torch.empty_like(g[chunks[0]], dtype=acc)
+        for images in chunks:
+            k = images.stop - images.start
+            maps = (None,) * 4 if b is None else (b[images], argmax_c[images], dmax_c[images], dmean_c[images])
+            d = TorchSteps._dy(g[images], *maps, dx[images] if scratch is None else scratch[:k])
+            d.mul_(a[images].reshape(k, c, 1, 1))
+            if d_avg is not None:
+                d.add_((d_avg[images] / (h * w)).reshape(k, c, 1, 1))
+            if d_max is not None:
+                d.flatten(2).scatter_add_(2, argmax_hw[images].long().reshape(k, c, 1),
+                                          d_max[images].to(d.dtype).reshape(k, c, 1))
+            if extra is not None:
+                d.add_(extra[images])
+            if scratch is not None:
+                dx[images] = d
+        return dx
 
 
 class TritonSteps:
