@@ -5,7 +5,6 @@ The submodule and parameter names are those of the authors' public code (``Chann
 ``state_dict()`` saves back in its layout. The memory-bound steps (pooling, the channel max/mean of ``x·a``, the
 apply step and their backward) are :mod:`bam_triton.cbam_ops`; the MLP, the 7x7 conv and its BatchNorm are torch's.
 """
-import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -13,7 +12,7 @@ from torch import nn
 
 from . import _backend
 from .cbam_ops import cbam_forward, check_pool_types
-from .module import _check_positive_int
+from .module import _check_positive_int, check_traced, reset_layers
 from .ops import check_feature_map
 
 # The spatial gate's 7x7 conv (2 -> 1 channels, padding 3) and its BatchNorm's settings, as in the authors' code.
@@ -125,20 +124,10 @@ class CBAM(nn.Module):
     def reset_parameters(self):
         """Re-initialise every layer with torch's defaults (what the authors' CBAM module has on its own; their ResNets
         then re-initialise it: ``bam_triton.models``)."""
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.reset_running_stats()
+        reset_layers(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_tracing():
-            # The checks read sizes, which are tensors while a trace records; for a valid input they are constants.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                self._check_input(x)
-        else:
-            self._check_input(x)
+        check_traced(self._check_input, x)
         spatial = None if self.no_spatial else self.SpatialGate
         return cbam_forward(x, self.ChannelGate, spatial, self.pool_types, self.backend)
 

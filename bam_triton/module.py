@@ -16,6 +16,25 @@ from ._fused_block import block_forward, single_read_forward
 from .ops import bam_apply_unchecked, check_combine, check_feature_map, resolve_path
 
 
+def reset_layers(module):
+    """Re-initialise every layer below ``module`` with torch's defaults, BatchNorm running statistics included."""
+    for layer in module.modules():
+        if layer is not module and hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.reset_running_stats()
+
+
+def check_traced(check, x):
+    """``check(x)``, the TracerWarnings it raises under ``torch.jit.trace`` silenced: the checks read sizes, which are
+    tensors while a trace records; for a valid input they are constants."""
+    if not torch.jit.is_tracing():
+        return check(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return check(x)
+
+
 def _check_positive_int(value, name, minimum=1):
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -149,20 +168,10 @@ class BAM(nn.Module):
     def reset_parameters(self):
         """Re-initialise every layer with torch's defaults. (The authors' code meant to zero the spatial branch's
         BatchNorm weights, but its test never matched a key, so their models train from these defaults too.)"""
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.reset_running_stats()
+        reset_layers(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_tracing():
-            # The checks read sizes, which are tensors while a trace records; for a valid input they are constants.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                empty = self._check_input(x)
-        else:
-            empty = self._check_input(x)
+        empty = check_traced(self._check_input, x)
         if empty:
             return bam_apply_unchecked(x, x.new_zeros(x.shape[:2]), x.new_zeros(x.shape[0], *x.shape[2:]),
                                        self.combine, "torch")

@@ -7,8 +7,8 @@ from torch.export import Dim
 
 from bam_triton import CBAM
 from bam_triton._backend import triton_installed
-from test_export import (LAYOUTS, _assert_close, _assert_no_bam_triton_op, _check_exported, _check_onnx_file, _images,
-                         _onnx_export, _randomize_norms, _skip_unless_exporter, _trace_checked)
+from test_export import (LAYOUTS, _assert_close, _assert_no_bam_triton_op, _check_exported, _check_onnx_file,
+                         _check_trace_of_64_channels, _images, _onnx_export, _randomize_norms, _skip_unless_exporter)
 
 # What CBAM must become: the pooling over H, W and over C, the gates' sigmoids, the apply step's products.
 CBAM_ATEN_OPS = ("mean", "amax", "sigmoid", "mul")
@@ -61,11 +61,4 @@ def test_onnx_cbam_runs_in_onnxruntime(no_spatial, dynamo, tmp_path):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_jit_trace_cbam(layout):
-    model = _cbam().eval()
-    traced = _trace_checked(model, _images(4, 64, 16, 16, layout))
-    kinds = {node.kind() for node in traced.inlined_graph.nodes()}
-    assert not [k for k in kinds if k.startswith("bam_triton::")], sorted(kinds)
-    x = _images(3, 64, 12, 20, layout, seed=2)
-    got = traced(x)
-    _assert_close(got, model(x), "traced vs eager")
-    assert got.is_contiguous(memory_format=LAYOUTS[layout])
+    _check_trace_of_64_channels(_cbam().eval(), layout)
