@@ -572,12 +572,17 @@ def auto_path():
     assert x.grad is not None and x.grad.shape == x.shape
     bam.eval()(x[:1])
     bam_triton.channel_pool(x, backend="auto"), bam_triton.bam_apply(x, mc, ms, backend="torch")
+    cbam = bam_triton.CBAM(8, reduction=4)
+    cbam(x).sum().backward()
+    cbam.eval()(x[:1])
 
 results = {
     "auto": probe(auto_path),
     "channel_pool": probe(lambda: bam_triton.channel_pool(x, backend="triton")),
     "bam_apply": probe(lambda: bam_triton.bam_apply(x, mc, ms, backend="triton")),
     "BAM": probe(lambda: bam_triton.BAM(8, reduction=4, backend="triton")(x)),
+    "CBAM": probe(lambda: bam_triton.CBAM(8, reduction=4, backend="triton")(x)),
+    "cbam_apply": probe(lambda: bam_triton.cbam_apply(x, mc, backend="triton")),
 }
 """
 
