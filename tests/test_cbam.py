@@ -431,3 +431,16 @@ def test_backend_none_follows_the_environment(monkeypatch):
 def test_jit_script_is_refused_with_a_clear_error():
     with pytest.raises(RuntimeError, match="bam_triton.CBAM cannot be compiled by torch.jit.script"):
         torch.jit.script(CBAM(16, reduction=4))
+
+
+def test_plans_index_in_int64_past_2_31_elements():
+    """The flat kernels switch to int64 offsets where x has 2**31 elements or more (plans only: no memory needed);
+    the reductions index within an image in int32 (C·H·W < 2**31, checked before any launch) from an int64 base."""
+    from bam_triton import kernels
+
+    big, small = (2**15, 256, 16, 16), (2**14, 256, 16, 16)  # 2**31 and 2**30 elements
+    for plan_of in (lambda s: kernels.cbam_apply_plan(s, torch.float16, False, True),
+                    lambda s: kernels.grad_x_plan(s, torch.float16, True, True, True, True, False)):
+        assert plan_of(big).constexpr_kwargs["INDEX_64"] and not plan_of(small).constexpr_kwargs["INDEX_64"]
+    with pytest.raises(ValueError, match="fewer than 2\\*\\*31"):
+        CBAM(2**16, backend="triton").to("meta")(torch.empty(1, 2**16, 2**8, 2**7, device="meta"))
