@@ -225,10 +225,28 @@ def test_ties_go_to_the_first_maximum_like_torch_max(steps, shape, layout, dtype
     assert torch.equal(argmax_c.long(), x.max(dim=1).indices.flatten(1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_row_group_spatial_pool_ties_across_segments_and_splits(dtype):
+    """Exact ties whose first channel lies in a later split, in the last segment of a group row next to a tie in the
+    first segment of the next row, or behind a NaN: the folds over splits and K segments keep the first channel."""
+    shape = (1, 384, 2, 3)  # K = 2 (fp32) or 4 (fp16), the channels split (test_reductions_take_the_row_group_...)
+    plan = kernels.channel_reduce_plan(shape, dtype, False, False)
+    group, (_, segments, _) = dict(plan.constexprs)["GROUP"], plan.buffer("sum")[0]
+    assert plan.kernel is cbam_kernels.channel_reduce_rows_kernel and segments > group  # several splits
+    x = torch.zeros(shape, dtype=dtype)
+    ties = {0: (383, 200, 199), 1: (193, 250, 383), 2: (383, 192, 191), 3: (1, 2, 3), 4: (380, 381)}
+    for pixel, channels in ties.items():
+        x[0, list(channels), pixel // 3, pixel % 3] = 1
+    x[0, [300, 100], 1, 2] = float("nan")  # pixel 5: the first NaN
+    s, argmax_c = cbam_kernels.spatial_pool(x, torch.ones(shape[:2], dtype=dtype))
+    assert argmax_c.tolist() == [[199, 193, 191, 1, 380, 100]]
+    assert s[0, 0].flatten()[:5].tolist() == [1.0] * 5 and s[0, 0, 1, 2].isnan()
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(2, 6, 5, 7), (2, 8, 5, 7)], ids=["tiles", "rows"])  # rows: K = 4 for NCHW
 @pytest.mark.parametrize("steps", sorted(STEP_SETS))
-def test_nan_propagates_into_the_maxima_and_mean(steps, layout):
-    shape = (2, 6, 5, 7)
+def test_nan_propagates_into_the_maxima_and_mean(steps, layout, shape):
     x = torch.randn(shape, generator=_gen("nan"))
     x[0, 1, 2, 3] = x[0, 1, 4, 0] = float("nan")
     x[1, :, 1, 1] = float("inf")
