@@ -3,10 +3,10 @@
 With ``a`` (N, C) the channel attention, ``b`` (N, H·W) the spatial attention and ``g`` the output's gradient:
 
     pool          avg, max and argmax over H·W           kernels/pool.py, WITH_MAX          reads x
-    spatial_pool  max, argmax and mean over C of x·a      channel_reduce_kernel              reads x
+    spatial_pool  max, argmax and mean over C of x·a      channel_reduce(_rows)_kernel       reads x
     apply         out = x·a·b                             apply_kernel (flat)                reads x, writes out
-    grad_b        db = Σ_c g·x·a                          channel_reduce_kernel, WITH_G      reads g, x
-    grad_a        da = Σ_hw dy·x                          hw_reduce_kernel                   reads g, x
+    grad_b        db = Σ_c g·x·a                          channel_reduce(_rows)_kernel, WITH_G   reads g, x
+    grad_a        da = Σ_hw dy·x                          hw_reduce(_rows)_kernel            reads g, x
     grad_x        dx = dy·a + d_avg/(H·W) + d_max at argmax_hw (+ extra)    grad_x_kernel (flat)   reads g, writes dx
     with dy = g·b + dmax_c at argmax_c + dmean_c / C (the gradient of x·a; never written)
 
@@ -63,8 +63,9 @@ from .pool import channel_pool_max_fwd, pool_split
 @triton.jit
 def _channel_tile(x_image, g_image, a_row, offsets, mask, c, c_valid, sums, best, best_c, WITH_G: tl.constexpr,
                   ACC: tl.constexpr):
-    """One tile's step of channel_reduce_kernel: ``v = x·a`` (``g·x·a`` WITH_G) added to ``sums``, and without g
-    the running max and argmax over channels updated. ``c`` and ``c_valid`` lie along the tile's channel axis."""
+    """One tile's step of the reductions over channels: ``v = x·a`` (``g·x·a`` WITH_G) added to ``sums``, and
+    without g the running max and argmax over channels updated. ``c`` and ``c_valid`` broadcast against the tile:
+    along its channel axis (channel_reduce_kernel), or each element's own channel (the row-group kernel)."""
     a = tl.load(a_row + c, mask=c_valid, other=0.0).to(ACC)
     v = tl.load(x_image + offsets, mask=mask, other=0.0).to(ACC) * a
     if WITH_G:
