@@ -58,8 +58,9 @@ KERNELS = (
     ("grad_x_kernel", "elementwise"),
 )
 CBAM_KERNELS = tuple(name for name, _ in KERNELS[8:])
-# CBAM also sits in ResNet-18/34's 64-channel blocks.
-CBAM_EXTRA_SHAPES = ((32, 64, 56, 56),)
+# CBAM also sits in ResNet-18/34's blocks: 64 channels at 56x56, and the 14x14 and 7x7 maps of the row-group kernels
+# with fewer channels (K·H·W per group row is the same, the channel splits differ).
+CBAM_EXTRA_SHAPES = ((32, 64, 56, 56), (32, 256, 14, 14), (32, 512, 7, 7))
 
 
 # Kernels whose every full-tensor access is meant to be a 128-bit vector at every shape they run on (the 2D-tile
