@@ -50,19 +50,24 @@ KERNELS = (
     ("channel_pool_rows_kernel[max]", "rows"),
     ("channel_reduce_kernel", "reduce2d"),
     ("channel_reduce_kernel[g]", "reduce2d"),
+    ("channel_reduce_rows_kernel", "rows"),
+    ("channel_reduce_rows_kernel[g]", "rows"),
     ("hw_reduce_kernel", "pool"),
+    ("hw_reduce_rows_kernel", "rows"),
     ("apply_kernel", "elementwise"),
     ("grad_x_kernel", "elementwise"),
 )
 CBAM_KERNELS = tuple(name for name, _ in KERNELS[8:])
-# CBAM also sits in ResNet-18/34's 64-channel blocks.
-CBAM_EXTRA_SHAPES = ((32, 64, 56, 56),)
+# CBAM also sits in ResNet-18/34's blocks: 64 channels at 56x56, and the 14x14 and 7x7 maps of the row-group kernels
+# with fewer channels (K·H·W per group row is the same, the channel splits differ).
+CBAM_EXTRA_SHAPES = ((32, 64, 56, 56), (32, 256, 14, 14), (32, 512, 7, 7))
 
 
 # Kernels whose every full-tensor access is meant to be a 128-bit vector at every shape they run on (the 2D-tile
 # kernels are too when H·W is a multiple of 16, and scalar otherwise, where the row-group kernels take over).
 VECTOR_KERNELS = ("apply_fwd_kernel", "apply_bwd_dx_kernel", "channel_pool_rows_kernel", "apply_bwd_reduce_rows_kernel",
-                  "channel_pool_rows_kernel[max]", "apply_kernel", "grad_x_kernel")
+                  "channel_pool_rows_kernel[max]", "channel_reduce_rows_kernel", "channel_reduce_rows_kernel[g]",
+                  "hw_reduce_rows_kernel", "apply_kernel", "grad_x_kernel")
 
 
 KERNELS_KIND = dict(KERNELS)
@@ -93,9 +98,9 @@ def launch_plan(kernel, dtype, shape, layout, arch=90):
     channels_last, sms = layout == "channels_last", SM_COUNTS[arch]
     shape = tuple(shape)
     base, _, variant = kernel.partition("[")
-    if base == "channel_reduce_kernel":
+    if base in ("channel_reduce_kernel", "channel_reduce_rows_kernel"):
         plan = kernels.channel_reduce_plan(shape, torch_dtype, channels_last, variant == "g]", sms)
-    elif base == "hw_reduce_kernel":
+    elif base in ("hw_reduce_kernel", "hw_reduce_rows_kernel"):
         plan = kernels.hw_reduce_plan(shape, torch_dtype, channels_last, True, sms)
     elif base == "apply_kernel":
         plan = kernels.cbam_apply_plan(shape, torch_dtype, channels_last, True)

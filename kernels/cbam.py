@@ -3,10 +3,10 @@
 With ``a`` (N, C) the channel attention, ``b`` (N, H·W) the spatial attention and ``g`` the output's gradient:
 
     pool          avg, max and argmax over H·W           kernels/pool.py, WITH_MAX          reads x
-    spatial_pool  max, argmax and mean over C of x·a      channel_reduce_kernel              reads x
+    spatial_pool  max, argmax and mean over C of x·a      channel_reduce(_rows)_kernel       reads x
     apply         out = x·a·b                             apply_kernel (flat)                reads x, writes out
-    grad_b        db = Σ_c g·x·a                          channel_reduce_kernel, WITH_G      reads g, x
-    grad_a        da = Σ_hw dy·x                          hw_reduce_kernel                   reads g, x
+    grad_b        db = Σ_c g·x·a                          channel_reduce(_rows)_kernel, WITH_G   reads g, x
+    grad_a        da = Σ_hw dy·x                          hw_reduce(_rows)_kernel            reads g, x
     grad_x        dx = dy·a + d_avg/(H·W) + d_max at argmax_hw (+ extra)    grad_x_kernel (flat)   reads g, writes dx
     with dy = g·b + dmax_c at argmax_c + dmean_c / C (the gradient of x·a; never written)
 
@@ -19,6 +19,20 @@ the contiguous axis as in pool.py) running sums, maxima and argmaxes, and reduce
 partials (N, n_splits, H·W) that the launcher folds in a fixed order (deterministic, no atomics). The split is
 apply_bwd.py's ``channel_split``, the configs its ``reduce2d`` tiles. ``hw_reduce_kernel`` reduces over H·W for a
 block of channels like the pooling (its ``pool`` tiles and ``pool_split``), with dy formed from g and the small maps.
+
+NCHW with a small H·W that is not a multiple of 16 (14x14, 7x7) goes to the row-group variants instead, as BAM's
+kernels do (pool.py, apply_bwd.py): rows of H·W elements do not start 16-byte aligned there, so the tiles above would
+load x and g as scalars. K consecutive channels form one group row of K·H·W elements (``_common.row_group``), loaded
+in [BLOCK_R, BLOCK_L] tiles of whole group rows as 128-bit vectors:
+
+    group row r, position l:  channel r·K + l // HW,  hw = l % HW
+
+``channel_reduce_rows_kernel``: a program owns one image and one split of the group rows (all positions), keeps
+running sums (and maxima and argmax channels) per tile lane over its rows, reduces them over the rows once at the end
+and stores per group-row position partials (N, n_splits, K·H·W); the launcher folds them over the splits and the K
+segments alike, viewed as (N, n_splits·K, H·W). ``hw_reduce_rows_kernel``: a program owns one image and one split of
+the group rows, gathers the pixel maps once (they depend on hw = l % HW only) and writes each row's K channel sums
+(K masked row sums per tile) straight into da (N, C).
 
 The flat kernels walk the flat memory range of g or x as ``apply.py`` does (INNER/MID constexprs, 128-bit vectors for
 any H·W). Each element needs its channel index n·C + c and pixel index n·H·W + hw: for NCHW the row-map and
@@ -36,9 +50,9 @@ import triton.language as tl
 
 from ._common import (LaunchPlan, acc_dtype, argmax_reduce, autotune, cached_plan, flat_index, fold_max,
                       is_channels_last, keep_contiguous_configs, launch, layout_plan, n_bucket, per_thread_pruner,
-                      sm_count, target_programs, track_max)
+                      row_group, row_tile_pruner, sm_count, target_programs, track_max)
 from .apply import col_map_index, row_map_index
-from .apply_bwd import channel_split
+from .apply_bwd import _ROW_SPLIT_UNIT, channel_split
 from .pool import channel_pool_max_fwd, pool_split
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -49,8 +63,9 @@ from .pool import channel_pool_max_fwd, pool_split
 @triton.jit
 def _channel_tile(x_image, g_image, a_row, offsets, mask, c, c_valid, sums, best, best_c, WITH_G: tl.constexpr,
                   ACC: tl.constexpr):
-    """One tile's step of channel_reduce_kernel: ``v = x·a`` (``g·x·a`` WITH_G) added to ``sums``, and without g
-    the running max and argmax over channels updated. ``c`` and ``c_valid`` lie along the tile's channel axis."""
+    """One tile's step of the reductions over channels: ``v = x·a`` (``g·x·a`` WITH_G) added to ``sums``, and
+    without g the running max and argmax over channels updated. ``c`` and ``c_valid`` broadcast against the tile:
+    along its channel axis (channel_reduce_kernel), or each element's own channel (the row-group kernel)."""
     a = tl.load(a_row + c, mask=c_valid, other=0.0).to(ACC)
     v = tl.load(x_image + offsets, mask=mask, other=0.0).to(ACC) * a
     if WITH_G:
@@ -132,16 +147,98 @@ def channel_reduce_kernel(
                                  WITH_G, MEAN)
 
 
+# Up to 16 elements per thread: with the sum, running max and argmax per element, 32-127 registers and no spills on
+# sm_80/sm_90 in fp16/bf16/fp32 at 14x14, 15x15 and 7x7 (db: 32-80; bam-triton inspect, Triton 3.9).
+@autotune("rows", key=["batch_bucket", "C", "HW", "GROUP", "WITH_G"], prune=row_tile_pruner(max_per_thread=16))
+@triton.jit(do_not_specialize=["batch_bucket"])
+def channel_reduce_rows_kernel(
+    x_ptr,  # (N, C, H, W), dense NCHW, C divisible by GROUP
+    g_ptr,  # like x; read only WITH_G
+    a_ptr,  # (N, C): the channel attention
+    sum_ptr,  # (N, n_splits, GROUP·HW): per group-row position, Σ over the split's rows of x·a (g·x·a WITH_G)
+    max_ptr,  # (N, n_splits, GROUP·HW): the split's max of x·a per position; written only without g
+    argmax_ptr,  # (N, n_splits, GROUP·HW) int32: the channel (not the row) of that max; written only without g
+    C,
+    rows_per_split,  # group rows per split, a multiple of every BLOCK_R
+    batch_bucket,  # tuning key only: N rounded up to a power of two (_common.n_bucket)
+    HW: tl.constexpr,  # a constexpr, so the compiler can prove group rows (GROUP·HW elements) 16-byte aligned
+    GROUP: tl.constexpr,  # K channels per group row
+    WITH_G: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # group rows per tile
+    BLOCK_L: tl.constexpr,  # GROUP·HW rounded up to a power of two
+    ACC: tl.constexpr = tl.float32,  # accumulation dtype: fp32, fp64 for fp64 inputs
+):
+    ROW = GROUP * HW  # constexpr: elements per group row
+    n = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    n_rows = C // GROUP
+    l = tl.arange(0, BLOCK_L)
+    l_mask = l < ROW
+    channel_in_group = l // HW  # GROUP for the padding past ROW: masked out
+    image = n * C * HW
+    x_image, g_image, a_row = x_ptr + image, g_ptr + image, a_ptr + n * C
+    r_start = split * rows_per_split
+    r_stop = tl.minimum(r_start + rows_per_split, n_rows)
+    sums = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
+    best = tl.full([BLOCK_R, BLOCK_L], float("-inf"), ACC)
+    best_c = tl.full([BLOCK_R, BLOCK_L], -1, tl.int32)
+    for r0 in range(r_start, r_stop, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        mask = (r < n_rows)[:, None] & l_mask[None, :]
+        # Each lane sees its rows in increasing order, and the argmax keeps the real channel: the first of equal
+        # maxima wins in argmax_reduce over the rows and in the launcher's fold over splits and segments alike.
+        c = r[:, None] * GROUP + channel_in_group[None, :]
+        sums, best, best_c = _channel_tile(x_image, g_image, a_row, r[:, None] * ROW + l[None, :], mask, c, mask,
+                                           sums, best, best_c, WITH_G, ACC)
+    partial = (n * tl.num_programs(1) + split) * ROW + l
+    _store_channel_reduction(sum_ptr, max_ptr, argmax_ptr, partial, partial, l_mask, sums, best, best_c, C, 0,
+                             WITH_G, False)
+
+
+# The row-group reductions over channels write partials per split and group-row position (K per pixel) that the
+# launcher reads back: they split the channels only until those partials reach 1/_PARTIAL_SHARE of the bytes the split
+# reads. An image's programs are its splits, so this trades programs for traffic: with 1/8 the spatial pool gets 8 and 4
+# programs per image at ResNet-50's 1024x14x14 and 2048x7x7 in fp16 (32 and 16 in fp32), db 32 and 16.
+_PARTIAL_SHARE = 8
+
+
+def _row_split(n_rows, n_splits):
+    """(n_splits, rows_per_split) for about ``n_splits`` splits of ``n_rows`` group rows, each a whole number of
+    ``apply_bwd``'s row-split units (a multiple of every BLOCK_R, so only the last split's tail is masked)."""
+    n_splits = max(1, min(n_splits, -(-n_rows // _ROW_SPLIT_UNIT)))
+    rows_per_split = -(-(-(-n_rows // n_splits)) // _ROW_SPLIT_UNIT) * _ROW_SPLIT_UNIT
+    return -(-n_rows // rows_per_split), rows_per_split
+
+
 @cached_plan
 def channel_reduce_plan(shape, dtype, channels_last, with_g, sms=None):
     """The launch of :func:`spatial_pool` (``with_g`` False) or :func:`grad_b` for a dense ``shape`` input of
-    ``dtype`` on a GPU with ``sms`` SMs. Buffers: the spatial pool's ``s`` (N, 2, H·W) in x's dtype, which the kernel
-    fills itself when the channels are not split, else fp32 partials ``sum`` and ``max`` (N, n_splits, H·W); its
-    ``argmax`` (N, n_splits, H·W) int32; db's ``sum``."""
+    ``dtype`` on a GPU with ``sms`` SMs. Buffers: the spatial pool's ``s`` (N, 2, H·W) in x's dtype, which the 2D-tile
+    kernel fills itself when the channels are not split, else fp32 partials ``sum`` and ``max`` (N, n_splits, H·W);
+    its ``argmax`` (N, n_splits, H·W) int32; db's ``sum``. The row-group kernel (NCHW with unaligned small H·W) always
+    leaves partials, (N, n_splits·K, H·W): per split and group-row segment."""
     n, c, h, w = shape
     hw = h * w
-    n_splits, c_per_split = channel_split(n, c, hw, target_programs(sms))
     acc = torch.promote_types(dtype, torch.float32)
+    writes = ("sum_ptr",) if with_g else ("sum_ptr", "max_ptr", "argmax_ptr")
+    unused = ("max_ptr", "argmax_ptr") if with_g else ("g_ptr",)
+    group = None if channels_last else row_group(c, hw, dtype.itemsize)
+    if group is not None:
+        # Per group-row position a split reads its rows of x (and g) and writes the sum (and the max and argmax).
+        n_rows = c // group
+        read = (2 if with_g else 1) * dtype.itemsize
+        written = acc.itemsize if with_g else 2 * acc.itemsize + 4
+        max_splits = max(1, n_rows * read // (_PARTIAL_SHARE * written))
+        n_splits, rows_per_split = _row_split(n_rows, min(-(-target_programs(sms) // n), max_splits))
+        partials = (n, n_splits * group, hw)
+        buffers = (("sum", partials, acc),) if with_g else (("sum", partials, acc), ("max", partials, acc),
+                                                            ("argmax", partials, torch.int32))
+        return LaunchPlan(channel_reduce_rows_kernel, "rows", grid=((n, 1, None), (n_splits, 1, None)),
+                          scalars=(c, rows_per_split, n_bucket(n)),
+                          constexprs=(("HW", hw), ("GROUP", group), ("WITH_G", with_g),
+                                      ("BLOCK_L", triton.next_power_of_2(group * hw)), ("ACC", acc_dtype(dtype))),
+                          buffers=buffers, writes=writes, unused=unused)
+    n_splits, c_per_split = channel_split(n, c, hw, target_programs(sms))
     mean = not with_g and n_splits == 1
     if with_g:
         buffers = (("sum", (n, n_splits, hw), acc),)
@@ -154,9 +251,7 @@ def channel_reduce_plan(shape, dtype, channels_last, with_g, sms=None):
                       scalars=(c, hw, c_per_split, (2 if mean else n_splits) * hw, n_bucket(n)),
                       constexprs=(("CHANNELS_LAST", channels_last), ("WITH_G", with_g), ("MEAN", mean),
                                   ("ACC", acc_dtype(dtype))),
-                      buffers=buffers,
-                      writes=("sum_ptr",) if with_g else ("sum_ptr", "max_ptr", "argmax_ptr"),
-                      unused=("max_ptr", "argmax_ptr") if with_g else ("g_ptr",))
+                      buffers=buffers, writes=writes, unused=unused)
 
 
 def _plan_and_outputs(x, g):
@@ -194,16 +289,29 @@ def grad_b(g, x, a, config=None):
 
 
 @triton.jit
+def _pixel_maps(b_ptr, argmax_c_ptr, dmax_c_ptr, dmean_c_ptr, pixel, pixel_mask, ACC: tl.constexpr):
+    """The pixel maps dy needs, ``(b, argmax_c, dmax_c, dmean_c)``, gathered at ``pixel`` (n·H·W + hw)."""
+    return (tl.load(b_ptr + pixel, mask=pixel_mask, other=0.0).to(ACC),
+            tl.load(argmax_c_ptr + pixel, mask=pixel_mask, other=-1),
+            tl.load(dmax_c_ptr + pixel, mask=pixel_mask, other=0.0).to(ACC),
+            tl.load(dmean_c_ptr + pixel, mask=pixel_mask, other=0.0).to(ACC))
+
+
+@triton.jit
+def _spatial_dy(g, b, argmax_c, dmax_c, dmean_c, c, inv_c):
+    """The gradient of x·a with the spatial gate: ``g·b + dmax_c`` where ``c`` is the argmax channel ``+ dmean_c /
+    C``, the pixel maps shaped to broadcast against g."""
+    return g * b + tl.where(c == argmax_c, dmax_c, 0.0) + dmean_c * inv_c
+
+
+@triton.jit
 def _dy(g, b_ptr, argmax_c_ptr, dmax_c_ptr, dmean_c_ptr, pixel, pixel_mask, c, inv_c, HAS_SPATIAL: tl.constexpr,
         ACC: tl.constexpr):
-    """The gradient of x·a: ``g·b + dmax_c`` where ``c`` is the argmax channel ``+ dmean_c / C``, the pixel maps
-    gathered at ``pixel`` (n·H·W + hw, shaped to broadcast against g); ``g`` itself without the spatial gate."""
+    """The gradient of x·a, the pixel maps gathered at ``pixel`` (shaped to broadcast against g); ``g`` itself
+    without the spatial gate."""
     if HAS_SPATIAL:
-        b = tl.load(b_ptr + pixel, mask=pixel_mask, other=0.0).to(ACC)
-        argmax_c = tl.load(argmax_c_ptr + pixel, mask=pixel_mask, other=-1)
-        dmax_c = tl.load(dmax_c_ptr + pixel, mask=pixel_mask, other=0.0).to(ACC)
-        dmean_c = tl.load(dmean_c_ptr + pixel, mask=pixel_mask, other=0.0).to(ACC)
-        return g * b + tl.where(c == argmax_c, dmax_c, 0.0) + dmean_c * inv_c
+        b, argmax_c, dmax_c, dmean_c = _pixel_maps(b_ptr, argmax_c_ptr, dmax_c_ptr, dmean_c_ptr, pixel, pixel_mask, ACC)
+        return _spatial_dy(g, b, argmax_c, dmax_c, dmean_c, c, inv_c)
     else:
         return g
 
@@ -270,20 +378,86 @@ def hw_reduce_kernel(
     tl.store(out, sums.to(out_ptr.dtype.element_ty), mask=c_mask)
 
 
+# At most 8 elements per thread: g, x and the four pixel maps per element, 40-125 registers and no spills on sm_80/sm_90
+# in fp16/bf16/fp32 at 14x14, 15x15 and 7x7 (bam-triton inspect, Triton 3.9).
+@autotune("rows", key=["batch_bucket", "C", "HW", "GROUP", "HAS_SPATIAL"], prune=row_tile_pruner(max_per_thread=8))
+@triton.jit(do_not_specialize=["batch_bucket"])
+def hw_reduce_rows_kernel(
+    g_ptr,  # (N, C, H, W), dense NCHW like x
+    x_ptr,  # (N, C, H, W), dense NCHW, C divisible by GROUP
+    b_ptr,  # (N, H·W): the spatial attention; the pixel maps are read only HAS_SPATIAL
+    argmax_c_ptr,  # (N, H·W) int32 (or int64): channel of each pixel's max over C
+    dmax_c_ptr,  # (N, H·W): gradient of that max
+    dmean_c_ptr,  # (N, H·W): gradient of the mean over C
+    out_ptr,  # (N, C): Σ over H·W of dy·x, complete (a program owns whole group rows)
+    C,
+    rows_per_split,  # group rows per split, a multiple of every BLOCK_R
+    batch_bucket,  # tuning key only: N rounded up to a power of two (_common.n_bucket)
+    HW: tl.constexpr,  # a constexpr, so the compiler can prove group rows (GROUP·HW elements) 16-byte aligned
+    GROUP: tl.constexpr,  # K channels per group row
+    HAS_SPATIAL: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # group rows per tile
+    BLOCK_L: tl.constexpr,  # GROUP·HW rounded up to a power of two
+    ACC: tl.constexpr = tl.float32,  # accumulation dtype: fp32, fp64 for fp64 inputs
+):
+    ROW = GROUP * HW  # constexpr: elements per group row
+    n = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    n_rows = C // GROUP
+    l = tl.arange(0, BLOCK_L)
+    l_mask = l < ROW
+    channel_in_group = l // HW  # GROUP for the padding past ROW: never equal to a j below
+    image = n * C * HW
+    g_image, x_image = g_ptr + image, x_ptr + image
+    inv_c = 1.0 / tl.cast(C, ACC)
+    if HAS_SPATIAL:  # the same for every row: gathered once per program
+        b, argmax_c, dmax_c, dmean_c = _pixel_maps(b_ptr, argmax_c_ptr, dmax_c_ptr, dmean_c_ptr,
+                                                   n * HW + l - channel_in_group * HW, l_mask, ACC)
+    r_start = split * rows_per_split
+    r_stop = tl.minimum(r_start + rows_per_split, n_rows)
+    for r0 in range(r_start, r_stop, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = r < n_rows
+        mask = r_mask[:, None] & l_mask[None, :]
+        offsets = r[:, None] * ROW + l[None, :]
+        g = tl.load(g_image + offsets, mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_image + offsets, mask=mask, other=0.0).to(ACC)
+        if HAS_SPATIAL:
+            dy = _spatial_dy(g, b[None, :], argmax_c[None, :], dmax_c[None, :], dmean_c[None, :],
+                             r[:, None] * GROUP + channel_in_group[None, :], inv_c)
+        else:
+            dy = g
+        terms = tl.where(mask, dy * x, 0.0)
+        rows = out_ptr + n * C + r * GROUP
+        for j in tl.static_range(GROUP):
+            sums = tl.sum(tl.where(channel_in_group[None, :] == j, terms, 0.0), axis=1)
+            tl.store(rows + j, sums.to(out_ptr.dtype.element_ty), mask=r_mask)
+
+
 @cached_plan
 def hw_reduce_plan(shape, dtype, channels_last, has_spatial, sms=None):
-    """The launch of :func:`grad_a` for a dense ``shape`` input of ``dtype`` on a GPU with ``sms`` SMs: the pooling's
-    H·W split; buffer ``out`` (N, n_splits, C) in fp32 (fp64 for fp64)."""
+    """The launch of :func:`grad_a` for a dense ``shape`` input of ``dtype`` on a GPU with ``sms`` SMs: the row-group
+    kernel (NCHW with unaligned small H·W; its channels split as far as the GPU needs programs) or the 2D-tile kernel
+    with the pooling's H·W split; buffer ``out`` (N, n_splits, C) in fp32 (fp64 for fp64), n_splits 1 for the
+    row-group kernel."""
     n, c, h, w = shape
     hw = h * w
+    acc = torch.promote_types(dtype, torch.float32)
+    constexprs = (("HAS_SPATIAL", has_spatial), ("ACC", acc_dtype(dtype)))
+    unused = () if has_spatial else ("b_ptr", "argmax_c_ptr", "dmax_c_ptr", "dmean_c_ptr")
+    group = None if channels_last else row_group(c, hw, dtype.itemsize)
+    if group is not None:
+        n_splits, rows_per_split = _row_split(c // group, -(-target_programs(sms) // n))
+        return LaunchPlan(hw_reduce_rows_kernel, "rows", grid=((n, 1, None), (n_splits, 1, None)),
+                          scalars=(c, rows_per_split, n_bucket(n)),
+                          constexprs=(("HW", hw), ("GROUP", group), ("BLOCK_L", triton.next_power_of_2(group * hw)))
+                          + constexprs,
+                          buffers=(("out", (n, 1, c), acc),), writes=("out_ptr",), unused=unused)
     n_splits, hw_per_split = pool_split(n, c, hw, target_programs(sms))
     return LaunchPlan(hw_reduce_kernel, "pool", grid=((n, c, "BLOCK_C"), (n_splits, 1, None)),
                       scalars=(c, hw, hw_per_split, n_bucket(n)),
-                      constexprs=(("CHANNELS_LAST", channels_last), ("HAS_SPATIAL", has_spatial),
-                                  ("ACC", acc_dtype(dtype))),
-                      buffers=(("out", (n, n_splits, c), torch.promote_types(dtype, torch.float32)),),
-                      writes=("out_ptr",),
-                      unused=() if has_spatial else ("b_ptr", "argmax_c_ptr", "dmax_c_ptr", "dmean_c_ptr"))
+                      constexprs=(("CHANNELS_LAST", channels_last),) + constexprs,
+                      buffers=(("out", (n, n_splits, c), acc),), writes=("out_ptr",), unused=unused)
 
 
 def grad_a(g, x, b, argmax_c, dmax_c, dmean_c, config=None):

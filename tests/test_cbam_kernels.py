@@ -1,7 +1,7 @@
 """CBAM's steps (``kernels/cbam.py`` and the pooling's WITH_MAX variant through Triton's interpreter; the torch step
 set of ``bam_triton/cbam_ops.py``) against float64 formulas written here: every step, both memory formats, fp32 /
-fp16 / bf16 / fp64, odd shapes (H·W prime, a 1-pixel-high map, C not a multiple of any tile, 7x7 on the row-group
-path, split reductions), ties and NaN in the maxima, and every GPU config of each kernel."""
+fp16 / bf16 / fp64, odd shapes (H·W prime, a 1-pixel-high map, C not a multiple of any tile, 7x7 and 14x14 on the
+row-group paths, split reductions), ties and NaN in the maxima, and every GPU config of each kernel."""
 import zlib
 
 import pytest
@@ -26,6 +26,8 @@ SHAPES = [
     (1, 2, 48, 48),  # H·W = 2304: the pooling and hw_reduce split H·W
     (1, 130, 2, 3),  # C = 130: channel_reduce splits the channels
     (2, 3, 1, 1),  # 1x1 maps
+    (1, 8, 14, 14),  # 14x14: the row-group reductions for NCHW (K = 1 fp32, 2 fp16)
+    (1, 384, 2, 3),  # the row-group reductions with their channels split (K = 2 fp32, 4 fp16)
 ]
 SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
 LAYOUTS = ["nchw", "channels_last"]
@@ -204,26 +206,47 @@ def test_grad_x(steps, shape, dtype, layout, case):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", [(2, 6, 5, 7), (1, 16, 7, 7), (1, 2, 48, 48), (1, 130, 2, 3)],
-                         ids=["5x7", "7x7-rows", "hw-split", "c-split"])
+@pytest.mark.parametrize("shape", [(2, 6, 5, 7), (1, 16, 7, 7), (1, 2, 48, 48), (1, 130, 2, 3), (1, 8, 14, 14),
+                                   (1, 384, 2, 3)],
+                         ids=["5x7", "7x7-rows", "hw-split", "c-split", "14x14-rows", "rows-c-split"])
 @pytest.mark.parametrize("steps", sorted(STEP_SETS))
-def test_ties_go_to_the_first_maximum_like_torch_max(steps, shape, layout):
+def test_ties_go_to_the_first_maximum_like_torch_max(steps, shape, layout, dtype):
     """Small integers make exact ties everywhere: the argmax is the first maximal position (over H·W) and channel
-    (over C), what ``torch.max(dim)`` returns on CPU, also across split partials and group rows."""
-    x = torch.randint(0, 3, shape, generator=_gen("ties", shape)).float()
+    (over C), what ``torch.max(dim)`` returns on CPU, also across split partials, group rows and the K channels of a
+    group row."""
+    x = torch.randint(0, 3, shape, generator=_gen("ties", shape)).to(dtype)
     x = x.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
     _, _, argmax_hw = STEP_SETS[steps].pool(x)
     assert torch.equal(argmax_hw.long(), x.flatten(2).max(dim=2).indices)
-    a = torch.ones(shape[:2])
+    a = torch.ones(shape[:2], dtype=dtype)
     _, argmax_c = STEP_SETS[steps].spatial_pool(x, a)
     assert torch.equal(argmax_c.long(), x.max(dim=1).indices.flatten(1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_row_group_spatial_pool_ties_across_segments_and_splits(dtype):
+    """Exact ties whose first channel lies in a later split, in the last segment of a group row next to a tie in the
+    first segment of the next row, or behind a NaN: the folds over splits and K segments keep the first channel."""
+    shape = (1, 384, 2, 3)  # K = 2 (fp32) or 4 (fp16), the channels split (test_reductions_take_the_row_group_...)
+    plan = kernels.channel_reduce_plan(shape, dtype, False, False)
+    group, (_, segments, _) = dict(plan.constexprs)["GROUP"], plan.buffer("sum")[0]
+    assert plan.kernel is cbam_kernels.channel_reduce_rows_kernel and segments > group  # several splits
+    x = torch.zeros(shape, dtype=dtype)
+    ties = {0: (383, 200, 199), 1: (193, 250, 383), 2: (383, 192, 191), 3: (1, 2, 3), 4: (380, 381)}
+    for pixel, channels in ties.items():
+        x[0, list(channels), pixel // 3, pixel % 3] = 1
+    x[0, [300, 100], 1, 2] = float("nan")  # pixel 5: the first NaN
+    s, argmax_c = cbam_kernels.spatial_pool(x, torch.ones(shape[:2], dtype=dtype))
+    assert argmax_c.tolist() == [[199, 193, 191, 1, 380, 100]]
+    assert s[0, 0].flatten()[:5].tolist() == [1.0] * 5 and s[0, 0, 1, 2].isnan()
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(2, 6, 5, 7), (2, 8, 5, 7)], ids=["tiles", "rows"])  # rows: K = 4 for NCHW
 @pytest.mark.parametrize("steps", sorted(STEP_SETS))
-def test_nan_propagates_into_the_maxima_and_mean(steps, layout):
-    shape = (2, 6, 5, 7)
+def test_nan_propagates_into_the_maxima_and_mean(steps, layout, shape):
     x = torch.randn(shape, generator=_gen("nan"))
     x[0, 1, 2, 3] = x[0, 1, 4, 0] = float("nan")
     x[1, :, 1, 1] = float("inf")
@@ -245,7 +268,8 @@ def test_nan_propagates_into_the_maxima_and_mean(steps, layout):
 def _every_config_cases():
     cases = []
     for kind, launcher in (("pool", "pool"), ("rows", "pool-rows"), ("reduce2d", "spatial_pool"),
-                           ("reduce2d", "grad_b"), ("pool", "grad_a"), ("elementwise", "apply"),
+                           ("rows", "spatial_pool-rows"), ("reduce2d", "grad_b"), ("rows", "grad_b-rows"),
+                           ("pool", "grad_a"), ("rows", "grad_a-rows"), ("elementwise", "apply"),
                            ("elementwise", "grad_x")):
         for index, config in enumerate(_common.all_configs(kind)):
             cases.append(pytest.param(launcher, config, id=f"{launcher}-{_common.config_id(config)}"))
@@ -255,14 +279,23 @@ def _every_config_cases():
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("launcher, config", _every_config_cases())
 def test_every_config(launcher, config, layout):
-    # H·W = 32 keeps NCHW pooling on the 2D tiles (a multiple of 16); the others see an H·W tail.
-    shape = {"pool-rows": (2, 16, 7, 7), "pool": (2, 19, 4, 8)}.get(launcher, (2, 20, 5, 9))
-    if launcher == "pool-rows" and layout == "channels_last":
-        pytest.skip("the row-group pooling runs on NCHW only")
+    # H·W = 32 keeps NCHW pooling on the 2D tiles (a multiple of 16); C = 19 (not a multiple of K = 4 at H·W = 45)
+    # keeps the reductions there while they see an H·W tail; 7x7 with C = 16 takes the row-group kernels (K = 4).
+    rows = launcher.endswith("-rows")
+    shape = (2, 16, 7, 7) if rows else {"pool": (2, 19, 4, 8)}.get(launcher, (2, 19, 5, 9))
+    if rows and layout == "channels_last":
+        pytest.skip("the row-group kernels run on NCHW only")
     n, c, h, w = shape
     x, g = _x(shape, torch.float32, layout, "cfg-x"), _x(shape, torch.float32, layout, "cfg-g")
     a, b = _maps(shape, torch.float32, "cfg")
     argmax_c, dmax_c, dmean_c = _pixel_grads(shape, torch.float32, "cfg")
+    step = launcher.removesuffix("-rows")
+    if step in ("spatial_pool", "grad_b"):
+        plan = kernels.channel_reduce_plan(shape, torch.float32, layout == "channels_last", step == "grad_b")
+        assert plan.kernel is (cbam_kernels.channel_reduce_rows_kernel if rows else cbam_kernels.channel_reduce_kernel)
+    elif step == "grad_a":
+        plan = kernels.hw_reduce_plan(shape, torch.float32, layout == "channels_last", True)
+        assert plan.kernel is (cbam_kernels.hw_reduce_rows_kernel if rows else cbam_kernels.hw_reduce_kernel)
     if launcher.startswith("pool"):
         plan = kernels.channel_pool_plan(shape, torch.float32, layout == "channels_last", None, True)
         assert plan.kernel is (pool_mod.channel_pool_rows_kernel if launcher == "pool-rows"
@@ -270,14 +303,14 @@ def test_every_config(launcher, config, layout):
         avg, mx, _ = cbam_kernels.pool(x, config=config)
         assert_close(avg, x.double().mean(dim=(2, 3)), what="avg")
         assert_close(mx, x.double().amax(dim=(2, 3)), what="max")
-    elif launcher == "spatial_pool":
+    elif step == "spatial_pool":
         s, _ = cbam_kernels.spatial_pool(x, a, config=config)
         want = TorchSteps.spatial_pool(x.double(), a.double())[0]
         assert_close(s, want, what="s")
-    elif launcher == "grad_b":
+    elif step == "grad_b":
         assert_close(cbam_kernels.grad_b(g, x, a, config=config), TorchSteps.grad_b(g.double(), x.double(), a.double()),
                      what="db")
-    elif launcher == "grad_a":
+    elif step == "grad_a":
         got = cbam_kernels.grad_a(g, x, b, argmax_c, dmax_c, dmean_c, config=config)
         assert_close(got, TorchSteps.grad_a(g.double(), x.double(), b.double(), argmax_c, dmax_c.double(),
                                             dmean_c.double()), what="da", scale_atol=True)
@@ -306,3 +339,25 @@ def test_plans_name_what_each_launch_writes_and_leaves_untouched():
     pool = kernels.channel_pool_plan((2, 64, 8, 8), torch.float16, False, None, True)
     assert pool.writes == ("out_ptr", "max_ptr", "argmax_ptr") and not pool.unused
     assert set(kernels.channel_pool_plan((2, 64, 8, 8), torch.float16, False).unused) == {"max_ptr", "argmax_ptr"}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_reductions_take_the_row_group_kernels_where_row_group_says(dtype):
+    """NCHW inputs whose H·W is not a multiple of 16 go to the row-group kernels exactly where ``row_group`` gives a
+    K (128-bit loads of x and g), every other input to the 2D tiles; the shapes above reach the row-group spatial pool
+    and db with their channels split, so the folds over splits and K segments are tested."""
+    for shape in SHAPES + [(32, 256, 56, 56), (32, 1024, 14, 14), (32, 2048, 7, 7), (32, 512, 7, 7)]:
+        n, c, h, w = shape
+        group = _common.row_group(c, h * w, dtype.itemsize)
+        for channels_last in (False, True):
+            rows = group is not None and not channels_last
+            for with_g in (False, True):
+                plan = kernels.channel_reduce_plan(shape, dtype, channels_last, with_g)
+                assert (plan.kernel is cbam_kernels.channel_reduce_rows_kernel) == rows, (shape, with_g)
+                if rows:
+                    assert dict(plan.constexprs)["GROUP"] == group
+            plan = kernels.hw_reduce_plan(shape, dtype, channels_last, True)
+            assert (plan.kernel is cbam_kernels.hw_reduce_rows_kernel) == rows, shape
+    for with_g in (False, True):
+        plan = kernels.channel_reduce_plan((1, 384, 2, 3), dtype, False, with_g)
+        assert plan.kernel is cbam_kernels.channel_reduce_rows_kernel and plan.grid[1][0] > 1
