@@ -55,7 +55,7 @@ _MIN_BLOCK_HW = min(meta["BLOCK_HW"] for meta, _ in all_configs("reduce2d"))
 # hw block size the launcher assumes when it decides whether to split channels (the config is not known yet).
 _TYPICAL_BLOCK_HW = 64
 # A split of the group rows is a multiple of every BLOCK_R, so only the last split's tail is masked.
-_ROW_SPLIT_UNIT = max(meta["BLOCK_R"] for meta, _ in all_configs("rows"))
+ROW_SPLIT_UNIT = max(meta["BLOCK_R"] for meta, _ in all_configs("rows"))
 
 
 @triton.jit
@@ -268,8 +268,8 @@ def reduce_plan(shape, dtype, channels_last, combine, write_dx, sms=None):
         # Split the channels only as far as the GPU needs programs, and at most until the dms partials (4 bytes per
         # group-row position per split) reach 1/16 of the bytes of g and x that the split reads.
         max_splits = max(1, n_rows * 2 * dtype.itemsize // 64)
-        n_splits = max(1, min(-(-target // n), max_splits, -(-n_rows // _ROW_SPLIT_UNIT)))
-        rows_per_split = -(-(-(-n_rows // n_splits)) // _ROW_SPLIT_UNIT) * _ROW_SPLIT_UNIT
+        n_splits = max(1, min(-(-target // n), max_splits, -(-n_rows // ROW_SPLIT_UNIT)))
+        rows_per_split = -(-(-(-n_rows // n_splits)) // ROW_SPLIT_UNIT) * ROW_SPLIT_UNIT
         n_splits = -(-n_rows // rows_per_split)
         return LaunchPlan(apply_bwd_reduce_rows_kernel, "rows", grid=((n, 1, None), (n_splits, 1, None)),
                           scalars=(c, rows_per_split, n_bucket(n)),

@@ -52,7 +52,7 @@ from ._common import (LaunchPlan, acc_dtype, argmax_reduce, autotune, cached_pla
                       is_channels_last, keep_contiguous_configs, launch, layout_plan, n_bucket, per_thread_pruner,
                       row_group, row_tile_pruner, sm_count, target_programs, track_max)
 from .apply import col_map_index, row_map_index
-from .apply_bwd import _ROW_SPLIT_UNIT, channel_split
+from .apply_bwd import ROW_SPLIT_UNIT, channel_split
 from .pool import channel_pool_max_fwd, pool_split
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -205,8 +205,8 @@ _PARTIAL_SHARE = 8
 def _row_split(n_rows, n_splits):
     """(n_splits, rows_per_split) for about ``n_splits`` splits of ``n_rows`` group rows, each a whole number of
     ``apply_bwd``'s row-split units (a multiple of every BLOCK_R, so only the last split's tail is masked)."""
-    n_splits = max(1, min(n_splits, -(-n_rows // _ROW_SPLIT_UNIT)))
-    rows_per_split = -(-(-(-n_rows // n_splits)) // _ROW_SPLIT_UNIT) * _ROW_SPLIT_UNIT
+    n_splits = max(1, min(n_splits, -(-n_rows // ROW_SPLIT_UNIT)))
+    rows_per_split = -(-(-(-n_rows // n_splits)) // ROW_SPLIT_UNIT) * ROW_SPLIT_UNIT
     return -(-n_rows // rows_per_split), rows_per_split
 
 
