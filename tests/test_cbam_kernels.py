@@ -33,6 +33,18 @@ SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
 LAYOUTS = ["nchw", "channels_last"]
 
 
+def every_case(shapes=SHAPES, ids=SHAPE_IDS):
+    """Parametrise a step test over both step sets, ``shapes``, every dtype and both layouts."""
+
+    def parametrised(test):
+        for name, values, names in (("layout", LAYOUTS, None), ("dtype", DTYPES, DTYPE_IDS), ("shape", shapes, ids),
+                                    ("steps", sorted(STEP_SETS), None)):
+            test = pytest.mark.parametrize(name, values, ids=names)(test)
+        return test
+
+    return parametrised
+
+
 def _gen(*parts):
     return torch.Generator().manual_seed(zlib.crc32(repr(parts).encode()))
 
@@ -61,10 +73,7 @@ def _check_argmax(index, values, maxima, dim, what):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-@pytest.mark.parametrize("steps", sorted(STEP_SETS))
+@every_case()
 def test_pool_mean_max_argmax(steps, shape, dtype, layout):
     x = _x(shape, dtype, layout, "pool")
     avg, mx, argmax = STEP_SETS[steps].pool(x)
@@ -75,10 +84,7 @@ def test_pool_mean_max_argmax(steps, shape, dtype, layout):
     _check_argmax(argmax, x64, x64.amax(dim=2), 2, "argmax over H·W")
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-@pytest.mark.parametrize("steps", sorted(STEP_SETS))
+@every_case()
 def test_spatial_pool_max_mean_over_channels_of_x_times_a(steps, shape, dtype, layout):
     n, c, h, w = shape
     x = _x(shape, dtype, layout, "spatial")
@@ -94,10 +100,7 @@ def test_spatial_pool_max_mean_over_channels_of_x_times_a(steps, shape, dtype, l
 
 
 @pytest.mark.parametrize("with_b", [True, False], ids=["x·a·b", "x·a"])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", SHAPES[:3], ids=SHAPE_IDS[:3])
-@pytest.mark.parametrize("steps", sorted(STEP_SETS))
+@every_case(SHAPES[:3], SHAPE_IDS[:3])
 def test_apply(steps, shape, dtype, layout, with_b):
     n, c, h, w = shape
     x = _x(shape, dtype, layout, "apply")
@@ -131,10 +134,7 @@ def _dy64(g, b, argmax_c, dmax_c, dmean_c):
     return dy * b.double()[:, None] + route + dmean_c.double()[:, None] / c
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-@pytest.mark.parametrize("steps", sorted(STEP_SETS))
+@every_case()
 def test_grad_b(steps, shape, dtype, layout):
     n, c, h, w = shape
     x, g = _x(shape, dtype, layout, "x"), _x(shape, dtype, layout, "g")
@@ -146,10 +146,7 @@ def test_grad_b(steps, shape, dtype, layout):
 
 
 @pytest.mark.parametrize("spatial", [True, False], ids=["spatial", "no_spatial"])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-@pytest.mark.parametrize("steps", sorted(STEP_SETS))
+@every_case()
 def test_grad_a(steps, shape, dtype, layout, spatial):
     n, c, h, w = shape
     x, g = _x(shape, dtype, layout, "x"), _x(shape, dtype, layout, "g")
@@ -171,10 +168,7 @@ GRAD_X_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(GRAD_X_CASES))
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", SHAPES[:4], ids=SHAPE_IDS[:4])
-@pytest.mark.parametrize("steps", sorted(STEP_SETS))
+@every_case(SHAPES[:4], SHAPE_IDS[:4])
 def test_grad_x(steps, shape, dtype, layout, case):
     n, c, h, w = shape
     parts = GRAD_X_CASES[case]
