@@ -429,9 +429,9 @@ def front_fwd(x, weight, bias, config=None):
         b = bias if bias.is_contiguous() else bias.contiguous()
     plan = front_fwd_plan(tuple(x.shape), x.dtype, channels_last, hidden, sm_count(x.device))
     # One row of channel sums per pixel block, and their number depends on the config: sized for it where it is
-    # known before the launch (the plan's buffer, sized for the most, on the first launch).
-    meta = config[0] if config else planned_meta(plan, x.device)
+    # known before the launch (the plan's buffer, sized for the most, on the first launch). The dtypes are the launch's.
     shape, dtype = plan.buffer("pool_partial")
+    meta = config[0] if config else planned_meta(plan, x.device, (x.dtype, w_mat.dtype, b.dtype, x.dtype, dtype))
     partial = torch.empty(shape if meta is None else (n * -(-hw // meta["BLOCK_P"]) * c,), device=x.device, dtype=dtype)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     y = torch.empty((n, hidden, h, w), device=x.device, dtype=x.dtype, memory_format=fmt)
