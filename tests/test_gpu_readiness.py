@@ -278,3 +278,21 @@ def test_every_config_of_every_kernel_compiled(path):
     _close(kernels.apply_fwd(x, mc, ms, "product"), ref_out, dtype, "apply, autotuned")
     _close(kernels.apply_bwd_dx(g, x, mc, ms, "product"), dx_ref, dtype, "dx, autotuned")
     assert checks >= 2
+
+
+def test_check_reports_the_triton_features_that_change_what_runs():
+    """`bam-triton check` says what this Triton has (read from its API where it shows) and what it changes; under
+    every version of ``make test-triton-compat`` the API agrees with the versions read in Triton's sources."""
+    import triton
+
+    from bam_triton import selftest
+
+    lines = selftest.triton_features()
+    version = selftest._version(triton.__version__)
+    cache, timing, stages, configs = lines[:4]
+    assert cache.startswith("on-disk autotune cache: " + ("yes" if version >= (3, 4) else "no")), cache
+    assert ("skipped by Triton" in timing) == (version >= (3, 8)), timing
+    assert stages.startswith(f"triton.Config's default num_stages: {2 if version < (3, 3) else 3};"), stages
+    assert "interpreter runs the first" in configs if _common.INTERPRETED else "config" in configs
+    text = "\n".join(selftest.environment(torch.device("cpu")))
+    assert all(line in text for line in lines)
