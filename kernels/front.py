@@ -105,6 +105,9 @@ def dot_mode(dtype):
 # warps (3.9) and with a [64, 64] one on 8 warps (3.3); every kept config compiles without spills at the ResNet-50
 # shapes with 3.2, 3.3 and 3.9. Its floor: 16 bytes of x (8 elements) per thread and step; smaller tiles are for fp32.
 _FWD_LIMITS = dict(acc=64, x=64)
+# The forward's accumulator, x and W_r tiles together: Triton 3.4 and 3.5 spilled on sm_80 at C_r = 128 (2048x7x7)
+# with 128 and 160 elements per thread ([128, 64] x tiles on 8 warps, [64, 64] on 4); at 112 or fewer none did.
+_FWD_TOTAL = 112
 _BWD_LIMITS = dict(dy=16, dw=32, dx=32)
 _BWD_DY_TILE = 2048
 _MIN_X = 8
@@ -114,6 +117,8 @@ _MIN_X = 8
 # C_r = 128 (Triton 3.9), x tiles of 32 took 254-255 registers (NHWC, 3.9); in the backward each of 22 configs with
 # 2 or more elements of dx per thread spilled at C_r = 64 or 128 with Triton 3.2, 3.3 or 3.9, those with 1 never.
 _FMA_FWD_LIMITS = dict(acc=32, x=16)
+# With the W_r tile: Triton 3.4 spilled at 64 (16 bytes, sm_90, 1024x14x14 channels_last), never at 40 or fewer.
+_FMA_FWD_TOTAL = 48
 _FMA_FWD_BLOCK_K = 32
 _FMA_BWD_LIMITS = dict(dy=16, dw=32, dx=1)
 
@@ -127,7 +132,8 @@ def tile_elements(kind, meta, num_warps, r_pad):
     """Elements per thread of each register tile of a ``kind`` program with config ``meta``."""
     threads = 32 * num_warps
     if kind == "front_fwd":
-        return dict(acc=r_pad * meta["BLOCK_P"] // threads, x=meta["BLOCK_K"] * meta["BLOCK_P"] // threads)
+        return dict(acc=r_pad * meta["BLOCK_P"] // threads, x=meta["BLOCK_K"] * meta["BLOCK_P"] // threads,
+                    w=r_pad * meta["BLOCK_K"] // threads)
     return dict(dy=r_pad * meta["BLOCK_P"] // threads, dw=r_pad * meta["BLOCK_K"] // threads,
                 dx=meta["BLOCK_K"] * meta["BLOCK_P"] // threads)
 
@@ -136,13 +142,15 @@ def fits(kind, meta, num_warps, r_pad, dot):
     """Whether a ``kind`` config's register tiles stay within the budget above of its ``dot`` path at ``r_pad``."""
     sizes = tile_elements(kind, meta, num_warps, r_pad)
     if dot == DOT_FMA:
-        if kind == "front_fwd" and meta["BLOCK_K"] > _FMA_FWD_BLOCK_K:
+        if kind == "front_fwd" and (meta["BLOCK_K"] > _FMA_FWD_BLOCK_K or sum(sizes.values()) > _FMA_FWD_TOTAL):
             return False
         limits = _FMA_FWD_LIMITS if kind == "front_fwd" else _FMA_BWD_LIMITS
     else:
         if sizes["x" if kind == "front_fwd" else "dx"] < _MIN_X:
             return False
         if kind == "front_bwd" and r_pad * meta["BLOCK_P"] > _BWD_DY_TILE:
+            return False
+        if kind == "front_fwd" and sum(sizes.values()) > _FWD_TOTAL:
             return False
         limits = _FWD_LIMITS if kind == "front_fwd" else _BWD_LIMITS
     return all(sizes[name] <= limit for name, limit in limits.items())
@@ -152,7 +160,9 @@ def _prune(kind):
     """``early_config_prune`` of ``kind``: keep the configs whose block along x's contiguous axis has at least 32
     elements (BLOCK_P for NCHW, BLOCK_K for NHWC; or the whole axis when it is shorter), whose pixel block is at most
     twice the image's pixels (rounded up to a power of two, at least 32), and that :func:`fits` the register budget
-    of the dot path (DOT: fp32 or not). Never empty: the first config of the list stays when nothing else would."""
+    of the dot path (DOT: fp32 or not). Never empty: where no config fits the budget (the backward at C_r = 128),
+    the one with the fewest register-tile elements per thread of those the other rules keep stays (the first of the
+    list spilled there on sm_80 with Triton 3.4 and 3.5, this one never)."""
 
     def prune(configs, named_args, **kwargs):
         def arg(name):
@@ -161,15 +171,20 @@ def _prune(kind):
         channels_last, c, hw, r_pad, dot = arg("CHANNELS_LAST"), arg("C"), arg("HW"), arg("R_PAD"), arg("DOT")
         contiguous_axis, extent = ("BLOCK_K", c) if channels_last else ("BLOCK_P", hw)
 
-        def keep(cf):
+        def shaped(cf):
             meta = cf.kwargs
             if meta[contiguous_axis] < min(32, triton.next_power_of_2(extent)):
                 return False
             if meta["BLOCK_P"] > max(32, 2 * triton.next_power_of_2(hw)):
                 return False
-            return fits(kind, meta, cf.num_warps, r_pad, dot)
+            return dot == DOT_FMA or tile_elements(kind, meta, cf.num_warps, r_pad)[
+                "x" if kind == "front_fwd" else "dx"] >= _MIN_X
 
-        return [cf for cf in configs if keep(cf)] or configs[:1]
+        kept = [cf for cf in configs if shaped(cf) and fits(kind, cf.kwargs, cf.num_warps, r_pad, dot)]
+        if kept:
+            return kept
+        usable = [cf for cf in configs if shaped(cf)] or configs
+        return [min(usable, key=lambda cf: sum(tile_elements(kind, cf.kwargs, cf.num_warps, r_pad).values()))]
 
     return prune
 
