@@ -37,12 +37,13 @@ Dtypes: the dots take W in x's dtype (the launchers cast it, as cuDNN under auto
 memory format; b, mc, ms and dpool may be any float dtype. Everything accumulates in fp32 (fp64 for fp64 x).
 Offsets within an image are int32 (the op layer checks C·H·W < 2**31), image bases int64.
 
-GPU code (tests/test_kernel_front.py compiles every kept config for sm_80 and sm_90 at the ResNet-50 BAM shapes,
-batch 32, r = 16, fp16/bf16, both layouts: 272 variants, checked with Triton 3.2, 3.3 and 3.9): mma.sync on sm_80,
+GPU code (tests/test_kernel_front.py compiles every kept config for sm_80 and sm_90 at the ResNet-50 BAM shapes and
+2048x7x7, batch 32, r = 16, fp16/bf16, both layouts, under every Triton from 3.2 to 3.9: `make test-triton-compat`
+and `make test`): mma.sync on sm_80,
 wgmma or mma.sync on sm_90, no spills; x loads (cp.async into shared memory, as the pipeliner feeds the dots, or
 ld.global) are 128-bit wherever x's rows are 16-byte aligned, i.e. everywhere but NCHW 14x14 (a row of 196 fp16 is
-8-byte aligned: 64-bit; the pooling's row-group trick cannot feed a GEMM tile). Registers, sm_80 / sm_90, over those
-shapes and the three Tritons:
+8-byte aligned: 64-bit; the pooling's row-group trick cannot feed a GEMM tile). Registers, sm_80 / sm_90, over the
+ResNet-50 shapes with Triton 3.2, 3.3 and 3.9:
 
     forward   P64-K64-w4 56-168 / 56-124    P128-K32-w4 64-202 / 63-130   P128-K64-w8 64-166 / 57-126
               P32-K64-w4 48-111 / 40-117    P64-K32-w4 48-128 / 40-88     P256-K32-w8 78-212 / 62-154
@@ -57,17 +58,19 @@ launches them, it spilled at 28x28 NHWC (w8: 24 bytes, sm_80, 3.9; w4: 12 bytes,
 fp32 compiles to FMA (IEEE, no TF32), which keeps the whole reduction of each of a thread's outputs in registers: with
 the tensor-core budget the first configs spilled at the larger C_r (Triton 3.9, sm_80: forward 536 bytes at 28x28
 NHWC, 864 / 1048 at 14x14 NCHW / NHWC, 7480 / 2072 at 2048x7x7; backward 2396-20776 at 14x14 and 7x7; sm_90 too).
-The pruner tells fp32 by DOT (DOT_FMA) and keeps it within a budget of its own: forward P64-K32-w4 up to C_r = 64
-and P32-K32-w8, backward K32-P16-w16 (NHWC) and K16-P32-w16 (NCHW), one element of dx per thread; the last three are
-fp32-only entries of the lists, too small for the tensor-core floor. The tests compile every config fp32 keeps at
-the ResNet-50 shapes and 2048x7x7, both layouts, sm_80 and sm_90 (44 variants): no spills with Triton 3.2, 3.3 and
-3.9; registers sm_80 / sm_90, over those shapes and Tritons:
+The pruner tells fp32 by DOT (DOT_FMA) and keeps it within a budget of its own: forward P64-K32-w4 up to C_r = 32
+(at 64 it spilled 16 bytes on sm_90 with Triton 3.4) and P32-K32-w8, backward K32-P16-w16 (NHWC) and K16-P32-w16
+(NCHW), one element of dx per thread; the last three are fp32-only entries of the lists, too small for the
+tensor-core floor. The tests compile every config fp32 keeps at the ResNet-50 shapes and 2048x7x7, both layouts,
+sm_80 and sm_90: no spills with any Triton from 3.2 to 3.9; registers sm_80 / sm_90, over those shapes with 3.2, 3.3
+and 3.9:
 
     forward   P64-K32-w4 56-204 / 62-128    P32-K32-w8 37-194 / 40-118
     backward  K32-P16-w16 40-64 / 40-64     K16-P32-w16 40-117 / 40-70
 
-Where none fits (the lists without their fp32 entries; a wider C_r) the pruner keeps the first config, which spills
-at C_r >= 64. fp32 is no performance target. fp64 (a correctness path for gradcheck, no dot) spills heavily.
+Where none fits (the backward at C_r = 128; the lists without their fp32 entries; a wider C_r) the pruner keeps the
+config with the smallest register tiles (K32-P32-w4 at C_r = 128: no spills, where the first config spilled on sm_80
+with Triton 3.4 and 3.5). fp32 is no performance target. fp64 (a correctness path for gradcheck, no dot) spills heavily.
 """
 import torch
 import triton

@@ -1,6 +1,7 @@
 """What tests/test_compiled_launches.py runs in its compiled-mode child, once tests/recording_driver.py's stand-in GPU
 is active: every case of :data:`CASES` on every input of :data:`INPUTS`, twice, then every chosen config forced; then
-:func:`check` holds each recorded kernel launch against the launch plan it came from.
+:func:`check` holds each recorded kernel launch against the launch plan it came from. The child makes two passes,
+pinned (``BAM_TRITON_AUTOTUNE=0``) and autotuned, with :func:`reset` between them.
 
 A module's launchers join the test with one line each in :data:`CASES`: ``(name, call)``, ``call(t)`` launching on
 the :class:`Inputs` ``t`` as the module does (CPU tensors stand in for CUDA ones: Triton's binder and our launchers
@@ -69,6 +70,13 @@ class Call:
 
 CALLS = []
 AUTOTUNER_RUNS = []
+
+
+def reset():
+    """Forget every plan and record, for a second pass in the same process (Triton's kernel cache stays)."""
+    _common.forget_plans()
+    for records in (CALLS, AUTOTUNER_RUNS, rec.LAUNCHES, rec.COMPILES, rec.TIMED):
+        records.clear()
 
 
 def _recording(launch):
