@@ -24,8 +24,7 @@ class Inputs:
         self.shape, self.dtype, self.channels_last = shape, dtype, channels_last
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.x = torch.zeros(shape, dtype=dtype).contiguous(memory_format=fmt)
-        n, c, h, w = shape
-        self.c = c
+        self.c = shape[1]
 
     def maps(self, dtype=torch.float32):
         n, c, h, w = self.shape
@@ -54,7 +53,7 @@ INPUTS = [Inputs(shape, dtype, cl) for shape, cl in (((2, 16, 8, 8), False), ((2
                                                      ((2, 16, 7, 7), False))
           for dtype in (torch.float32, torch.bfloat16)]
 
-# Every kernel the cases reach at these inputs.
+# Kernels the cases must reach at these inputs (BAM's; a new module's cases check their own launches).
 KERNELS = {"channel_pool_kernel", "channel_pool_rows_kernel", "apply_fwd_kernel", "apply_bwd_reduce_kernel",
            "apply_bwd_reduce_rows_kernel", "apply_bwd_dx_kernel", "front_fwd_kernel", "front_bwd_kernel"}
 
@@ -155,7 +154,8 @@ def check_launch(launch, plan, tensors):
 
 def check(pinned):
     """Everything the test asserts, for a run with (``pinned``) or without ``BAM_TRITON_AUTOTUNE=0``."""
-    assert {launch.kernel.name for launch in rec.LAUNCHES} == KERNELS, sorted({l.kernel.name for l in rec.LAUNCHES})
+    reached = {launch.kernel.name for launch in rec.LAUNCHES}
+    assert KERNELS <= reached, sorted(KERNELS - reached)
     first = {}  # (plan, tuning state) -> the call that chose its config
     tuned = {}  # kernel name -> the configs its autotuner chose by timing
     for call in CALLS:
