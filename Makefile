@@ -2,11 +2,14 @@
 #   make demo   the main job: kernel check, then a perf sweep and its plot on whatever device is here
 #   make test   the test suite (Triton kernels run through Triton's interpreter on CPU; with CUDA, then again on
 #               the GPU with the kernels compiled)
-# Each creates .venv on first use. torch==2.13.0 is the CPU wheel on a CPU machine (on a GPU machine pip picks the
-# CUDA build of that release); the project itself is installed editable with its dev extras.
+# Each creates .venv on first use: torch==2.13.0, then the project editable with its dev extras. Which build of torch
+# pip takes is the registry's: PyPI serves Linux x86_64 the CUDA build (with its nvidia-* packages) on any machine,
+# a GPU or not. TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU build from PyTorch's own index (for
+# torch and its dependencies only; the dev extras still come from the default index).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 
 GPU_RESULTS ?= gpu-results
@@ -17,7 +20,7 @@ HAS_CUDA = $(BIN)/python -c "import torch, sys; sys.exit(not torch.cuda.is_avail
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 

@@ -31,14 +31,34 @@ def default_backend():
 
 
 SINGLE_READ_ENV_VAR = "BAM_TRITON_SINGLE_READ"
+# Read by the kernels when they are imported (kernels/_common.py: PINNED); validated here with the other variables.
+AUTOTUNE_ENV_VAR = "BAM_TRITON_AUTOTUNE"
+_ON, _OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
+def _env_flag(name, default):
+    """``$name`` as a bool (unset or empty: ``default``); a value that is none of 1/true/on/yes, 0/false/off/no (any
+    case) raises ``ValueError`` naming the variable and what it accepts."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value not in _ON + _OFF:
+        raise ValueError(f"environment variable {name} must be one of {', '.join(_ON)} (on) or {', '.join(_OFF)} "
+                         f"(off), got {os.environ[name]!r}")
+    return value in _ON
 
 
 def single_read_default():
     """``$BAM_TRITON_SINGLE_READ`` as a bool (unset: False): the default of ``BAM(single_read=None)``."""
-    value = os.environ.get(SINGLE_READ_ENV_VAR, "0").strip().lower()
-    if value not in ("", "0", "1", "false", "true", "off", "on", "no", "yes"):
-        raise ValueError(f"environment variable {SINGLE_READ_ENV_VAR} must be 0 or 1, got {value!r}")
-    return value in ("1", "true", "on", "yes")
+    return _env_flag(SINGLE_READ_ENV_VAR, False)
+
+
+def check_environment():
+    """Read every ``BAM_TRITON_*`` variable once, so that a bad value is refused (``ValueError`` naming it) before any
+    work starts, not halfway through it: the ``bam-triton`` commands call this first."""
+    default_backend()
+    single_read_default()
+    _env_flag(AUTOTUNE_ENV_VAR, True)
 
 
 def _find_triton():

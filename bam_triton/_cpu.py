@@ -5,8 +5,8 @@ is asked to compute changes, because oneDNN and the CPU's caches reward it (meas
   (oneDNN would first reorder all of x to its blocked layout).
 - :func:`spatial_branch`: the dilated 3x3 convs get channels_last input (oneDNN runs these narrow convs much faster
   so; their input is r times smaller than x, so the conversion is cheap).
-- :func:`apply_forward_in_chunks`: the apply step a few images at a time, so its attention temporary stays in cache
-  between its passes.
+- :func:`apply_forward_in_chunks` (:func:`image_chunks`): the apply step a few images at a time, so its attention
+  temporary stays in cache between its passes (CBAM's steps chunk the same way).
 
 None of these runs on CUDA tensors or where plain ops are needed (``_backend.plain_ops_needed``: export, tracing,
 ``torch.func``), and the chunking not under ``torch.compile`` (inductor fuses the passes itself).
@@ -54,15 +54,24 @@ def chunks_apply(x):
             and max(1, APPLY_CHUNK_ELEMENTS // image) < n)
 
 
+def image_chunks(x):
+    """Slices of ``x``'s batch that keep a chunk's temporaries in the CPU's cache (``APPLY_CHUNK_ELEMENTS`` elements,
+    or one image when an image is larger); one slice of the whole batch where :func:`chunks_apply` says no."""
+    n = x.shape[0]
+    if not chunks_apply(x):
+        return [slice(0, n)]
+    step = max(1, APPLY_CHUNK_ELEMENTS // x[0].numel())
+    return [slice(start, min(n, start + step)) for start in range(0, n, step)]
+
+
 def apply_forward_in_chunks(x, mc, ms, combine, logits, memory_format):
     """``x·(1 + sigmoid(mc ⊕ ms))`` a few images at a time, in ``x``'s ``memory_format``; ``logits(x, mc, ms, combine,
     out=)`` writes each chunk's ``mc ⊕ ms`` into one reused buffer; ``mc`` (N, C), ``ms`` (N, H·W)."""
-    n = x.shape[0]
-    step = max(1, APPLY_CHUNK_ELEMENTS // x[0].numel())
+    chunks = image_chunks(x)
     out = torch.empty_like(x, memory_format=memory_format)
-    buffer = torch.empty_like(x[:step], dtype=torch.promote_types(mc.dtype, ms.dtype), memory_format=memory_format)
-    for start in range(0, n, step):
-        images = slice(start, min(n, start + step))
-        att = logits(x[images], mc[images], ms[images], combine, out=buffer[:images.stop - start]).sigmoid_()
+    buffer = torch.empty_like(x[chunks[0]], dtype=torch.promote_types(mc.dtype, ms.dtype),
+                              memory_format=memory_format)
+    for images in chunks:
+        att = logits(x[images], mc[images], ms[images], combine, out=buffer[:images.stop - images.start]).sigmoid_()
         torch.addcmul(x[images], x[images], att, out=out[images])
     return out

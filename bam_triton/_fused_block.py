@@ -18,7 +18,7 @@ Here x goes through a junction, which also runs the pooling kernel, and whose ba
 6 passes in all (s comes from the small maps, so step 3 needs no x). The reductions must finish before the branches'
 backward can start and torch writes dx_conv, so g is read twice: the floor for this dependency order.
 
-The hand-over lives only within one backward pass (see :class:`_GradHandoff`). A backward recorded for a further
+The hand-over lives only within one backward pass (see :class:`GradHandoff`). A backward recorded for a further
 derivative (``create_graph=True``) takes differentiable torch ops instead, and the junction then adds its inputs.
 """
 import torch
@@ -28,22 +28,27 @@ from .ops import (_channel_pool_impl, _dense, _differentiable_apply_backward, _m
                   channel_pool_unchecked)
 
 
-class _GradHandoff:
-    """What the apply step's backward hands to the junction's backward, which runs later in the same backward pass.
-    It is cleared when that pass ends (a callback queued on the autograd engine), so a pass that ran the apply step
-    but not the junction (``autograd.grad`` of some parameters only) leaves nothing for a later pass to pick up."""
-
-    __slots__ = ("g", "x", "mc", "ms")
+class GradHandoff:
+    """What a step's backward hands to a backward that runs later in the same backward pass (BAM's and CBAM's
+    junctions): keyword values, read back as attributes (None until handed over). It is cleared when that pass ends
+    (a callback queued on the autograd engine), so a pass that ran the handing step but not the receiving one
+    (``autograd.grad`` of some parameters only) leaves nothing for a later pass to pick up."""
 
     def __init__(self):
-        self.clear()
+        self.received = {}
+
+    def __getattr__(self, name):  # only for names that are not attributes: the handed-over values
+        if name == "received":  # not yet set (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return self.received.get(name)
 
     def clear(self):
-        self.g = self.x = self.mc = self.ms = None
+        self.received = {}
 
-    def hand_over(self, g, x, mc, ms):
-        self.g, self.x, self.mc, self.ms = g, x, mc, ms
-        torch.autograd.Variable._execution_engine.queue_callback(self.clear)
+    def hand_over(self, **values):
+        if not self.received:
+            torch.autograd.Variable._execution_engine.queue_callback(self.clear)
+        self.received.update(values)
 
 
 class _Junction(torch.autograd.Function):
@@ -96,7 +101,7 @@ class _ApplyIntoJunction(torch.autograd.Function):
         if g.stride() != x.stride():
             g = g.contiguous(memory_format=_memory_format(x))
         dmc, dms = _backend.kernels().apply_bwd_reduce(g, x, mc, ms, ctx.combine)
-        ctx.handoff.hand_over(g, x, mc, ms)
+        ctx.handoff.hand_over(g=g, x=x, mc=mc, ms=ms)
         return None, dmc.to(mc.dtype), dms.to(ms.dtype), None, None
 
 
@@ -112,7 +117,7 @@ def block_forward(x, channel_branch, spatial_branch, combine, path):
         return bam_apply_unchecked(x, mc, spatial_branch(x), combine, path)
     x = _dense(x)  # the launchers below are called directly: they index dense NCHW or channels_last memory
     n, c, h, w = x.shape
-    handoff = _GradHandoff()
+    handoff = GradHandoff()
     pooled, x_conv, x_apply = _Junction.apply(x, handoff, combine)
     mc = channel_branch(pooled)
     ms = spatial_branch(x_conv)
@@ -187,7 +192,7 @@ def single_read_forward(x, channel_branch, reduce_conv, spatial_branch, combine)
         pooled, y = kernels.front_fwd(x, *params)
         mc, ms = channel_branch(pooled), spatial_branch(x, reduced=y)
         return kernels.apply_fwd(x, mc.reshape(n, c).contiguous(), ms.reshape(n, h * w).contiguous(), combine)
-    handoff = _GradHandoff()
+    handoff = GradHandoff()
     x_apply, pooled, y = _FrontJunction.apply(x, *params, handoff, combine)
     mc, ms = channel_branch(pooled), spatial_branch(x_apply, reduced=y)
     return _ApplyIntoJunction.apply(x_apply, mc.reshape(n, c).contiguous(), ms.reshape(n, h * w).contiguous(),

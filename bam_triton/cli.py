@@ -50,8 +50,9 @@ def _use_interpreter_now():
 
 def _add_attention_command(commands):
     """``attention``: BAM's attention maps over images (``bam_triton.viz``, imported only when it runs)."""
-    attention = commands.add_parser("attention", help="plot BAM's attention maps of a ResNet+BAM over synthetic "
-                                                      "images (random weights unless --checkpoint)")
+    attention = commands.add_parser("attention", help="plot BAM's attention maps of a ResNet+BAM "
+                                                      "(combine='product', the authors') over synthetic images "
+                                                      "(random weights unless --checkpoint)")
     attention.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50", "resnet101"], default="resnet18")
     attention.add_argument("--checkpoint", default=None, help="the authors' ResNet+BAM checkpoint (*.pth.tar) or a "
                                                               "state_dict; default: random initialisation")
@@ -137,7 +138,7 @@ def _run_export(args):
     if args.checkpoint is not None:
         try:
             models.load_official_checkpoint(model, args.checkpoint)
-        except (models.CheckpointMismatchError, TypeError, ValueError) as error:
+        except (RuntimeError, TypeError, ValueError) as error:  # CheckpointMismatchError, a BAM with another combine
             return _export_error(f"--checkpoint {args.checkpoint!r} does not fit {args.model} with --num-classes "
                                  f"{args.num_classes}: {error}")
         source = args.checkpoint
@@ -187,7 +188,38 @@ def _run_export(args):
     return 0 if verdict == "OK" else 1
 
 
-def main(argv=None):
+# The optional packages a command cannot run without (export checks its own: they depend on --dynamo; gpu-check its
+# own, with the GPU), and how to install each.
+_COMMAND_NEEDS = {"plot": ("matplotlib",), "attention": ("matplotlib",), "traffic": ("triton",),
+                  "inspect": ("triton",), "overhead": ("triton",), "tune": ("triton",)}
+_INSTALL = {"matplotlib": "pip install matplotlib (the project's bench extra)",
+            "triton": "pip install triton (Linux only; torch's CUDA wheels bring it)"}
+
+
+def _user_mistake(args):
+    """The mistakes every command refuses before it starts, as one line (``None`` when there is none): a bad
+    ``BAM_TRITON_*`` environment variable, ``--device cuda`` without a CUDA GPU, a missing package the command needs.
+    Checked first, so that no command prints half a report and then a traceback."""
+    import importlib.util
+
+    import torch
+
+    from . import _backend
+
+    try:
+        _backend.check_environment()
+    except ValueError as error:
+        return str(error)
+    if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
+        return f"--device cuda needs a CUDA GPU, and torch {torch.__version__} sees none"
+    for package in _COMMAND_NEEDS.get(args.command, ()):
+        found = _backend.triton_installed() if package == "triton" else importlib.util.find_spec(package) is not None
+        if not found:
+            return f"needs the {package} package, which is not installed: {_INSTALL[package]}"
+    return None
+
+
+def _parser():
     parser = argparse.ArgumentParser(prog="bam-triton", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="versions, device, runnable backends, and a kernel self-test")
@@ -195,7 +227,16 @@ def main(argv=None):
     _add_bench_commands(commands)
     _add_attention_command(commands)
     _add_export_command(commands)
+    return parser
+
+
+def main(argv=None):
+    parser = _parser()
     args = parser.parse_args(argv)
+    mistake = _user_mistake(args)
+    if mistake:
+        print(f"error: bam-triton {args.command}: {mistake}", file=sys.stderr)
+        return 2
     if args.command == "check":
         _prefer_interpreter_on_cpu(args.device)
         from .selftest import run_check
@@ -212,6 +253,9 @@ def main(argv=None):
     if args.command == "attention":
         if args.images < 1:
             parser.error("--images must be >= 1")
+        if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+            print(f"error: bam-triton attention: --checkpoint {args.checkpoint!r}: no such file", file=sys.stderr)
+            return 2
         from .viz import attention_figure
 
         out, _ = attention_figure(args.arch, args.checkpoint, images=args.images, out=args.out, kind=args.kind,

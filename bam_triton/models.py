@@ -11,12 +11,14 @@
 
 Default ``combine="product"``: the networks the paper evaluates were trained with the authors' code, whose BAM
 multiplies the two branches (``sigmoid(Mc * Ms)``), and their released checkpoints are only correct with it. Pass
-``combine="sum"`` for the paper's eq. 2. ``combine`` has no parameters, so a checkpoint loads either way; only its
-outputs differ (:func:`load_official_checkpoint` warns when a BAM is not ``"product"``).
+``combine="sum"`` for the paper's eq. 2 (:class:`~bam_triton.BAM`'s own default). ``combine`` has no parameters: our
+``state_dict()`` records it in its metadata, and loading into a BAM with the other one raises; the authors' files
+record nothing, and :func:`load_official_checkpoint` warns when one goes into a BAM that is not ``"product"``.
 """
 import os
 import re
 import warnings
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -250,8 +252,9 @@ def _bam_name(stage_name):
     return f"bam{match.group(1)}" if match else "bam_" + stage_name.replace(".", "_")
 
 
-def _stage_output_channels(model, stages, example_input):
-    """Run ``model`` once on ``example_input`` in eval mode and record dim 1 of each stage's output."""
+def _stage_output_channels(model, stages, example_input, default_input):
+    """Run ``model`` once on ``example_input`` in eval mode and record dim 1 of each stage's output;
+    ``default_input``: whether ``example_input`` is add_bam's default, not the caller's (for the error message)."""
     channels = {}
     handles = []
     for name, stage in stages.items():
@@ -268,6 +271,12 @@ def _stage_output_channels(model, stages, example_input):
         model.eval()
         with torch.no_grad():
             model(example_input)
+    except RuntimeError as error:  # torch's shape and dtype errors, deep inside the model
+        given = (f"the default example_input, zeros{tuple(example_input.shape)}" if default_input else
+                 f"example_input of shape {tuple(example_input.shape)}")
+        raise ValueError(f"add_bam infers each stage's channels from one forward pass, and the model failed on "
+                         f"{given}: {type(error).__name__}: {error}. Pass example_input=<a batch your model accepts>, "
+                         f"e.g. torch.zeros(1, 1, 64, 64) for 1-channel images") from error
     finally:
         for handle in handles:
             handle.remove()
@@ -297,29 +306,40 @@ def add_bam(model, stages=BAM_STAGES, example_input=None, **bam_kwargs):
     Args:
         model: an ``nn.Module`` whose submodules named in ``stages`` each return an (N, C, H, W) tensor.
         stages: qualified submodule names (``model.get_submodule(name)``). Default ``("layer1", "layer2", "layer3")``.
-        example_input: input for the dry run, when (1, 3, 64, 64) does not fit the model.
+        example_input: input for the dry run, when (1, 3, 64, 64) does not fit the model (e.g. ``zeros(1, 1, 64,
+            64)`` for 1-channel images).
         **bam_kwargs: for each :class:`~bam_triton.BAM` (``reduction``, ``dilation``, ``combine``, ``backend``, ...);
-            ``combine`` defaults to ``"product"``, as in :class:`ResNet`.
+            ``combine`` defaults to ``"product"`` here (the authors' code, which their checkpoints need), where
+            ``BAM`` itself defaults to ``"sum"`` (the paper); pass ``combine="sum"`` for the paper's eq. 2.
 
     Raises:
-        ValueError: a stage is named twice or already has a BAM from an earlier call.
+        ValueError: a stage is named twice, is not a submodule of ``model`` or already has a BAM from an earlier call;
+            the dry run fails on ``example_input``.
     """
     if isinstance(stages, str):
         stages = (stages,)
     if len(set(stages)) != len(stages):
         raise ValueError(f"add_bam: stages must be distinct, got {stages!r}")
     bam_kwargs.setdefault("combine", "product")
-    stage_modules = {name: model.get_submodule(name) for name in stages}
+    stage_modules = {}
+    for name in stages:
+        try:
+            stage_modules[name] = model.get_submodule(name)
+        except AttributeError as error:
+            children = ", ".join(child for child, _ in model.named_children())
+            raise ValueError(f"add_bam: stages names submodules of model (as model.get_submodule does), and model has "
+                             f"no {name!r} ({error}); its top-level submodules: {children or 'none'}") from error
     for name in stages:
         bam_name = _bam_name(name)
         if hasattr(model, bam_name):
             raise ValueError(f"add_bam: model already has an attribute {bam_name!r}; is there a BAM after {name!r} "
                              f"already?")
-    if example_input is None:
+    default_input = example_input is None
+    if default_input:
         reference = next(iter(model.parameters()), None)
         example_input = torch.zeros(1, 3, 64, 64, device=None if reference is None else reference.device,
                                     dtype=None if reference is None else reference.dtype)
-    channels = _stage_output_channels(model, stage_modules, example_input)
+    channels = _stage_output_channels(model, stage_modules, example_input, default_input)
     reference = next(iter(model.parameters()), None)
     for name, stage in stage_modules.items():
         bam = BAM(channels[name], **bam_kwargs)
@@ -371,6 +391,11 @@ def _extract_state_dict(checkpoint):
     return checkpoint
 
 
+def _strip_module(key):
+    """A key (or metadata prefix) of a DataParallel/DDP state_dict without its ``module`` level."""
+    return "" if key == "module" else key[len("module."):] if key.startswith("module.") else key
+
+
 def load_official_checkpoint(model, path_or_dict, weights_only=True):
     """Load the authors' ResNet+BAM checkpoint (or any state_dict in that layout) into ``model``, strictly.
 
@@ -378,7 +403,8 @@ def load_official_checkpoint(model, path_or_dict, weights_only=True):
     'best_prec1', 'optimizer'}``, state_dict keys prefixed ``module.`` by DataParallel; the released file is named
     ``*.pth.tar`` but is a plain ``torch.save`` file), a bare state_dict, with or without ``module.``, as a path or
     an already loaded dict. ``module.`` is stripped; ``model`` may itself be wrapped in DataParallel/DDP. Missing
-    ``num_batches_tracked`` buffers (files from PyTorch < 0.4.1) are filled with 0; nothing else is forgiven.
+    ``num_batches_tracked`` buffers (files from PyTorch < 0.4.1) are filled with 0; nothing else is forgiven. A
+    state_dict saved by bam_triton records each BAM's ``combine``, and a BAM of ``model`` with another one raises.
 
     Args:
         model: e.g. ``resnet50(bam=True)`` (default ``combine="product"``, the one their checkpoints need).
@@ -401,8 +427,9 @@ def load_official_checkpoint(model, path_or_dict, weights_only=True):
         source = "(dict)"
         checkpoint = path_or_dict
     state_dict = _extract_state_dict(checkpoint)
-    state_dict = {(key[len("module."):] if key.startswith("module.") else key): value
-                  for key, value in state_dict.items()}
+    metadata = getattr(state_dict, "_metadata", {})  # our own files record each BAM's combine there (BAM's docstring)
+    state_dict = OrderedDict(((_strip_module(key), value) for key, value in state_dict.items()))
+    state_dict._metadata = OrderedDict((_strip_module(key), value) for key, value in metadata.items())
     target = model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
     expected = target.state_dict()
     for key, value in expected.items():
@@ -415,7 +442,9 @@ def load_official_checkpoint(model, path_or_dict, weights_only=True):
                         and state_dict[key].shape != expected[key].shape]
     if missing or unexpected or shape_mismatches:
         raise CheckpointMismatchError(missing, unexpected, shape_mismatches, source)
-    not_product = [name for name, bam in bam_modules(target) if bam.combine != "product"]
+    # A BAM whose checkpoint entry records its combine is checked by load_state_dict (it raises on a mismatch).
+    not_product = [name for name, bam in bam_modules(target)
+                   if bam.combine != "product" and "combine" not in state_dict._metadata.get(name, {})]
     if not_product:
         warnings.warn(f"BAM modules {not_product} use combine='sum'; the authors' checkpoints were trained with "
                       f"combine='product' and give wrong outputs otherwise", stacklevel=2)

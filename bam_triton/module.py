@@ -2,6 +2,8 @@
 
 The submodule and parameter names are those of the authors' public code, so its checkpoints load with
 ``load_state_dict(..., strict=True)`` unchanged and ``state_dict()`` saves back in its layout (no key mapping needed).
+``state_dict()`` also records ``combine`` in its metadata (not as a key), and loading into a BAM with the other
+``combine`` raises (docs/design.md, "combine in checkpoints").
 """
 import warnings
 from typing import Optional
@@ -12,6 +14,25 @@ from torch import nn
 from . import _backend, _cpu
 from ._fused_block import block_forward, single_read_forward
 from .ops import bam_apply_unchecked, check_combine, check_feature_map, resolve_path
+
+
+def reset_layers(module):
+    """Re-initialise every layer below ``module`` with torch's defaults, BatchNorm running statistics included."""
+    for layer in module.modules():
+        if layer is not module and hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.reset_running_stats()
+
+
+def check_traced(check, x):
+    """``check(x)``, the TracerWarnings it raises under ``torch.jit.trace`` silenced: the checks read sizes, which are
+    tensors while a trace records; for a valid input they are constants."""
+    if not torch.jit.is_tracing():
+        return check(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return check(x)
 
 
 def _check_positive_int(value, name, minimum=1):
@@ -94,7 +115,8 @@ class BAM(nn.Module):
         dilation: d, dilation and padding of the 3x3 convs. Default 4.
         num_dilated_convs: number of dilated 3x3 convs in the spatial branch. Default 2.
         combine: ``"sum"`` (the paper's eq. 2, default) or ``"product"`` (the authors' code; use it for their
-            checkpoints).
+            checkpoints, and the default of ``add_bam`` and the model builders). ``state_dict()`` records it (in
+            its metadata, not as a key), and loading into a BAM with the other one raises.
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"``, ``"triton"``, or ``None`` to follow
             ``$BAM_TRITON_BACKEND`` at each call.
         single_read: on the Triton path, compute the pooling and the spatial branch's 1x1 conv in one kernel from one
@@ -139,23 +161,17 @@ class BAM(nn.Module):
         self.channel_att = ChannelGate(channels, self.hidden, device=device, dtype=dtype)
         self.spatial_att = SpatialGate(channels, self.hidden, dilation, num_dilated_convs, device=device, dtype=dtype)
 
+    # help(BAM.__init__) and IDEs show the constructor's own docstring (nn.Module's "Initialize internal Module
+    # state" otherwise): the class docstring, which documents the arguments, in one place.
+    __init__.__doc__ = __doc__
+
     def reset_parameters(self):
         """Re-initialise every layer with torch's defaults. (The authors' code meant to zero the spatial branch's
         BatchNorm weights, but its test never matched a key, so their models train from these defaults too.)"""
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.reset_running_stats()
+        reset_layers(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_tracing():
-            # The checks read sizes, which are tensors while a trace records; for a valid input they are constants.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                empty = self._check_input(x)
-        else:
-            empty = self._check_input(x)
+        empty = check_traced(self._check_input, x)
         if empty:
             return bam_apply_unchecked(x, x.new_zeros(x.shape[:2]), x.new_zeros(x.shape[0], *x.shape[2:]),
                                        self.combine, "torch")
@@ -182,6 +198,27 @@ class BAM(nn.Module):
                              "one sample to compute batch statistics. Train with batch size >= 2, or call .eval() to "
                              "use the running statistics.")
         return bool(x.numel() == 0)
+
+    # ``combine`` has no parameters, so the weights alone do not say which ⊕ they were trained with. It travels in
+    # the state_dict's metadata (``state_dict._metadata[prefix]``, kept by torch.save and torch.load, also with
+    # weights_only=True), never as a key: the authors' checkpoints (no such entry) still load strictly, and our
+    # state_dict still loads strictly into their modules, which ignore metadata entries they do not know.
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None:  # state_dict() created this module's entry just before
+            metadata.setdefault(prefix[:-1], {})["combine"] = self.combine
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        saved = local_metadata.get("combine")
+        if saved is not None and saved != self.combine:  # load_state_dict raises with it, whatever ``strict``
+            error_msgs.append(f"{prefix[:-1] or 'BAM'}: these weights were saved by a BAM with combine={saved!r} and "
+                              f"this BAM has combine={self.combine!r}, which gives other outputs with them; build it "
+                              f"with combine={saved!r} (or set .combine = {saved!r}) before loading")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def __prepare_scriptable__(self):
         raise RuntimeError("bam_triton.BAM cannot be compiled by torch.jit.script (it chooses between Triton kernels "

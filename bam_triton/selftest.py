@@ -1,4 +1,5 @@
 """``bam-triton check``: what can run here, and a short self-test of every kernel against the torch path."""
+import copy
 import os
 import platform
 import subprocess
@@ -118,6 +119,29 @@ def kernel_self_test(device):
                         .backward()
                     ok, err = within_tolerance(xg.grad, xr.grad)
                     results.append((f"apply-backward {combine:7s} {tag}", ok, err))
+                results += _cbam_self_test(x, tag, gen)
+    return results
+
+
+def _cbam_self_test(x, tag, gen):
+    """A CBAM training step through every CBAM kernel against the torch path in float64 on the same (rounded)
+    weights: the output, and in fp32 dx (in half precision channels of x·a tie after rounding and a max's gradient
+    may go to another of them, as right as the reference's)."""
+    from .cbam import CBAM
+
+    n, c, h, w = x.shape
+    torch.manual_seed(0)
+    cbam = CBAM(c, reduction=min(c, 16), backend="triton").to(device=x.device, dtype=x.dtype)
+    reference = copy.deepcopy(cbam).double()
+    reference.backend = "torch"
+    g = torch.randn(x.shape, generator=gen).to(device=x.device, dtype=x.dtype)
+    xg, xr = x.detach().requires_grad_(), x.detach().double().requires_grad_()
+    out, want = cbam(xg), reference(xr)
+    (out * g).sum().backward()
+    (want * g.double()).sum().backward()
+    results = [(f"cbam {tag}", *within_tolerance(out, want))]
+    if x.dtype == torch.float32:
+        results.append((f"cbam-backward {tag}", *within_tolerance(xg.grad, xr.grad)))
     return results
 
 

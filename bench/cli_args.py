@@ -31,7 +31,9 @@ def _add_case_args(p, shape, why, dtype, combine):
                    help=f"default {'x'.join(map(str, shape))} ({why})")
     p.add_argument("--dtype", type=_dtype_name, default=dtype, help=f"fp32, fp16, bf16 (default {dtype})")
     p.add_argument("--layout", choices=("nchw", "channels_last"), default="nchw")
-    p.add_argument("--combine", choices=("product", "sum"), default=combine)
+    p.add_argument("--combine", choices=("product", "sum"), default=combine,
+                   help=f"⊕ of the two branches (default {combine}: " + (
+                       "the authors' code, as the sweep)" if combine == "product" else "BAM's own default)"))
 
 
 def add_traffic_args(p):
@@ -49,6 +51,9 @@ def add_inspect_args(p):
                    help="comma-separated kernel names (default: every kernel found)")
     p.add_argument("--out", default="bench-results", metavar="DIR", help="where inspect.json goes")
     p.add_argument("--quick", action="store_true", help="first config of each kernel only")
+    p.add_argument("--table", action="store_true",
+                   help="one line per compiled variant (config, arch, dtype, shape, layout) instead of the summary "
+                        "of one line per kernel")
 
 
 def add_overhead_args(p):

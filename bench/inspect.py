@@ -25,7 +25,9 @@ DTYPES = ("fp32", "fp16", "bf16")
 LAYOUTS = ("nchw", "channels_last")
 
 # Pointer arguments that hold full (N, C, H, W) tensors of x's dtype; every other pointer is a small map.
-_FULL_TENSORS = ("x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dx_extra_ptr")
+_FULL_TENSORS = ("x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dx_extra_ptr", "extra_ptr")
+# Pointer arguments of int32 argmax maps that no launch plan allocates (CBAM's kernels receive them).
+_INT32_POINTERS = ("argmax_c_ptr", "argmax_hw_ptr")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -43,12 +45,24 @@ KERNELS = (
     ("apply_bwd_reduce_rows_kernel", "rows"),
     ("front_fwd_kernel", "front_fwd"),
     ("front_bwd_kernel", "front_bwd"),
+    # CBAM (kernels/cbam.py); "[max]" and "[g]" name the variants of a kernel that CBAM launches (WITH_MAX, WITH_G).
+    ("channel_pool_kernel[max]", "pool"),
+    ("channel_pool_rows_kernel[max]", "rows"),
+    ("channel_reduce_kernel", "reduce2d"),
+    ("channel_reduce_kernel[g]", "reduce2d"),
+    ("hw_reduce_kernel", "pool"),
+    ("apply_kernel", "elementwise"),
+    ("grad_x_kernel", "elementwise"),
 )
+CBAM_KERNELS = tuple(name for name, _ in KERNELS[8:])
+# CBAM also sits in ResNet-18/34's 64-channel blocks.
+CBAM_EXTRA_SHAPES = ((32, 64, 56, 56),)
 
 
 # Kernels whose every full-tensor access is meant to be a 128-bit vector at every shape they run on (the 2D-tile
 # kernels are too when H·W is a multiple of 16, and scalar otherwise, where the row-group kernels take over).
-VECTOR_KERNELS = ("apply_fwd_kernel", "apply_bwd_dx_kernel", "channel_pool_rows_kernel", "apply_bwd_reduce_rows_kernel")
+VECTOR_KERNELS = ("apply_fwd_kernel", "apply_bwd_dx_kernel", "channel_pool_rows_kernel", "apply_bwd_reduce_rows_kernel",
+                  "channel_pool_rows_kernel[max]", "apply_kernel", "grad_x_kernel")
 
 
 KERNELS_KIND = dict(KERNELS)
@@ -70,15 +84,24 @@ SM_COUNTS = {80: 108, 90: 132}
 
 def launch_plan(kernel, dtype, shape, layout, arch=90):
     """The launcher's plan for an input of ``shape``/``dtype``/``layout`` on a GPU of ``arch``, for the launcher that
-    can run ``kernel`` (the backward reductions with dx stored, the dx kernel with every optional input), or None
-    when that launcher picks another kernel there."""
+    can run ``kernel`` (the backward reductions with dx stored, the dx kernels with every optional input; a
+    ``[variant]`` suffix names CBAM's variant), or None when that launcher picks another kernel there."""
     from bam_triton import kernels
     from bam_triton._dtypes import DTYPE_NAMES
 
     torch_dtype = DTYPE_NAMES[dtype]
     channels_last, sms = layout == "channels_last", SM_COUNTS[arch]
     shape = tuple(shape)
-    if kernel == "apply_fwd_kernel":
+    base, _, variant = kernel.partition("[")
+    if base == "channel_reduce_kernel":
+        plan = kernels.channel_reduce_plan(shape, torch_dtype, channels_last, variant == "g]", sms)
+    elif base == "hw_reduce_kernel":
+        plan = kernels.hw_reduce_plan(shape, torch_dtype, channels_last, True, sms)
+    elif base == "apply_kernel":
+        plan = kernels.cbam_apply_plan(shape, torch_dtype, channels_last, True)
+    elif base == "grad_x_kernel":
+        plan = kernels.grad_x_plan(shape, torch_dtype, channels_last, True, True, True, True)
+    elif kernel == "apply_fwd_kernel":
         plan = kernels.apply_fwd_plan(shape, torch_dtype, channels_last, "sum")
     elif kernel.startswith("front"):  # the single-read front end, at BAM's default reduction r = 16
         hidden = max(1, shape[1] // 16)
@@ -87,10 +110,10 @@ def launch_plan(kernel, dtype, shape, layout, arch=90):
     elif kernel == "apply_bwd_dx_kernel":
         plan = kernels.dx_plan(shape, torch_dtype, channels_last, "sum", True, True)
     elif kernel.startswith("channel_pool"):
-        plan = kernels.channel_pool_plan(shape, torch_dtype, channels_last, sms)
+        plan = kernels.channel_pool_plan(shape, torch_dtype, channels_last, sms, variant == "max]")
     else:
         plan = kernels.reduce_plan(shape, torch_dtype, channels_last, "sum", True, sms)
-    return plan if plan.kernel_name == kernel else None
+    return plan if plan.kernel_name == base else None
 
 
 def runs(kernel, kind, config_index, dtype, shape, layout, arch=90):
@@ -111,10 +134,11 @@ def all_jobs(kernels=None, archs=ARCHS, dtypes=DTYPES, shapes=INSPECT_SHAPES, la
         if kernels and kernel not in kernels:
             continue
         count = 1 if first_config_only else (n_configs or {}).get(kind, _n_configs(kind))
+        kernel_shapes = shapes + CBAM_EXTRA_SHAPES if kernel in CBAM_KERNELS and shapes is INSPECT_SHAPES else shapes
         for ci in range(count):
             for arch in archs:
                 for dt in dtypes:
-                    for shape in shapes:
+                    for shape in kernel_shapes:
                         for layout in layouts:
                             if runs(kernel, kind, ci, dt, shape, layout, arch):
                                 jobs.append(make_job(kernel, kind, ci, arch, dt, shape, layout))
@@ -138,11 +162,15 @@ def _arguments(job, meta):
     the specialisations a real launch gets (16-byte aligned pointers, ints marked 16-divisible when they are)."""
     plan = launch_plan(job["kernel"], job["dtype"], job["shape"], job["layout"], job["arch"])
     fn = getattr(plan.kernel, "fn", plan.kernel)  # Autotuner -> JITFunction
+    import torch
+
     from bam_triton._dtypes import DTYPE_NAMES
 
     dt = job["dtype"]  # the names of DTYPE_NAMES are Triton's type names
     names = {dtype: name for name, dtype in DTYPE_NAMES.items()}
+    names[torch.int32] = "i32"
     buffer_types = {f"{name}_ptr": names[dtype] for name, _, dtype in plan.buffers}
+    buffer_types.update({name: "i32" for name in _INT32_POINTERS})
     scalars = dict(zip(plan.scalar_names(), plan.scalars))
     constexprs = dict(plan.constexprs, **meta)
     unspecialised = set(getattr(fn, "do_not_specialize", ()) or ())
@@ -428,8 +456,42 @@ def vector_bits(result, arg, kind):
 
 
 def full_tensor_args(result):
-    small = ("out_ptr",) if result["kernel"].startswith("channel_pool") else ()  # the pooling's out is (N, C)
+    # The reductions' out is (N, splits, C)
+    small = ("out_ptr",) if result["kernel"].startswith(("channel_pool", "hw_reduce")) else ()
     return [a for a in result.get("access", {}) if a in _FULL_TENSORS and a not in small]
+
+
+def _widths_text(arg, loads, stores):
+    """``x:ld128st128``: the widths (bits) of a full-tensor argument's loads and stores."""
+    return (f"{arg[:-4]}:" + ("ld" + "/".join(map(str, loads)) if loads else "")
+            + ("st" + "/".join(map(str, stores)) if stores else ""))
+
+
+def summarize_kernels(results):
+    """One line per kernel over its compiled variants: how many, registers (fewest-most), how many spill, and every
+    width its full-tensor loads and stores take; then the variants that failed to compile, one line each."""
+    by_kernel = {}
+    for r in results:
+        by_kernel.setdefault(r["kernel"], []).append(r)
+    lines = [f"{'kernel':<32}{'variants':>9}{'regs':>10}{'spilling':>9}{'errors':>7}  full-tensor loads/stores (bits)"]
+    for kernel, rows in by_kernel.items():
+        ok = [r for r in rows if "error" not in r]
+        regs = [r.get("registers", r.get("ptxas_registers")) for r in ok]
+        regs = [v for v in regs if isinstance(v, int)]
+        spilling = sum(1 for r in ok if r.get("spill_stores", 0) or r.get("spill_loads", 0))
+        widths = {}
+        for r in ok:
+            for a in full_tensor_args(r):
+                loads, stores = widths.setdefault(a, (set(), set()))
+                loads.update(vector_bits(r, a, "load"))
+                stores.update(vector_bits(r, a, "store"))
+        text = " ".join(_widths_text(a, sorted(ld), sorted(st)) for a, (ld, st) in widths.items())
+        span = f"{min(regs)}-{max(regs)}" if regs else "?"
+        lines.append(f"{kernel:<32}{len(rows):>9}{span:>10}{spilling:>9}{len(rows) - len(ok):>7}  {text}")
+    errors = [r for r in results if "error" in r]
+    if errors:
+        lines += ["", summarize(errors)]
+    return "\n".join(lines)
 
 
 def summarize(results):
@@ -441,11 +503,7 @@ def summarize(results):
         if "error" in r:
             lines.append(f"{r['kernel']:<24}{cfg:<30}{r['arch']:>3} {r['dtype']:<5}ERROR {r['error'][:120]}")
             continue
-        acc = []
-        for a in full_tensor_args(r):
-            ld, st = vector_bits(r, a, "load"), vector_bits(r, a, "store")
-            acc.append(f"{a[:-4]}:" + ("ld" + "/".join(map(str, ld)) if ld else "") + ("st" + "/".join(map(str, st))
-                                                                                        if st else ""))
+        acc = [_widths_text(a, vector_bits(r, a, "load"), vector_bits(r, a, "store")) for a in full_tensor_args(r)]
         spill = r.get("spill_stores", 0) + r.get("spill_loads", 0)
         lines.append(f"{r['kernel']:<24}{cfg:<30}{r['arch']:>3} {r['dtype']:<5}{'x'.join(map(str, r['shape'])):<16}"
                      f"{r['layout']:<14}{' '.join(acc):<44}{r.get('registers', r.get('ptxas_registers', '?')):>5}"
@@ -461,7 +519,7 @@ def run_inspect(args):
     print(f"compiling {len(jobs)} kernel variants for sm_{'/sm_'.join(map(str, archs))} "
           f"({os.cpu_count()} worker processes, no GPU needed)...", file=sys.stderr)
     results = run_jobs(jobs)
-    print(summarize(results))
+    print(summarize(results) if args.table else summarize_kernels(results))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "inspect.json")
     with open(path, "w") as f:
@@ -472,5 +530,6 @@ def run_inspect(args):
               and any(b != 128 for a in full_tensor_args(r) for k in ("load", "store") for b in vector_bits(r, a, k))]
     print(f"\n{len(results)} variants: {len(errors)} errors, {len(spills)} with spills, "
           f"{len(narrow)} variants of the vectorised kernels ({', '.join(VECTOR_KERNELS)}) with full-tensor "
-          f"accesses narrower than 128 bits. Wrote {path}")
+          f"accesses narrower than 128 bits. Wrote {path}"
+          + ("" if args.table else " (one line per variant: --table)"))
     return 1 if errors else 0

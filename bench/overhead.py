@@ -16,11 +16,10 @@ run nothing. On CUDA the report is made twice, the second time with the kernels 
 own launch cost. Medians of ``--reps`` timed calls after a warm-up (which plans, and with the kernels launched also
 tunes).
 """
-import statistics
-import time
-
 import torch
 from torch import nn
+
+from .timing import median_call_us
 
 # What is timed: every case runs on the Triton path; the module's branches are replaced by stand-ins.
 CASES = ("BAM forward (eval, no grad)", "BAM forward+backward (train)", "channel_pool", "bam_apply forward",
@@ -50,17 +49,6 @@ class _SpatialStandIn(nn.Module):
 
     def forward(self, x, reduced=None):
         return (x if reduced is None else reduced)[:, :1]
-
-
-def _median_us(fn, reps, warmup=20):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
 
 
 def _sync(device):
@@ -133,59 +121,66 @@ def measure(shape=(8, 64, 14, 14), dtype=torch.float32, channels_last=False, com
         # No synchronisation per call: at a small shape the GPU keeps up with the queue, so a call's time is the
         # host's (a sync would add its own round trip to every call).
         if launch:
-            total = _median_us(fn, reps)
+            total = median_call_us(fn, reps)
         else:
             with _common.skip_kernels():
-                total = _median_us(fn, reps)
-        baseline = _median_us(stand_ins, reps) if stand_ins else 0.0
+                total = median_call_us(fn, reps)
+        baseline = median_call_us(stand_ins, reps) if stand_ins else 0.0
         _sync(device)
         report[name] = {"total_us": total, "stand_ins_us": baseline, "own_us": total - baseline,
                         "launches": len(launches)}
     return report
 
 
-def format_report(report, title):
-    lines = [title, f"{'microseconds per call (median)':<34}{'own':>8}{'total':>9}{'stand-ins':>11}{'launches':>10}"]
+def format_report(report, title, reference_us=None):
+    """The report as a table; with ``reference_us`` (:func:`timing.host_reference_us` of the same run) each case's own
+    time also in multiples of the reference ("x ref")."""
+    ref = f"{'x ref':>7}" if reference_us else ""
+    lines = [title, f"{'microseconds per call (median)':<34}{'own':>8}{ref}{'total':>9}{'stand-ins':>11}{'launches':>10}"]
     for name, row in report.items():
-        lines.append(f"{name:<34}{row['own_us']:8.1f}{row['total_us']:9.1f}{row['stand_ins_us']:11.1f}"
+        ratio = f"{row['own_us'] / reference_us:7.1f}" if reference_us else ""
+        lines.append(f"{name:<34}{row['own_us']:8.1f}{ratio}{row['total_us']:9.1f}{row['stand_ins_us']:11.1f}"
                      f"{row['launches']:>10}")
     lines.append("own = total - stand-ins (the branches' pass-through stand-ins timed alone).")
     return "\n".join(lines)
 
 
 def run_overhead(args):
-    """``bam-triton overhead``: the report with the kernels skipped, and on CUDA also with them launched."""
+    """``bam-triton overhead``: the report with the kernels skipped, and on CUDA also with them launched; each against
+    the host reference (:data:`timing.HOST_REFERENCE`) timed in the same run, before and after the cases, so that a
+    slower machine (reference and cases up alike) can be told from a regression (the cases up alone)."""
     import json
     import sys
 
-    from bam_triton import _backend
     from bam_triton._dtypes import DTYPE_NAMES
 
-    if not _backend.triton_installed():
-        print("error: bam-triton overhead times the Triton path and needs the triton package (pip install triton)",
-              file=sys.stderr)
-        return 2
+    from .timing import HOST_REFERENCE, host_reference_us
+
     if args.reps < 1:
         print(f"error: --reps must be >= 1, got {args.reps}", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda needs a CUDA GPU; torch sees none", file=sys.stderr)
-        return 2
     dtype = DTYPE_NAMES[args.dtype]
-    results = {}
+    before = host_reference_us(max(args.reps, 300))
+    reports = {}
     for single_read in (False, True):
         for launch in (False, True) if device.type == "cuda" else (False,):
-            report = measure(tuple(args.shape), dtype, args.layout == "channels_last", args.combine, single_read,
-                             device, args.reps, launch)
             title = (f"{'single-read' if single_read else 'standard'} Triton path, "
                      f"{'kernels launched' if launch else 'kernels skipped'}, {device.type}, "
                      f"{'x'.join(map(str, args.shape))} {args.dtype} {args.layout}")
-            print(format_report(report, title) + "\n")
-            results[title] = report
+            reports[title] = measure(tuple(args.shape), dtype, args.layout == "channels_last", args.combine,
+                                     single_read, device, args.reps, launch)
+    after = host_reference_us(max(args.reps, 300))
+    reference = (before + after) / 2
+    print(f"Same-machine reference, {HOST_REFERENCE}: {reference:.1f} us per call (median; {before:.1f} before the "
+          f"cases, {after:.1f} after). 'x ref' = own / reference: on a slower machine both columns' microseconds grow "
+          f"and 'x ref' stays; a regression raises 'x ref'.\n")
+    for title, report in reports.items():
+        print(format_report(report, title, reference) + "\n")
     if device.type != "cuda":
         print("Kernels skipped: on a GPU each launch adds Triton's own launch call (JITFunction.run) on top.")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=1)
+            json.dump({"reference": {"what": HOST_REFERENCE, "us_before": before, "us_after": after},
+                       "reports": reports}, fh, indent=1)
     return 0

@@ -47,6 +47,23 @@ def _device_label(csv_path, rows):
         return (rows[0]["device"] if rows else "?"), None
 
 
+def not_faster(rows):
+    """``[(op, dtype, layout, shape, provider, speedup), ...]``: where one of our providers (not the authors' own
+    formulations) is not faster than the authors' eager code, so that the charts and the command say so."""
+    return [(r["op"], r["dtype"], r["layout"], f"{r['N']}x{r['C']}x{r['H']}x{r['W']}", r["provider"],
+             r["speedup_vs_authors_eager"]) for r in rows
+            if not r["provider"].startswith("authors") and r["speedup_vs_authors_eager"] is not None
+            and r["speedup_vs_authors_eager"] < 1.0]
+
+
+def _not_faster_note(cases, limit=3):
+    import textwrap
+
+    text = ", ".join(f"{provider} {speedup:.2f}x at {shape}" for _, _, _, shape, provider, speedup in cases[:limit])
+    more = f" and {len(cases) - limit} more" if len(cases) > limit else ""
+    return textwrap.fill(f"not faster than the authors' eager: {text}{more}", 70)
+
+
 def _bars(ax, groups, providers, values, fmt="{:.2f}"):
     import numpy as np
 
@@ -103,7 +120,9 @@ def plot_results(csv_path, out_dir=None, timing_mode=None):
         ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="authors-eager = 1")
         ax.set_ylabel("speedup vs authors' eager (higher is better)")
         ax.set_xlabel("shape N x C x H x W")
-        ax.set_title(f"{op}: speedup vs the authors' formulation")
+        slower = not_faster(sel)
+        ax.set_title(f"{op}: speedup vs the authors' formulation"
+                     + (f"\n{_not_faster_note(slower)}" if slower else ""), fontsize=9 if slower else None)
         ax.set_ylim(0, max([v for v in speed.values() if v == v] + [1.0]) * 1.25)
         ax = axes[1]
         _bars(ax, groups, providers, frac, "{:.0f}%")
@@ -139,4 +158,6 @@ def run_plot(args):
         return 1
     for w in written:
         print(f"wrote {w}")
+    for op, dtype, layout, shape, provider, speedup in not_faster(plottable(read_rows(args.csv), args.timing_mode)[0]):
+        print(f"not faster than the authors' eager code: {op} {shape} {dtype} {layout}: {provider} {speedup:.2f}x")
     return 0

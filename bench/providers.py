@@ -73,6 +73,49 @@ class AuthorsBAM(nn.Module):
         return att * x
 
 
+def _authors_lse(x):
+    """The authors' ``logsumexp_2d``: (N, C, 1) log-sum-exp over H·W, shifted by the max."""
+    flat = x.reshape(x.size(0), x.size(1), -1)
+    s, _ = torch.max(flat, dim=2, keepdim=True)
+    return s + (flat - s).exp().sum(dim=2, keepdim=True).log()
+
+
+class AuthorsCBAM(nn.Module):
+    """The authors' CBAM forward (``MODELS/cbam.py``) around the weights of one of our :class:`bam_triton.CBAM`
+    modules (shared, not copied): per pool type ``F.avg_pool2d`` / ``F.max_pool2d`` / ``F.lp_pool2d`` over (H, W) or
+    their log-sum-exp, the shared MLP, ``sigmoid(sum).unsqueeze(2).unsqueeze(3).expand_as(x)``, ``x * scale``; then
+    ``cat(torch.max(x_out, 1)[0], torch.mean(x_out, 1))``, the 7x7 conv and BatchNorm, ``x_out * sigmoid(·)``. The
+    float64 reference of the tests runs it on a float64 copy."""
+
+    def __init__(self, cbam):
+        super().__init__()
+        self.mlp = cbam.ChannelGate.mlp
+        self.pool_types = cbam.pool_types
+        self.spatial = None if cbam.no_spatial else cbam.SpatialGate.spatial
+
+    def forward(self, x):
+        size = (x.size(2), x.size(3))
+        channel_att_sum = None
+        for pool_type in self.pool_types:
+            if pool_type == "avg":
+                pooled = F.avg_pool2d(x, size, stride=size)
+            elif pool_type == "max":
+                pooled = F.max_pool2d(x, size, stride=size)
+            elif pool_type == "lp":
+                pooled = F.lp_pool2d(x, 2, size, stride=size)
+            else:
+                pooled = _authors_lse(x)
+            raw = self.mlp(pooled)
+            channel_att_sum = raw if channel_att_sum is None else channel_att_sum + raw
+        x_out = x * torch.sigmoid(channel_att_sum).unsqueeze(2).unsqueeze(3).expand_as(x)
+        if self.spatial is None:
+            return x_out
+        compress = torch.cat((torch.max(x_out, 1)[0].unsqueeze(1), torch.mean(x_out, 1).unsqueeze(1)), dim=1)
+        conv = self.spatial.conv
+        logits = self.spatial.bn(F.conv2d(compress, conv.weight, conv.bias, conv.stride, conv.padding))
+        return x_out * torch.sigmoid(logits)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # One op, all providers, same tensors
 # ----------------------------------------------------------------------------------------------------------------------
@@ -110,6 +153,16 @@ class OpCase:
         self.g = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
         if channels_last:
             self.g = self.g.contiguous(memory_format=torch.channels_last)
+        if op.startswith("cbam"):
+            from bam_triton import CBAM
+
+            torch.manual_seed(seed)
+            base = CBAM(c, backend="torch").to(device=device, dtype=dtype)
+            triton_mod = CBAM(c, backend="triton").to(device=device, dtype=dtype)
+            triton_mod.load_state_dict(base.state_dict())
+            self.modules = {"torch": base, "triton": triton_mod, "authors": AuthorsCBAM(base)}
+            for m in self.modules.values():
+                m.train(op == "cbam-fwd-bwd")
         if op.startswith("bam"):
             torch.manual_seed(seed)
             base = BAM(c, combine=combine, backend="torch").to(device=device, dtype=dtype)
@@ -201,11 +254,11 @@ class OpCase:
             out = f(x, mc, ms)
             g = self.g
             return (lambda: torch.autograd.grad(out, (x, mc, ms), g, retain_graph=True)), (lambda grads: grads[0])
-        if op in ("bam-fwd", "bam-fwd-bwd"):
+        if op in ("bam-fwd", "bam-fwd-bwd", "cbam-fwd", "cbam-fwd-bwd"):
             module = self.modules[SINGLE_READ if provider == SINGLE_READ else
                                   "authors" if provider.startswith("authors") else backend]
             m = _compile(module) if compiled else module
-            if op == "bam-fwd":
+            if op.endswith("-fwd"):
                 x = self.x
 
                 def fwd():

@@ -1,11 +1,14 @@
 """Timers: ``triton.testing.do_bench`` (and CUDA-graph replay) on CUDA, a warm-up-and-repeat wall-clock timer on CPU,
-and the device's copy bandwidth (a large ``clone``), all returning milliseconds as (median, p20, p80)."""
+and the device's copy bandwidth (a large ``clone``), all returning milliseconds as (median, p20, p80); a per-call
+median in microseconds for host costs, and the host reference that those are read against."""
 import ctypes
 import ctypes.util
+import statistics
 import sys
 import time
 
 import torch
+from torch import nn
 
 QUANTILES = (0.5, 0.2, 0.8)
 
@@ -189,3 +192,31 @@ def copy_bandwidth(device, mib=256, min_time=0.5):
     out["method"] = "clone" if device.type == "cuda" else "copy_ into a preallocated tensor"
     out["gbps"] = out["clone_gbps"] if device.type == "cuda" else out["copy_into_gbps"]
     return out
+
+
+def median_call_us(fn, reps, warmup=20):
+    """Median microseconds of one call of ``fn`` over ``reps`` calls timed one by one, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+# The same-machine yardstick of host costs (Python and torch's dispatcher, no bam_triton code): a slower CPU or Python
+# build moves it and the library's host figures alike, a regression moves only the latter.
+HOST_REFERENCE = "nn.Linear(16, 16) forward of a (2, 16) fp32 CPU tensor under no_grad"
+
+
+def host_reference_us(reps=1000):
+    """Median microseconds per call of :data:`HOST_REFERENCE` on this machine, now."""
+    layer, x = nn.Linear(16, 16), torch.randn(2, 16)
+
+    def call():
+        with torch.no_grad():
+            layer(x)
+
+    return median_call_us(call, reps)

@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .providers import SINGLE_READ
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Minimal bytes per benchmarked op (the GB/s denominator)
 # ----------------------------------------------------------------------------------------------------------------------
 
-OPS = ("pool", "apply-fwd", "apply-bwd", "bam-fwd", "bam-fwd-bwd")
+OPS = ("pool", "apply-fwd", "apply-bwd", "bam-fwd", "bam-fwd-bwd", "cbam-fwd", "cbam-fwd-bwd")
 
 MINIMAL_BYTES_DOC = {
     "pool": "read x once; write the (N, C) means",
@@ -30,6 +32,10 @@ MINIMAL_BYTES_DOC = {
                "plus the small maps",
     "bam-fwd-bwd": "forward 3|F|; backward 4|F| (a pass reading g and x for the global reductions dx depends on, "
                    "then a pass reading g and writing dx), plus the small maps",
+    "cbam-fwd": "read x three times (the pooling over H, W; the max and mean over C of x·a, which need a; the apply "
+                "step, which needs b), write out once, plus the small maps",
+    "cbam-fwd-bwd": "forward 4|F|; backward 6|F| (g and x for db, which the conv's backward needs; g and x for da, "
+                    "which the MLP's backward needs; g read and dx written), plus the small maps",
 }
 
 
@@ -48,6 +54,10 @@ def minimal_bytes(op, n, c, h, w, itemsize, map_itemsize=None):
         return 3 * f + maps
     if op == "bam-fwd-bwd":
         return 7 * f + 3 * maps
+    if op == "cbam-fwd":
+        return 4 * f + maps
+    if op == "cbam-fwd-bwd":
+        return 10 * f + 3 * maps
     raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
 
 
@@ -176,8 +186,8 @@ def count_bytes(fn):
 # Providers, on meta
 # ----------------------------------------------------------------------------------------------------------------------
 
-TRAFFIC_PROVIDERS = ("authors-eager", "torch-path", "fused", "fused-single-read")
-SINGLE_READ_PROVIDER = "fused-single-read"  # BAM(single_read=True): the whole module's ops only
+# The sweep's provider names (``bench/providers.py``); the last is BAM(single_read=True): the whole module's ops only.
+TRAFFIC_PROVIDERS = ("authors-eager", "torch-path", "triton", SINGLE_READ)
 
 
 def _meta_inputs(shape, dtype, channels_last=False, grad=False):
@@ -196,9 +206,9 @@ def _meta_inputs(shape, dtype, channels_last=False, grad=False):
 def provider_traffic(provider, op, shape, dtype=torch.float16, channels_last=False, combine="product"):
     """Bytes ``provider`` moves for ``op`` ("apply-fwd", "apply-fwd-bwd", "bam-fwd", "bam-fwd-bwd", "pool") at
     ``shape``: a :class:`TrafficLog` (forward and backward together for the *-bwd ops)."""
-    from bam_triton import BAM, bam_apply, channel_pool
+    from bam_triton import BAM, CBAM, bam_apply, channel_pool
 
-    from .providers import AuthorsBAM, authors_apply, authors_pool
+    from .providers import AuthorsBAM, AuthorsCBAM, authors_apply, authors_pool
 
     n, c, h, w = shape
     backward = op.endswith("bwd")
@@ -206,16 +216,21 @@ def provider_traffic(provider, op, shape, dtype=torch.float16, channels_last=Fal
         backend = None
     elif provider == "torch-path":
         backend = "torch"
-    elif provider in ("fused", SINGLE_READ_PROVIDER):
+    elif provider in ("triton", SINGLE_READ):
         backend = "triton"
     else:
         raise ValueError(f"unknown provider {provider!r}; expected one of {TRAFFIC_PROVIDERS}")
 
-    if op.startswith("bam"):
-        module = BAM(c, combine=combine, backend=backend or "torch",
-                     single_read=provider == SINGLE_READ_PROVIDER).to(device="meta", dtype=dtype)
-        if provider == "authors-eager":
-            module = AuthorsBAM(module, combine=combine)
+    if op.startswith(("bam", "cbam")):
+        if op.startswith("cbam"):
+            if provider == SINGLE_READ:
+                raise ValueError(f"{SINGLE_READ} is BAM's: CBAM has no single-read front end")
+            module = CBAM(c, backend=backend or "torch").to(device="meta", dtype=dtype)
+            module = AuthorsCBAM(module) if provider == "authors-eager" else module
+        else:
+            module = BAM(c, combine=combine, backend=backend or "torch",
+                         single_read=provider == SINGLE_READ).to(device="meta", dtype=dtype)
+            module = AuthorsBAM(module, combine=combine) if provider == "authors-eager" else module
         module.train(backward)
         x, _, _ = _meta_inputs(shape, dtype, channels_last, grad=backward)
 
@@ -248,10 +263,10 @@ def traffic_report(shape, dtype=torch.float16, channels_last=False, combine="pro
     n, c, h, w = shape
     f = n * c * h * w * torch.empty((), dtype=dtype).element_size()
     report = {"shape": shape, "dtype": str(dtype).replace("torch.", ""), "F_bytes": f, "rows": []}
-    for op in ("pool", "apply-fwd", "apply-fwd-bwd", "bam-fwd", "bam-fwd-bwd"):
+    for op in ("pool", "apply-fwd", "apply-fwd-bwd", "bam-fwd", "bam-fwd-bwd", "cbam-fwd", "cbam-fwd-bwd"):
         base = None
         for provider in TRAFFIC_PROVIDERS:
-            if provider == SINGLE_READ_PROVIDER and not op.startswith("bam"):
+            if provider == SINGLE_READ and not op.startswith("bam"):
                 continue
             log = provider_traffic(provider, op, shape, dtype, channels_last, combine)
             base = log.total if base is None else base
@@ -265,22 +280,23 @@ def traffic_report(shape, dtype=torch.float16, channels_last=False, combine="pro
     return report
 
 
-def fused_backward_passes(report):
+def fused_backward_passes(report, module="bam"):
     """The Triton kernels of the fused block's backward and their passes over (N, C, H, W) memory, from the recorded
-    launches of the report's bam-fwd-bwd row (the launches after the forward's apply kernel)."""
-    row = next(r for r in report["rows"] if r["op"] == "bam-fwd-bwd" and r["provider"] == "fused")
+    launches of the report's bam-fwd-bwd (cbam-fwd-bwd) row: the launches after the forward's apply kernel."""
+    row = next(r for r in report["rows"] if r["op"] == f"{module}-fwd-bwd" and r["provider"] == "triton")
     kernels = [(name[len("triton:"):], read + write) for name, read, write in row["ops"] if name.startswith("triton:")]
-    first = next(i for i, (name, _) in enumerate(kernels) if name == "apply_fwd_kernel") + 1
+    apply_kernel = "apply_fwd_kernel" if module == "bam" else "apply_kernel"
+    first = next(i for i, (name, _) in enumerate(kernels) if name == apply_kernel) + 1
     return [(name, moved / report["F_bytes"]) for name, moved in kernels[first:]]
 
 
 def format_report(report):
     f = report["F_bytes"]
     lines = [f"Traffic at shape {'x'.join(map(str, report['shape']))} {report['dtype']}: |F| = {f / 2**20:.2f} MiB",
-             f"{'op':<14}{'provider':<15}{'read MiB':>10}{'write MiB':>10}{'total':>10}{'x |F|':>8}"
+             f"{'op':<14}{'provider':<20}{'read MiB':>10}{'write MiB':>10}{'total':>10}{'x |F|':>8}"
              f"{'bound vs authors':>18}{'aten ops':>10}{'passes>=|F|':>12}"]
     for r in report["rows"]:
-        lines.append(f"{r['op']:<14}{r['provider']:<15}{r['read_bytes'] / 2**20:>10.1f}{r['write_bytes'] / 2**20:>10.1f}"
+        lines.append(f"{r['op']:<14}{r['provider']:<20}{r['read_bytes'] / 2**20:>10.1f}{r['write_bytes'] / 2**20:>10.1f}"
                      f"{r['bytes'] / 2**20:>10.1f}{r['x_F']:>8.2f}{r['speedup_bound_vs_authors']:>17.2f}x"
                      f"{r['n_aten_ops']:>10}{r['full_passes']:>12}")
     lines.append("bound vs authors = authors-eager bytes / provider bytes: the speedup at equal bandwidth.")
@@ -297,26 +313,37 @@ def run_traffic(args):
     report = traffic_report(tuple(args.shape), dtype, args.layout == "channels_last", args.combine)
     print(format_report(report))
     rows = {(r["op"], r["provider"]): r for r in report["rows"]}
-    print("\nForward of the whole module: authors-eager {:.2f} |F|, torch-path {:.2f} |F|, fused {:.2f} |F| "
-          "-> fused bound {:.2f}x vs the authors at equal bandwidth.".format(
+    print("\nForward of the whole module: authors-eager {:.2f} |F|, torch-path {:.2f} |F|, triton {:.2f} |F| "
+          "-> triton bound {:.2f}x vs the authors at equal bandwidth.".format(
               rows["bam-fwd", "authors-eager"]["x_F"], rows["bam-fwd", "torch-path"]["x_F"],
-              rows["bam-fwd", "fused"]["x_F"], rows["bam-fwd", "fused"]["speedup_bound_vs_authors"]))
-    print("Forward+backward: authors-eager {:.2f} |F|, torch-path {:.2f} |F|, fused {:.2f} |F| -> bound {:.2f}x.".format(
+              rows["bam-fwd", "triton"]["x_F"], rows["bam-fwd", "triton"]["speedup_bound_vs_authors"]))
+    print("Forward+backward: authors-eager {:.2f} |F|, torch-path {:.2f} |F|, triton {:.2f} |F| -> bound {:.2f}x.".format(
         rows["bam-fwd-bwd", "authors-eager"]["x_F"], rows["bam-fwd-bwd", "torch-path"]["x_F"],
-        rows["bam-fwd-bwd", "fused"]["x_F"], rows["bam-fwd-bwd", "fused"]["speedup_bound_vs_authors"]))
+        rows["bam-fwd-bwd", "triton"]["x_F"], rows["bam-fwd-bwd", "triton"]["speedup_bound_vs_authors"]))
     print("Single read of x (BAM(single_read=True), opt-in): forward {:.3f} |F| (bound {:.2f}x), forward+backward "
           "{:.3f} |F| (bound {:.2f}x).".format(
-              rows["bam-fwd", SINGLE_READ_PROVIDER]["x_F"], rows["bam-fwd", SINGLE_READ_PROVIDER][
-                  "speedup_bound_vs_authors"], rows["bam-fwd-bwd", SINGLE_READ_PROVIDER]["x_F"],
-              rows["bam-fwd-bwd", SINGLE_READ_PROVIDER]["speedup_bound_vs_authors"]))
+              rows["bam-fwd", SINGLE_READ]["x_F"], rows["bam-fwd", SINGLE_READ][
+                  "speedup_bound_vs_authors"], rows["bam-fwd-bwd", SINGLE_READ]["x_F"],
+              rows["bam-fwd-bwd", SINGLE_READ]["speedup_bound_vs_authors"]))
     f = report["F_bytes"]
-    print("\nFused Triton backward, full passes over (N, C, H, W) memory (one pass = |F| read or written), from "
+    print("\nTriton path's fused backward, full passes over (N, C, H, W) memory (one pass = |F| read or written), from "
           "the launches recorded:")
     passes = fused_backward_passes(report)
     for name, moved in passes:
         print(f"  {name:<32}{moved:5.2f} passes")
     print(f"  {'total':<32}{sum(moved for _, moved in passes):5.2f} passes (+ 1 for the spatial branch's 1x1-conv "
           f"input gradient dx_conv, written by torch)")
+    print("\nCBAM, forward: authors-eager {:.2f} |F|, torch-path {:.2f} |F|, triton {:.2f} |F| (bound {:.2f}x); "
+          "forward+backward: authors-eager {:.2f} |F|, torch-path {:.2f} |F|, triton {:.2f} |F| (bound {:.2f}x)."
+          .format(*(rows["cbam-fwd", p]["x_F"] for p in ("authors-eager", "torch-path", "triton")),
+                  rows["cbam-fwd", "triton"]["speedup_bound_vs_authors"],
+                  *(rows["cbam-fwd-bwd", p]["x_F"] for p in ("authors-eager", "torch-path", "triton")),
+                  rows["cbam-fwd-bwd", "triton"]["speedup_bound_vs_authors"]))
+    print("CBAM's Triton backward, full passes:")
+    passes = fused_backward_passes(report, "cbam")
+    for name, moved in passes:
+        print(f"  {name:<32}{moved:5.2f} passes")
+    print(f"  {'total':<32}{sum(moved for _, moved in passes):5.2f} passes")
     if args.ops_detail:
         for r in report["rows"]:
             print(f"\n{r['op']} / {r['provider']}:")

@@ -178,6 +178,17 @@ def row_tile_pruner(max_per_thread):
     return prune
 
 
+def per_thread_pruner(max_per_thread):
+    """An ``early_config_prune`` for the flat kernels that gather many small maps per element: keep the configs with
+    at most ``max_per_thread`` elements of BLOCK per thread (every gathered value and its address is a register)."""
+
+    def prune(configs, named_args, **kwargs):
+        kept = [cf for cf in configs if cf.kwargs["BLOCK"] <= max_per_thread * 32 * cf.num_warps]
+        return kept or configs
+
+    return prune
+
+
 # Software-pipelining stages of every config, explicit: ``triton.Config`` defaults to 2 on Triton 3.2 and to 3 from 3.3,
 # while the compiler itself (``bam-triton inspect``) defaults to 3 on every version, so with the default what 3.2 ran
 # was not what was checked, and a forced config compiled a second time.
@@ -272,6 +283,41 @@ def flat_index(pid, BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
     else:
         start = pid * BLOCK
     return start + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def track_max(best, best_index, values, index, valid):
+    """One step of a running max with its argmax, per lane: a lane takes ``values`` where valid and (it holds nothing
+    yet, or the value is larger, or it is the first NaN). Lanes see their positions in increasing order, so a lane
+    keeps the first of equal values, as torch's CPU ``max`` does. ``best_index`` is -1 while a lane holds nothing."""
+    take = valid & ((best_index < 0) | (values > best) | ((values != values) & (best == best)))
+    return tl.where(take, values, best), tl.where(take, index, best_index)
+
+
+@triton.jit
+def argmax_reduce(values, indices, AXIS: tl.constexpr):
+    """Reduce :func:`track_max` lanes along ``AXIS`` to (max, first index): lanes holding nothing (index -1) never
+    win; any NaN wins, at its smallest index; otherwise the largest value at its smallest index. Three plain
+    reductions (max, max, min) rather than one ``tl.reduce`` with a combine function, which Triton's interpreter
+    evaluates one element at a time."""
+    valid = indices >= 0
+    nan = valid & (values != values)
+    has_nan = tl.max(nan.to(tl.int32), AXIS) > 0
+    largest = tl.max(tl.where(valid & ~nan, values, float("-inf")), AXIS)
+    winners = tl.where(tl.expand_dims(has_nan, AXIS), nan, valid & (values == tl.expand_dims(largest, AXIS)))
+    first = tl.min(tl.where(winners, indices, 2**31 - 1), AXIS)
+    return tl.where(has_nan, float("nan"), largest), first
+
+
+def fold_max(values, indices, dim):
+    """:func:`argmax_reduce` in torch, for partial maxima the kernels leave per split: along ``dim`` the max of
+    ``values`` and the smallest of its ``indices`` (any NaN wins, at its smallest index)."""
+    nan = values.isnan()
+    has_nan = nan.any(dim=dim, keepdim=True)
+    largest = values.masked_fill(nan, float("-inf")).amax(dim=dim, keepdim=True)
+    winners = torch.where(has_nan, nan, values == largest)
+    first = indices.masked_fill(~winners, torch.iinfo(indices.dtype).max).amin(dim=dim)
+    return torch.where(has_nan, float("nan"), largest).squeeze(dim).to(values.dtype), first
 
 
 @dataclass(frozen=True)

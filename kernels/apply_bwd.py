@@ -241,6 +241,15 @@ def apply_bwd_dx_kernel(
     tl.store(dx_ptr + idx, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+def channel_split(n, c, hw, target):
+    """(n_splits, c_per_split) of a grid of (image, hw block) programs that reduce over channels: split the channels
+    only when images x hw blocks alone give fewer than ``target`` programs; each split a multiple of every BLOCK_C."""
+    base_programs = n * -(-hw // _TYPICAL_BLOCK_HW)
+    n_splits = max(1, min(-(-target // base_programs), -(-c // _C_SPLIT_UNIT)))
+    c_per_split = -(-(-(-c // n_splits)) // _C_SPLIT_UNIT) * _C_SPLIT_UNIT
+    return -(-c // c_per_split), c_per_split
+
+
 @cached_plan
 def reduce_plan(shape, dtype, channels_last, combine, write_dx, sms=None):
     """The launch of the backward reductions (with dx stored when ``write_dx``) for a dense ``shape`` input of
@@ -269,11 +278,7 @@ def reduce_plan(shape, dtype, channels_last, combine, write_dx, sms=None):
                           buffers=(("dmc", (n, c), partial_dtype), ("dms_partial", (n, n_splits * group, hw),
                                                                      partial_dtype)),
                           writes=("dmc_ptr", "dms_partial_ptr") + written_dx, unused=() if write_dx else ("dx_ptr",))
-    # Split channels only when images x hw blocks alone give too few programs.
-    base_programs = n * -(-hw // _TYPICAL_BLOCK_HW)
-    n_splits = max(1, min(-(-target // base_programs), -(-c // _C_SPLIT_UNIT)))
-    c_per_split = -(-(-(-c // n_splits)) // _C_SPLIT_UNIT) * _C_SPLIT_UNIT
-    n_splits = -(-c // c_per_split)
+    n_splits, c_per_split = channel_split(n, c, hw, target)
     return LaunchPlan(apply_bwd_reduce_kernel, "reduce2d", grid=((n, hw, "BLOCK_HW"), (n_splits, 1, None)),
                       scalars=(c, hw, c_per_split, n_bucket(n)),
                       constexprs=(("CHANNELS_LAST", channels_last),) + common,

@@ -68,7 +68,7 @@ def test_sweep_quick_writes_csv_and_json(quick_sweep):
     env = meta["environment"]
     for key in ("date", "torch", "triton", "cpu", "copy_bandwidth_gbps", "driver", "cuda"):
         assert key in env
-    assert env["copy_bandwidth_gbps"] > 0
+    assert env["copy_bandwidth_gbps"] > 0 and env["host_reference_us"] > 0
     assert "triton-compiled" in meta["skipped_providers"]
     assert meta["chosen_configs"]["triton"]  # the (pinned) config of each kernel the interpreter ran
 
@@ -99,6 +99,14 @@ def test_summary_judges_the_cpu_target_only_on_the_default_grid():
     assert "at 128x256x56x56 fp32 nchw: 1.40x (does NOT meet the 1.5x CPU target)" in text
     line = next(x for x in text.splitlines() if "at 8x1024x14x14" in x)
     assert "meet" not in line and "set for the default grid" in line
+    # The valid column, blank on these rows, is explained; the run's references and the pointer to traffic follow.
+    assert "valid: the Triton kernels' outputs against the torch path's" in text
+    assert "Same-machine references of this run: copy bandwidth 10.0 GB/s." in text
+    assert "`bam-triton traffic` counts the bytes each provider moves" in text
+    env.update(host_reference="a small module call", host_reference_us=4.25)
+    text = summary_table([dict(row(8, 1024, 14, 1.2), provider="triton", valid=True)], env)
+    assert "valid: " not in text  # nothing blank to explain
+    assert "copy bandwidth 10.0 GB/s, host reference 4.2 us per call (a small module call)." in text
 
 
 def test_cpu_timer_interleaves_its_rounds_and_pools_the_samples():
@@ -224,6 +232,26 @@ def test_plot_writes_png_and_svg_without_interpreter_rows(quick_sweep, tmp_path)
     assert "torch-path" in svg and "authors-eager" in svg and ">triton<" not in svg
 
 
+def test_plot_says_where_ours_is_not_faster(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from bam_triton.bench import plot
+
+    rows = [dict(op="pool", N=2, C=32, H=7, W=7, dtype="fp32", layout="nchw", timing_mode="cpu-timer", provider=p,
+                 median_ms=t, p20_ms=t, p80_ms=t, gbps=1.0, frac_copy_bw=0.1, speedup_vs_authors_eager=s)
+            for p, t, s in (("authors-eager", 1.0, 1.0), ("torch-path", 2.0, 0.5), ("authors-compiled", 4.0, 0.25))]
+    assert plot.not_faster(rows) == [("pool", "fp32", "nchw", "2x32x7x7", "torch-path", 0.5)]  # ours only
+    path = tmp_path / "sweep.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    assert main(["plot", str(path)]) == 0
+    assert "not faster than the authors' eager code: pool 2x32x7x7 fp32 nchw: torch-path 0.50x" in \
+        capsys.readouterr().out
+    assert "not faster than the authors' eager: torch-path 0.50x at 2x32x7x7" in \
+        (tmp_path / "pool_fp32_nchw.svg").read_text()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # traffic
 # ----------------------------------------------------------------------------------------------------------------------
@@ -236,18 +264,18 @@ def test_traffic_forward_orientation(chw):
     shape = (32,) + chw
     f = 32 * chw[0] * chw[1] * chw[2] * 2
     authors = provider_traffic("authors-eager", "bam-fwd", shape, torch.float16)
-    fused = provider_traffic("fused", "bam-fwd", shape, torch.float16)
+    fused = provider_traffic("triton", "bam-fwd", shape, torch.float16)
     assert 9 <= authors.total / f <= 13
     assert 4 <= fused.total / f <= 5.5
     # the apply step alone: 8|F| for the authors' four full-size ops, exactly 2|F| (+ small maps) fused
     assert provider_traffic("authors-eager", "apply-fwd", shape, torch.float16).total / f == pytest.approx(8, abs=0.02)
-    assert provider_traffic("fused", "apply-fwd", shape, torch.float16).total / f == pytest.approx(2, abs=0.02)
+    assert provider_traffic("triton", "apply-fwd", shape, torch.float16).total / f == pytest.approx(2, abs=0.02)
 
 
 def test_traffic_backward_counts_one_pass_over_g_and_x():
     shape = (8, 256, 56, 56)
     f = 8 * 256 * 56 * 56 * 4
-    log = provider_traffic("fused", "apply-fwd-bwd", shape, torch.float32)
+    log = provider_traffic("triton", "apply-fwd-bwd", shape, torch.float32)
     names = [name for name, _, _ in log.ops]
     assert "triton:apply_fwd_kernel" in names
     assert "triton:apply_bwd_reduce_kernel" in names and "triton:apply_bwd_dx_kernel" not in names
@@ -259,7 +287,7 @@ def test_traffic_backward_counts_one_pass_over_g_and_x():
 def test_traffic_cli(capsys):
     assert main(["traffic", "--shape", "4x256x56x56", "--dtype", "fp16"]) == 0
     out = capsys.readouterr().out
-    assert "authors-eager" in out and "fused" in out and "apply_bwd_dx_kernel" in out
+    assert "authors-eager" in out and "triton-single-read" in out and "apply_bwd_dx_kernel" in out
 
 
 def test_minimal_bytes():
@@ -401,10 +429,18 @@ def test_inspect_cli_quick(tmp_path, capsys):
     assert main(["inspect", "--quick", "--arch", "90", "--dtype", "fp16", "--kernels", "apply_fwd_kernel",
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "x:ld128" in out and "out:st128" in out
+    variants = len(aot.INSPECT_SHAPES) * len(aot.LAYOUTS)
+    # The summary by default: one line per kernel over its variants.
+    row = next(line for line in out.splitlines() if line.startswith("apply_fwd_kernel"))
+    assert row.split()[1:2] == [str(variants)] and row.endswith("x:ld128 out:st128")
+    assert f"{variants} variants: 0 errors" in out and "--table" in out
     data = json.loads((tmp_path / "inspect.json").read_text())
-    assert len(data) == len(aot.INSPECT_SHAPES) * len(aot.LAYOUTS)
-    assert os.path.exists(tmp_path / "inspect.json")
+    assert len(data) == variants
+    # --table: one line per variant.
+    assert main(["inspect", "--quick", "--arch", "90", "--dtype", "fp16", "--kernels", "apply_fwd_kernel",
+                 "--out", str(tmp_path), "--table"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("apply_fwd_kernel")]
+    assert len(rows) == variants and all("x:ld128 out:st128" in line for line in rows)
 
 
 @pytest.mark.parametrize("kernel", ["apply_fwd_kernel", "apply_bwd_dx_kernel"])
@@ -711,7 +747,7 @@ def test_inspect_and_traffic_see_what_the_launchers_launch(shape, layout, single
         assert {k: v for k, v in compiled.constexprs if k not in _VARIANT_FLAGS} == \
             {k: v for k, v in plan.constexprs if k not in _VARIANT_FLAGS}, plan.kernel_name
         assert compiled.kept_configs() == plan.kept_configs()
-    provider = traffic.SINGLE_READ_PROVIDER if single_read else "fused"
+    provider = traffic.SINGLE_READ if single_read else "triton"
     log = traffic.provider_traffic(provider, "bam-fwd-bwd", shape, torch.float16, layout == "channels_last",
                                    combine="sum")
     charged = [(name, read, write) for name, read, write in log.ops if name.startswith("triton:")]

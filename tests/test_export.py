@@ -96,7 +96,7 @@ def _call_targets(graph):
     return [node.target for node in graph.nodes if node.op == "call_function"]
 
 
-def _assert_no_bam_triton_op(exported, decompose=True):
+def _assert_no_bam_triton_op(exported, decompose=True, required=("mean", "sigmoid", "mul", "add")):
     """Neither the exported program nor (``decompose``) its core-ATen decomposition (what ONNX and ExecuTorch consume)
     calls a ``bam_triton::`` op, and BAM's own steps are there as standard ops."""
     for program in (exported, exported.run_decompositions()) if decompose else (exported,):
@@ -104,7 +104,7 @@ def _assert_no_bam_triton_op(exported, decompose=True):
         custom = [str(t) for t in targets if getattr(t, "namespace", None) == "bam_triton" or "bam_triton" in str(t)]
         assert not custom, f"bam_triton ops in the exported graph: {custom}"
     names = {getattr(t, "__name__", str(t)).split(".")[0] for t in _call_targets(exported.graph)}
-    assert {"mean", "sigmoid", "mul", "add"} <= names, sorted(names)
+    assert set(required) <= names, sorted(names)
 
 
 def _batchnorm_buffers(model):
@@ -112,12 +112,13 @@ def _batchnorm_buffers(model):
             if name.endswith(("running_mean", "running_var", "num_batches_tracked"))}
 
 
-def _check_exported(model, example, dynamic_shapes, new_input, decompose=True):
+def _check_exported(model, example, dynamic_shapes, new_input, decompose=True, required=("mean", "sigmoid", "mul",
+                                                                                      "add")):
     """Export a copy of ``model`` (eval or train, as it is), run the program at ``new_input`` and compare it with
     eager; in train mode the BatchNorm running statistics the program updates are compared too."""
     reference = copy.deepcopy(model)
     exported = torch.export.export(copy.deepcopy(model), (example,), dynamic_shapes=dynamic_shapes)
-    _assert_no_bam_triton_op(exported, decompose)
+    _assert_no_bam_triton_op(exported, decompose, required)
     program = exported.module()
     before = {k: v.clone() for k, v in _batchnorm_buffers(program).items()}
     got = program(new_input)
@@ -170,8 +171,9 @@ def _onnx_export(model, example, path, dynamo, dynamic_shapes, input_axes, outpu
                               dynamic_axes={"x": input_axes, "y": output_axes}, **common)
 
 
-def _check_onnx_file(path, model, inputs):
-    """onnx.checker, standard ops only (BAM's among them), and onnxruntime on CPU against eager at each input."""
+def _check_onnx_file(path, model, inputs, required=BAM_ONNX_OPS):
+    """onnx.checker, standard ops only (``required`` among them: BAM's by default), and onnxruntime on CPU against
+    eager at each input."""
     import onnx
     import onnxruntime
 
@@ -179,7 +181,7 @@ def _check_onnx_file(path, model, inputs):
     onnx.checker.check_model(proto, full_check=True)
     op_types = {node.op_type for node in proto.graph.node}
     domains = {node.domain for node in proto.graph.node} | {f.domain for f in proto.functions}
-    assert BAM_ONNX_OPS <= op_types, f"missing {sorted(BAM_ONNX_OPS - op_types)} in {sorted(op_types)}"
+    assert required <= op_types, f"missing {sorted(required - op_types)} in {sorted(op_types)}"
     assert domains <= STANDARD_ONNX_DOMAINS, f"non-standard op domains {sorted(domains - STANDARD_ONNX_DOMAINS)}"
     assert {o.domain for o in proto.opset_import} <= STANDARD_ONNX_DOMAINS, \
         [(o.domain, o.version) for o in proto.opset_import]
@@ -287,10 +289,9 @@ def _trace_checked(model, example):
     return traced
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("combine", COMBINES)
-def test_jit_trace_bam(combine, layout):
-    model = _bam(combine).eval()
+def _check_trace_of_64_channels(model, layout):
+    """Trace ``model`` (64 input channels) at one size and run it at another: standard ops only, eager's numbers and
+    memory format."""
     traced = _trace_checked(model, _images(4, 64, 16, 16, layout))
     kinds = {node.kind() for node in traced.inlined_graph.nodes()}
     assert not [k for k in kinds if k.startswith("bam_triton::")], sorted(kinds)
@@ -298,6 +299,12 @@ def test_jit_trace_bam(combine, layout):
     got = traced(x)
     _assert_close(got, model(x), "traced vs eager")
     assert got.is_contiguous(memory_format=LAYOUTS[layout])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("combine", COMBINES)
+def test_jit_trace_bam(combine, layout):
+    _check_trace_of_64_channels(_bam(combine).eval(), layout)
 
 
 @pytest.mark.slow_on_gpu

@@ -31,7 +31,9 @@ def _good_rows(dtypes=("fp16", "bf16")):
             rows += [_row("apply-fwd", shape, dt, frac_copy_bw=0.93, speedup_vs_authors_compiled=1.4, valid=True),
                      _row("apply-bwd", shape, dt, frac_copy_bw=0.91, speedup_vs_authors_compiled=1.1, valid=True),
                      _row("pool", shape, dt, frac_copy_bw=0.88, valid=True),
-                     _row("bam-fwd", shape, dt, speedup_vs_authors_eager=2.3, valid=True)]
+                     _row("bam-fwd", shape, dt, speedup_vs_authors_eager=2.3, valid=True),
+                     _row("cbam-fwd", shape, dt, speedup_vs_authors_eager=1.7, valid=True),
+                     _row("cbam-fwd-bwd", shape, dt, speedup_vs_authors_eager=3.1, valid=True)]
     return rows
 
 
@@ -68,6 +70,17 @@ def test_verdicts_not_met_names_the_cases_below():
     assert compiled["verdict"] == "not met" and "apply-fwd 32x512x28x28 fp16 0.97x" in compiled["detail"]
     assert judged["pooling >= 85% of the copy bandwidth"]["verdict"] == "not met"
     assert judged["apply step forward >= 90% of the copy bandwidth"]["verdict"] == "met"
+
+
+def test_cbam_verdicts_beside_bam():
+    rows = _good_rows()
+    for r in rows:
+        if r["op"] == "cbam-fwd-bwd" and r["C"] == 512 and r["dtype"] == "fp16":
+            r["speedup_vs_authors_eager"] = 2.2
+    judged = _by_target(gpu_check.verdicts(rows, SHAPES, ["fp16", "bf16"]))
+    assert judged["whole CBAM forward >= 1.5x the authors' eager code"]["verdict"] == "met"
+    step = judged["CBAM training step (forward+backward) >= 2.5x the authors' eager code"]
+    assert step["verdict"] == "not met" and step["below"] == ["cbam-fwd-bwd 32x512x28x28 fp16"]
 
 
 def test_verdicts_missing_cases_and_other_rows_ignored():
@@ -119,7 +132,8 @@ def test_summary_from_a_sweep_json(tmp_path):
     assert "300 passed, 4 skipped, 20 deselected" in text
     assert "## Not run: time budget" in text and "- sweep bam-fwd 32x256x56x56 fp16: triton-compiled" in text
     assert "- phase inspect" in text and "cudagraph timing of apply-bwd: not capturable" in text
-    assert [v["verdict"] for v in judged][-1] == "missing"
+    assert {v["target"]: v["verdict"] for v in judged}["whole BAM forward >= 2x the authors' eager code"] == "missing"
+    assert "| whole CBAM forward >= 1.5x the authors' eager code | met |" in text
     assert json.loads((tmp_path / "summary.json").read_text())["verdicts"][0]["verdict"] == "met"
 
 
@@ -221,6 +235,23 @@ def fake_venv(tmp_path):
     return make, bin_dir
 
 
+def test_make_installs_torch_from_the_index_given(tmp_path):
+    """TORCH_INDEX (e.g. PyTorch's CPU-only index) is used for torch alone; without it pip's default index decides."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "TORCH_INDEX")}
+
+    def recipe(*variables):
+        target = str(tmp_path / "venv" / "bin" / ".installed")
+        out = subprocess.run(["make", "-n", "-s", "-C", ROOT, f"VENV={tmp_path / 'venv'}", *variables, target],
+                             env=env, check=True, capture_output=True, text=True, timeout=60).stdout
+        return [line.split("-m pip install --quiet ")[1].strip() for line in out.splitlines() if "pip install" in line]
+
+    assert recipe() == ['"torch==2.13.0"', '-e ".[dev]"']
+    assert recipe("TORCH_INDEX=https://download.pytorch.org/whl/cpu") == [
+        '"torch==2.13.0" --index-url "https://download.pytorch.org/whl/cpu"', '-e ".[dev]"']
+
+
 def test_make_test_runs_the_suite_again_on_the_gpu_when_cuda_is_there(fake_venv):
     make, _ = fake_venv
     cuda_check = 'device= python -c import torch, sys; sys.exit(not torch.cuda.is_available())'
@@ -313,8 +344,9 @@ def test_gpu_run_commands(quick, sm, monkeypatch, tmp_path):
     sweep = by_phase["sweep"][0]
     opt = {sweep[i]: sweep[i + 1] for i in range(len(sweep) - 1) if sweep[i].startswith("--")}
     assert opt["--device"] == "cuda" and opt["--batch"] == "32" and "--interpret" not in sweep
-    # BAM's own ops, then its cost inside ResNet-50 (last: the time budget cuts them first)
-    assert opt["--ops"] == "pool,apply-fwd,apply-bwd,bam-fwd,bam-fwd-bwd,resnet50-fwd,resnet50-train"
+    # BAM's own ops, CBAM's, then the cost inside ResNet-50 (last: the time budget cuts them first)
+    assert opt["--ops"] == "pool,apply-fwd,apply-bwd,bam-fwd,bam-fwd-bwd,cbam-fwd,cbam-fwd-bwd,resnet50-fwd," \
+        "resnet50-train"
     assert opt["--dtype"] == ("fp16" if quick else "fp16,bf16")
     assert opt["--providers"].split(",") == (
         ["authors-eager", "torch-path", "authors-compiled", "triton", "triton-single-read"] if quick else
@@ -356,9 +388,12 @@ def test_summary_reports_the_host_overhead_against_its_targets(tmp_path):
                 for case, us in zip(CASES, (fwd, train, 5.0, 6.0, 7.0))}
 
     (tmp_path / "overhead.json").write_text(json.dumps({
-        "standard Triton path, kernels skipped, cuda, 8x64x14x14 fp32 nchw": report(21.5, 140.0),
-        "single-read Triton path, kernels skipped, cuda, 8x64x14x14 fp32 nchw": report(35.0, 90.0)}))
+        "reference": {"what": "a small module call", "us_before": 4.25, "us_after": 4.5},
+        "reports": {"standard Triton path, kernels skipped, cuda, 8x64x14x14 fp32 nchw": report(21.5, 140.0),
+                    "single-read Triton path, kernels skipped, cuda, 8x64x14x14 fp32 nchw": report(35.0, 90.0)}}))
     lines = gpu_check.overhead_lines(str(tmp_path))
+    assert any("Same-machine reference, a small module call: 4.2 us before the cases, 4.5 after." in line
+               for line in lines)
     assert "| standard Triton path, kernels skipped, cuda, 8x64x14x14 fp32 nchw | 21.5 (met) | 140.0 (**not met**) |" \
         in lines
     assert "| single-read Triton path, kernels skipped, cuda, 8x64x14x14 fp32 nchw | 35.0 | 90.0 |" in lines

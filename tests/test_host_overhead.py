@@ -186,6 +186,27 @@ def test_overhead_measurement_counts_the_launches_of_each_call():
     assert text.splitlines()[0] == "title" and all(case in text for case in overhead.CASES)
 
 
+@cpu_only("the command's CPU report (on CUDA it also launches the kernels)")
+def test_overhead_command_reports_against_the_same_machine_reference(tmp_path, capsys):
+    import json
+
+    from bam_triton.bench.timing import HOST_REFERENCE
+    from bam_triton.cli import main
+
+    assert main(["overhead", "--shape", "2x16x4x4", "--reps", "3", "--json", str(tmp_path / "o.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"Same-machine reference, {HOST_REFERENCE}: ")
+    saved = json.loads((tmp_path / "o.json").read_text())
+    reference = (saved["reference"]["us_before"] + saved["reference"]["us_after"]) / 2
+    assert reference > 0 and len(saved["reports"]) == 2
+    for title, report in saved["reports"].items():
+        table = out[out.index(title):].splitlines()
+        assert "x ref" in table[1]
+        own, ratio = table[2].split()[-5:-3]  # the first case's row: ... own, x ref, total, stand-ins, launches
+        assert float(ratio) == pytest.approx(report[overhead.CASES[0]]["own_us"] / reference, abs=0.051)
+        assert float(own) == pytest.approx(report[overhead.CASES[0]]["own_us"], abs=0.051)
+
+
 @cpu_only("checks the CLI's refusal of CUDA where there is none")
 def test_overhead_command_refuses_bad_arguments(capsys):
     from bam_triton.cli import main

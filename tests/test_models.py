@@ -313,14 +313,26 @@ def test_a_plain_resnet_rejects_a_bam_checkpoint(official_state):
         load_official_checkpoint(models.resnet50(bam=False), official_state)
 
 
-def test_warns_when_loading_into_sum_bams():
+def test_combine_of_a_checkpoint(tmp_path):
+    """The authors' files record no combine: loading one into "sum" BAMs warns. Ours record each BAM's (state_dict
+    metadata): loading into the other combine raises, also through a DataParallel prefix and a file."""
     source = models.resnet18(num_classes=10, cifar=True, width=8, reduction=4, backend="torch")
     target = models.resnet18(num_classes=10, cifar=True, width=8, reduction=4, combine="sum", backend="torch")
+    authors_like = dict(source.state_dict())  # a plain dict: keys and tensors only, as the authors' files
     with pytest.warns(UserWarning, match="combine='product'"):
+        load_official_checkpoint(target, authors_like)
+    with pytest.raises(RuntimeError, match="bam1: these weights were saved by a BAM with combine='product' and this "
+                                           "BAM has combine='sum'"):
         load_official_checkpoint(target, source.state_dict())
+    path = tmp_path / "ours.pth.tar"
+    torch.save({"epoch": 1, "state_dict": nn.DataParallel(source).state_dict()}, path)  # keys under module.
+    with pytest.raises(RuntimeError, match="bam3: these weights were saved by a BAM with combine='product'"):
+        load_official_checkpoint(target, path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        load_official_checkpoint(source, target.state_dict())
+        load_official_checkpoint(source, path)
+        load_official_checkpoint(models.resnet18(num_classes=10, cifar=True, width=8, reduction=4, combine="sum"),
+                                 target.state_dict())  # ours, trained with sum: nothing to warn about
 
 
 def test_rejects_what_is_not_a_checkpoint():
@@ -405,6 +417,26 @@ def test_add_bam_names_other_stages_and_refuses_duplicates():
         add_bam(model, stages=("layer2",), reduction=4)
     with pytest.raises(ValueError, match="distinct"):
         add_bam(TinyResNet(), stages=("layer1", "layer1"))
+
+
+def _gray_tiny_resnet():
+    model = TinyResNet()
+    model.stem[0] = nn.Conv2d(1, 8, 3, padding=1, bias=False)  # 1-channel images
+    return model
+
+
+def test_add_bam_errors_name_add_bam_and_what_to_pass():
+    with pytest.raises(ValueError, match=r"^add_bam .* the default example_input, zeros\(1, 3, 64, 64\): RuntimeError: "
+                                         r".*Pass example_input=<a batch your model accepts>"):
+        add_bam(_gray_tiny_resnet())
+    with pytest.raises(ValueError, match=r"^add_bam .* example_input of shape \(2, 3, 8, 8\)"):
+        add_bam(_gray_tiny_resnet(), example_input=torch.zeros(2, 3, 8, 8))
+    assert add_bam(_gray_tiny_resnet(), example_input=torch.zeros(1, 1, 8, 8), reduction=4).bam3.channels == 32
+    with pytest.raises(ValueError, match=r"^add_bam: .* no 'layer5' .*; its top-level submodules: stem, layer1, "
+                                         r"layer2, layer3, fc$"):
+        add_bam(TinyResNet(), stages=("layer2", "layer5"))
+    with pytest.raises(ValueError, match=r"^add_bam: .* no 'layer1.7'"):
+        add_bam(TinyResNet(), stages="layer1.7")
 
 
 def test_add_bam_deepcopy_uses_the_copys_bam(device):

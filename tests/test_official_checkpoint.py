@@ -143,6 +143,25 @@ def test_their_state_dict_loads_strict_unchanged(c):
         assert torch.equal(v, snapshot[k]), k
 
 
+def test_combine_travels_in_metadata_not_in_keys(tmp_path):
+    """Our state_dict records combine in its metadata: no extra key (their code still loads it strictly), kept by
+    torch.save/torch.load(weights_only=True), and loading it into a BAM with the other combine raises, strict or not.
+    Their state_dicts record nothing and load into either."""
+    state = BAM(64, combine="sum").state_dict()
+    assert list(state) == list(AuthorsBAM(64).state_dict())
+    AuthorsBAM(64).load_state_dict(state, strict=True)
+    torch.save(state, tmp_path / "sum.pt")
+    loaded = torch.load(tmp_path / "sum.pt", weights_only=True)
+    assert loaded._metadata[""]["combine"] == "sum"
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match="saved by a BAM with combine='sum' and this BAM has "
+                                               "combine='product'"):
+            BAM(64, combine="product").load_state_dict(loaded, strict=strict)
+    BAM(64, combine="sum").load_state_dict(loaded)
+    for combine in ("sum", "product"):
+        BAM(64, combine=combine).load_state_dict(AuthorsBAM(64).state_dict())
+
+
 def _pair(c, seed=0):
     theirs = _randomised_authors_bam(c, seed)
     ours = BAM(c, combine="product")

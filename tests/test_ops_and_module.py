@@ -246,6 +246,30 @@ def test_torch_channel_pool_gradient_is_a_broadcast_view(dtype, device):
         assert dx.stride()[2:] == (0, 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp64", "fp16", "bf16"])
+def test_torch_channel_pool_forms_without_autograd(monkeypatch, dtype):
+    """Without autograd the torch path pools with mean, or with avg_pool2d for channels_last CPU inputs of at least
+    _PARALLEL_NUMEL elements (ops._torch_channel_pool); every form matches float64 in x's dtype."""
+    from bam_triton import ops
+
+    calls = []
+    real = ops.F.avg_pool2d
+    monkeypatch.setattr(ops.F, "avg_pool2d", lambda *args: calls.append(args[1]) or real(*args))
+    for shape, memory_format, pools in [((2, 32, 7, 7), torch.channels_last, False),
+                                        ((4, 130, 9, 8), torch.contiguous_format, False),
+                                        ((4, 130, 9, 8), torch.channels_last, True)]:
+        if memory_format == torch.channels_last:
+            assert (shape[0] * shape[1] * shape[2] * shape[3] >= ops._PARALLEL_NUMEL) is pools
+        x = make_x(shape, dtype=dtype, memory_format=memory_format, seed="pool-forms")
+        with torch.no_grad():
+            pooled = channel_pool(x, backend="torch")
+        assert pooled.shape == shape[:2] and pooled.dtype == dtype
+        assert_close(pooled, x.double().mean(dim=(2, 3)), dtype=dtype, what=f"pooled {shape} {memory_format}")
+        assert calls == ([(shape[2], shape[3])] if pools else []), calls
+        calls.clear()
+
+
 @pytest.mark.parametrize("combine", COMBINES)
 def test_bam_apply_gradients_backends_agree(combine, device):
     gen = _gen("apply-grad", combine)
@@ -344,6 +368,15 @@ def test_extra_repr():
     convs = [m for n, m in bam.spatial_att.gate_s.named_children() if n.startswith("gate_s_conv_di_")]
     assert len(convs) == 3 and all(m.dilation == (2, 2) and m.padding == (2, 2) for m in convs)
     assert bam.channel_att.gate_c.gate_c_fc_0.out_features == 64 // 8
+
+
+def test_help_of_the_constructor_documents_its_arguments():
+    import pydoc
+
+    text = pydoc.render_doc(BAM.__init__, renderer=pydoc.plaintext)
+    assert "Initialize internal Module state" not in text  # nn.Module's, which help() showed before
+    for argument in ("channels", "reduction", "dilation", "num_dilated_convs", "combine", "backend", "single_read"):
+        assert f"    {argument}: " in text or f"    {argument}, " in text, argument
 
 
 @pytest.mark.parametrize("memory_format", LAYOUTS, ids=LAYOUT_IDS)
@@ -539,12 +572,17 @@ def auto_path():
     assert x.grad is not None and x.grad.shape == x.shape
     bam.eval()(x[:1])
     bam_triton.channel_pool(x, backend="auto"), bam_triton.bam_apply(x, mc, ms, backend="torch")
+    cbam = bam_triton.CBAM(8, reduction=4)
+    cbam(x).sum().backward()
+    cbam.eval()(x[:1])
 
 results = {
     "auto": probe(auto_path),
     "channel_pool": probe(lambda: bam_triton.channel_pool(x, backend="triton")),
     "bam_apply": probe(lambda: bam_triton.bam_apply(x, mc, ms, backend="triton")),
     "BAM": probe(lambda: bam_triton.BAM(8, reduction=4, backend="triton")(x)),
+    "CBAM": probe(lambda: bam_triton.CBAM(8, reduction=4, backend="triton")(x)),
+    "cbam_apply": probe(lambda: bam_triton.cbam_apply(x, mc, backend="triton")),
 }
 """
 

@@ -101,13 +101,17 @@ def test_switch_argument_and_environment_variable(monkeypatch, launches):
     assert launches.count("front_fwd") == 1
     monkeypatch.setenv(_backend.SINGLE_READ_ENV_VAR, "maybe")
     bam.single_read = None
-    with pytest.raises(ValueError, match="BAM_TRITON_SINGLE_READ must be 0 or 1"):
+    with pytest.raises(ValueError, match=r"BAM_TRITON_SINGLE_READ must be one of 1, true, on, yes \(on\) or 0, false, "
+                                         r"off, no \(off\), got 'maybe'"):
         bam(x)
+    monkeypatch.setenv(_backend.SINGLE_READ_ENV_VAR, "Yes")  # any case
+    bam(x)
+    assert launches.count("front_fwd") == 2
     with pytest.raises(TypeError, match="single_read must be True, False or None"):
         BAM(16, reduction=4, single_read="yes")
     torch_path = BAM(16, reduction=4, backend="torch", single_read=True).double().to(TEST_DEVICE).eval()
     torch_path(x)
-    assert launches.count("front_fwd") == 1  # the torch path has no front-end kernel: the switch is a no-op there
+    assert launches.count("front_fwd") == 2  # the torch path has no front-end kernel: the switch is a no-op there
 
 
 def test_state_dict_and_repr_unchanged_but_for_the_switch():

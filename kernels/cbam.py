@@ -1,0 +1,445 @@
+"""CBAM's memory-bound steps (``bam_triton/cbam_ops.py`` has the maths and the autograd wiring).
+
+With ``a`` (N, C) the channel attention, ``b`` (N, H·W) the spatial attention and ``g`` the output's gradient:
+
+    pool          avg, max and argmax over H·W           kernels/pool.py, WITH_MAX          reads x
+    spatial_pool  max, argmax and mean over C of x·a      channel_reduce_kernel              reads x
+    apply         out = x·a·b                             apply_kernel (flat)                reads x, writes out
+    grad_b        db = Σ_c g·x·a                          channel_reduce_kernel, WITH_G      reads g, x
+    grad_a        da = Σ_hw dy·x                          hw_reduce_kernel                   reads g, x
+    grad_x        dx = dy·a + d_avg/(H·W) + d_max at argmax_hw (+ extra)    grad_x_kernel (flat)   reads g, writes dx
+    with dy = g·b + dmax_c at argmax_c + dmean_c / C (the gradient of x·a; never written)
+
+Forward 3 reads of x and 1 write; backward 3 reads of g, 2 of x, 1 write: 4 and 10 |F| per training step (plus the
+small maps and partial sums).
+
+``channel_reduce_kernel`` reduces over channels for a block of pixels: a program owns one image, BLOCK_HW positions
+and one split of the channels, keeps [BLOCK_C, BLOCK_HW] (NCHW; [BLOCK_HW, BLOCK_C] for NHWC, the tile laid along
+the contiguous axis as in pool.py) running sums, maxima and argmaxes, and reduces them once at the end into per-split
+partials (N, n_splits, H·W) that the launcher folds in a fixed order (deterministic, no atomics). The split is
+apply_bwd.py's ``channel_split``, the configs its ``reduce2d`` tiles. ``hw_reduce_kernel`` reduces over H·W for a
+block of channels like the pooling (its ``pool`` tiles and ``pool_split``), with dy formed from g and the small maps.
+
+The flat kernels walk the flat memory range of g or x as ``apply.py`` does (INNER/MID constexprs, 128-bit vectors for
+any H·W). Each element needs its channel index n·C + c and pixel index n·H·W + hw: for NCHW the row-map and
+column-map indices of apply.py, for NHWC the other way round. Argmax maps are int32 positions (hw in 0..H·W-1, c in
+0..C-1); ties go to the first position, NaN to the first NaN (``_common.track_max``), as torch's CPU ``max``.
+
+Offsets within an image are int32 and image bases int64 (the op layer checks C·H·W < 2**31); the flat kernels use the
+memory plan's INDEX_64.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (LaunchPlan, acc_dtype, argmax_reduce, autotune, cached_plan, flat_index, fold_max,
+                      is_channels_last, keep_contiguous_configs, launch, layout_plan, n_bucket, per_thread_pruner,
+                      sm_count, target_programs, track_max)
+from .apply import col_map_index, row_map_index
+from .apply_bwd import channel_split
+from .pool import channel_pool_max_fwd, pool_split
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reductions over channels: the spatial pool (max, argmax, sum of x·a) and db (sum of g·x·a)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _channel_tile(x_image, g_image, a_row, offsets, mask, c, c_valid, sums, best, best_c, WITH_G: tl.constexpr,
+                  ACC: tl.constexpr):
+    """One tile's step of channel_reduce_kernel: ``v = x·a`` (``g·x·a`` WITH_G) added to ``sums``, and without g
+    the running max and argmax over channels updated. ``c`` and ``c_valid`` lie along the tile's channel axis."""
+    a = tl.load(a_row + c, mask=c_valid, other=0.0).to(ACC)
+    v = tl.load(x_image + offsets, mask=mask, other=0.0).to(ACC) * a
+    if WITH_G:
+        v *= tl.load(g_image + offsets, mask=mask, other=0.0).to(ACC)
+    else:
+        best, best_c = track_max(best, best_c, v, c, mask)
+    return sums + tl.where(mask, v, 0.0), best, best_c
+
+
+@triton.jit
+def _store_channel_reduction(sum_ptr, max_ptr, argmax_ptr, row, argmax_row, hw_mask, sums, best, best_c, C,
+                             AXIS: tl.constexpr, WITH_G: tl.constexpr, MEAN: tl.constexpr):
+    """Reduce channel_reduce_kernel's tiles along their channel axis ``AXIS`` and store the split's results (the sum
+    divided by C when it is the ``MEAN``) at ``row``, the argmax at ``argmax_row``."""
+    sums = tl.sum(sums, axis=AXIS)
+    if MEAN:
+        sums = sums / tl.cast(C, sums.dtype)
+    tl.store(sum_ptr + row, sums.to(sum_ptr.dtype.element_ty), mask=hw_mask)
+    if not WITH_G:
+        maxima, channels = argmax_reduce(best, best_c, AXIS)
+        tl.store(max_ptr + row, maxima.to(max_ptr.dtype.element_ty), mask=hw_mask)
+        tl.store(argmax_ptr + argmax_row, channels, mask=hw_mask)
+
+
+@autotune("reduce2d", key=["batch_bucket", "C", "HW", "CHANNELS_LAST", "WITH_G"], prune=keep_contiguous_configs)
+@triton.jit(do_not_specialize=["batch_bucket"])
+def channel_reduce_kernel(
+    x_ptr,  # (N, C, H, W), dense NCHW or NHWC
+    g_ptr,  # like x; read only WITH_G
+    a_ptr,  # (N, C): the channel attention
+    sum_ptr,  # (N, ·, H·W), image stride out_stride: Σ over the split's channels of x·a (g·x·a WITH_G); MEAN: / C
+    max_ptr,  # (N, ·, H·W), image stride out_stride: the split's max of x·a; written only without g
+    argmax_ptr,  # (N, n_splits, H·W) int32: the channel of that max; written only without g
+    C,
+    HW,
+    c_per_split,  # multiple of every BLOCK_C (apply_bwd.channel_split)
+    out_stride,  # elements from one image's results to the next: n_splits·H·W, or 2·H·W writing into s
+    batch_bucket,  # tuning key only: N rounded up to a power of two (_common.n_bucket)
+    CHANNELS_LAST: tl.constexpr,
+    WITH_G: tl.constexpr,
+    MEAN: tl.constexpr,  # one split: store the mean (the sum / C), straight into s
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    ACC: tl.constexpr = tl.float32,  # accumulation dtype: fp32, fp64 for fp64 inputs
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_hw_blocks = tl.cdiv(HW, BLOCK_HW)
+    n = (pid // n_hw_blocks).to(tl.int64)
+    hw = (pid % n_hw_blocks) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    hw_mask = hw < HW
+    image = n * C * HW
+    x_image, g_image, a_row = x_ptr + image, g_ptr + image, a_ptr + n * C
+    c_start = split * c_per_split
+    c_stop = tl.minimum(c_start + c_per_split, C)
+    row = n * out_stride + split * HW + hw
+    argmax_row = (n * tl.num_programs(1) + split) * HW + hw
+    if CHANNELS_LAST:
+        sums = tl.zeros([BLOCK_HW, BLOCK_C], dtype=ACC)
+        best = tl.full([BLOCK_HW, BLOCK_C], float("-inf"), ACC)
+        best_c = tl.full([BLOCK_HW, BLOCK_C], -1, tl.int32)
+        for c0 in range(c_start, c_stop, BLOCK_C):
+            c = (c0 + tl.arange(0, BLOCK_C))[None, :]
+            mask = hw_mask[:, None] & (c < C)
+            sums, best, best_c = _channel_tile(x_image, g_image, a_row, hw[:, None] * C + c, mask, c, c < C, sums,
+                                               best, best_c, WITH_G, ACC)
+        _store_channel_reduction(sum_ptr, max_ptr, argmax_ptr, row, argmax_row, hw_mask, sums, best, best_c, C, 1,
+                                 WITH_G, MEAN)
+    else:
+        sums = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
+        best = tl.full([BLOCK_C, BLOCK_HW], float("-inf"), ACC)
+        best_c = tl.full([BLOCK_C, BLOCK_HW], -1, tl.int32)
+        for c0 in range(c_start, c_stop, BLOCK_C):
+            c = (c0 + tl.arange(0, BLOCK_C))[:, None]
+            mask = (c < C) & hw_mask[None, :]
+            sums, best, best_c = _channel_tile(x_image, g_image, a_row, c * HW + hw[None, :], mask, c, c < C, sums,
+                                               best, best_c, WITH_G, ACC)
+        _store_channel_reduction(sum_ptr, max_ptr, argmax_ptr, row, argmax_row, hw_mask, sums, best, best_c, C, 0,
+                                 WITH_G, MEAN)
+
+
+@cached_plan
+def channel_reduce_plan(shape, dtype, channels_last, with_g, sms=None):
+    """The launch of :func:`spatial_pool` (``with_g`` False) or :func:`grad_b` for a dense ``shape`` input of
+    ``dtype`` on a GPU with ``sms`` SMs. Buffers: the spatial pool's ``s`` (N, 2, H·W) in x's dtype, which the kernel
+    fills itself when the channels are not split, else fp32 partials ``sum`` and ``max`` (N, n_splits, H·W); its
+    ``argmax`` (N, n_splits, H·W) int32; db's ``sum``."""
+    n, c, h, w = shape
+    hw = h * w
+    n_splits, c_per_split = channel_split(n, c, hw, target_programs(sms))
+    acc = torch.promote_types(dtype, torch.float32)
+    mean = not with_g and n_splits == 1
+    if with_g:
+        buffers = (("sum", (n, n_splits, hw), acc),)
+    elif mean:
+        buffers = (("s", (n, 2, hw), dtype), ("argmax", (n, 1, hw), torch.int32))
+    else:
+        buffers = (("sum", (n, n_splits, hw), acc), ("max", (n, n_splits, hw), acc),
+                   ("argmax", (n, n_splits, hw), torch.int32))
+    return LaunchPlan(channel_reduce_kernel, "reduce2d", grid=((n, hw, "BLOCK_HW"), (n_splits, 1, None)),
+                      scalars=(c, hw, c_per_split, (2 if mean else n_splits) * hw, n_bucket(n)),
+                      constexprs=(("CHANNELS_LAST", channels_last), ("WITH_G", with_g), ("MEAN", mean),
+                                  ("ACC", acc_dtype(dtype))),
+                      buffers=buffers,
+                      writes=("sum_ptr",) if with_g else ("sum_ptr", "max_ptr", "argmax_ptr"),
+                      unused=("max_ptr", "argmax_ptr") if with_g else ("g_ptr",))
+
+
+def _plan_and_outputs(x, g):
+    plan = channel_reduce_plan(tuple(x.shape), x.dtype, is_channels_last(x), g is not None, sm_count(x.device))
+    return plan, [torch.empty(shape, device=x.device, dtype=dtype) for _, shape, dtype in plan.buffers]
+
+
+def spatial_pool(x, a, config=None):
+    """``(s, argmax_c)``: s (N, 2, H, W) in x's dtype, ``[max over C, mean over C]`` of ``x·a``, from one read of a
+    dense ``x``; argmax_c (N, H·W) int32, the first channel of each max. ``a`` (N, C) contiguous. ``config`` forces one
+    (meta, num_warps) config (tests)."""
+    n, c, h, w = x.shape
+    plan, outputs = _plan_and_outputs(x, None)
+    if len(outputs) == 2:  # one split: the kernel writes the max and the mean into s itself
+        s, argmax = outputs
+        launch(plan, x, x, a, s[:, 1], s[:, 0], argmax, config=config)  # x as g: never read
+        return s.view(n, 2, h, w), argmax.view(n, h * w)
+    sums, maxima, argmax = outputs
+    launch(plan, x, x, a, sums, maxima, argmax, config=config)
+    maxima, argmax = fold_max(maxima, argmax, dim=1)
+    s = torch.stack((maxima, sums.sum(dim=1).div_(c)), dim=1).to(x.dtype)
+    return s.view(n, 2, h, w), argmax
+
+
+def grad_b(g, x, a, config=None):
+    """db (N, H·W) = Σ_c g·x·a in fp32 (fp64 for fp64); ``g`` in x's strides, ``a`` (N, C) contiguous."""
+    plan, (sums,) = _plan_and_outputs(x, g)
+    launch(plan, x, g, a, sums, sums, sums, config=config)  # the sums as max and argmax: never touched
+    return sums[:, 0] if sums.shape[1] == 1 else sums.sum(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reduction over H·W: da
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dy(g, b_ptr, argmax_c_ptr, dmax_c_ptr, dmean_c_ptr, pixel, pixel_mask, c, inv_c, HAS_SPATIAL: tl.constexpr,
+        ACC: tl.constexpr):
+    """The gradient of x·a: ``g·b + dmax_c`` where ``c`` is the argmax channel ``+ dmean_c / C``, the pixel maps
+    gathered at ``pixel`` (n·H·W + hw, shaped to broadcast against g); ``g`` itself without the spatial gate."""
+    if HAS_SPATIAL:
+        b = tl.load(b_ptr + pixel, mask=pixel_mask, other=0.0).to(ACC)
+        argmax_c = tl.load(argmax_c_ptr + pixel, mask=pixel_mask, other=-1)
+        dmax_c = tl.load(dmax_c_ptr + pixel, mask=pixel_mask, other=0.0).to(ACC)
+        dmean_c = tl.load(dmean_c_ptr + pixel, mask=pixel_mask, other=0.0).to(ACC)
+        return g * b + tl.where(c == argmax_c, dmax_c, 0.0) + dmean_c * inv_c
+    else:
+        return g
+
+
+@autotune("pool", key=["batch_bucket", "C", "HW", "CHANNELS_LAST", "HAS_SPATIAL"], prune=keep_contiguous_configs)
+@triton.jit(do_not_specialize=["batch_bucket"])
+def hw_reduce_kernel(
+    g_ptr,  # (N, C, H, W), same strides as x
+    x_ptr,  # (N, C, H, W), dense NCHW or NHWC
+    b_ptr,  # (N, H·W): the spatial attention; the pixel maps are read only HAS_SPATIAL
+    argmax_c_ptr,  # (N, H·W) int32 (or int64): channel of each pixel's max over C
+    dmax_c_ptr,  # (N, H·W): gradient of that max
+    dmean_c_ptr,  # (N, H·W): gradient of the mean over C
+    out_ptr,  # (N, n_splits, C): Σ over the split's positions of dy·x
+    C,
+    HW,
+    hw_per_split,  # multiple of POOL_SPLIT_UNIT, hence of BLOCK_HW
+    batch_bucket,  # tuning key only: N rounded up to a power of two (_common.n_bucket)
+    CHANNELS_LAST: tl.constexpr,
+    HAS_SPATIAL: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    ACC: tl.constexpr = tl.float32,  # accumulation dtype: fp32, fp64 for fp64 inputs
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_c_blocks = tl.cdiv(C, BLOCK_C)
+    n = (pid // n_c_blocks).to(tl.int64)
+    c = (pid % n_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    image = n * C * HW
+    g_image, x_image = g_ptr + image, x_ptr + image
+    pixels = n * HW
+    inv_c = 1.0 / tl.cast(C, ACC)
+    hw_start = split * hw_per_split
+    hw_stop = tl.minimum(hw_start + hw_per_split, HW)
+    if CHANNELS_LAST:
+        acc = tl.zeros([BLOCK_HW, BLOCK_C], dtype=ACC)
+        for hw0 in range(hw_start, hw_stop, BLOCK_HW):
+            hw = hw0 + tl.arange(0, BLOCK_HW)
+            hw_mask = hw < HW
+            mask = hw_mask[:, None] & c_mask[None, :]
+            offsets = hw[:, None] * C + c[None, :]
+            g = tl.load(g_image + offsets, mask=mask, other=0.0).to(ACC)
+            x = tl.load(x_image + offsets, mask=mask, other=0.0).to(ACC)
+            dy = _dy(g, b_ptr, argmax_c_ptr, dmax_c_ptr, dmean_c_ptr, pixels + hw[:, None], hw_mask[:, None],
+                     c[None, :], inv_c, HAS_SPATIAL, ACC)
+            acc += tl.where(mask, dy * x, 0.0)
+        sums = tl.sum(acc, axis=0)
+    else:
+        acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
+        for hw0 in range(hw_start, hw_stop, BLOCK_HW):
+            hw = hw0 + tl.arange(0, BLOCK_HW)
+            hw_mask = hw < HW
+            mask = c_mask[:, None] & hw_mask[None, :]
+            offsets = c[:, None] * HW + hw[None, :]
+            g = tl.load(g_image + offsets, mask=mask, other=0.0).to(ACC)
+            x = tl.load(x_image + offsets, mask=mask, other=0.0).to(ACC)
+            dy = _dy(g, b_ptr, argmax_c_ptr, dmax_c_ptr, dmean_c_ptr, pixels + hw[None, :], hw_mask[None, :],
+                     c[:, None], inv_c, HAS_SPATIAL, ACC)
+            acc += tl.where(mask, dy * x, 0.0)
+        sums = tl.sum(acc, axis=1)
+    out = out_ptr + (n * tl.num_programs(1) + split) * C + c
+    tl.store(out, sums.to(out_ptr.dtype.element_ty), mask=c_mask)
+
+
+@cached_plan
+def hw_reduce_plan(shape, dtype, channels_last, has_spatial, sms=None):
+    """The launch of :func:`grad_a` for a dense ``shape`` input of ``dtype`` on a GPU with ``sms`` SMs: the pooling's
+    H·W split; buffer ``out`` (N, n_splits, C) in fp32 (fp64 for fp64)."""
+    n, c, h, w = shape
+    hw = h * w
+    n_splits, hw_per_split = pool_split(n, c, hw, target_programs(sms))
+    return LaunchPlan(hw_reduce_kernel, "pool", grid=((n, c, "BLOCK_C"), (n_splits, 1, None)),
+                      scalars=(c, hw, hw_per_split, n_bucket(n)),
+                      constexprs=(("CHANNELS_LAST", channels_last), ("HAS_SPATIAL", has_spatial),
+                                  ("ACC", acc_dtype(dtype))),
+                      buffers=(("out", (n, n_splits, c), torch.promote_types(dtype, torch.float32)),),
+                      writes=("out_ptr",),
+                      unused=() if has_spatial else ("b_ptr", "argmax_c_ptr", "dmax_c_ptr", "dmean_c_ptr"))
+
+
+def grad_a(g, x, b, argmax_c, dmax_c, dmean_c, config=None):
+    """da (N, C) = Σ_hw dy·x in fp32 (fp64 for fp64), dy = g·b + dmax_c at argmax_c + dmean_c / C (``b`` None: no
+    spatial gate, dy = g). ``g`` in x's strides; the pixel maps (N, H·W) contiguous."""
+    plan = hw_reduce_plan(tuple(x.shape), x.dtype, is_channels_last(x), b is not None, sm_count(x.device))
+    shape, dtype = plan.buffer("out")
+    out = torch.empty(shape, device=x.device, dtype=dtype)
+    maps = (g, g, g, g) if b is None else (b, argmax_c, dmax_c, dmean_c)  # g where absent: never read
+    launch(plan, g, x, *maps, out, config=config)
+    return out[:, 0] if shape[1] == 1 else out.sum(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Flat kernels: apply and dx
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _channel_and_pixel(idx, INNER: tl.constexpr, MID: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """(n·C + c, n·H·W + hw) of flat indices ``idx`` (see the module docstring)."""
+    if CHANNELS_LAST:
+        return col_map_index(idx, INNER, MID), row_map_index(idx, INNER)
+    else:
+        return row_map_index(idx, INNER), col_map_index(idx, INNER, MID)
+
+
+@autotune("elementwise", key=["batch_bucket", "INNER", "MID", "CHANNELS_LAST", "HAS_B"])
+@triton.jit(do_not_specialize=["batch_bucket"])
+def apply_kernel(
+    x_ptr,  # (N, C, H, W) in memory order (n, c, hw) or (n, hw, c), dense
+    a_ptr,  # (N, C)
+    b_ptr,  # (N, H·W); read only HAS_B
+    out_ptr,  # like x
+    n_elements,
+    batch_bucket,  # tuning key only: N rounded up to a power of two (_common.n_bucket)
+    INNER: tl.constexpr,
+    MID: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    HAS_B: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr = tl.float32,  # compute dtype: fp32, fp64 for fp64 inputs
+):
+    idx = flat_index(tl.program_id(0), BLOCK, INDEX_64)
+    mask = idx < n_elements
+    channel, pixel = _channel_and_pixel(idx, INNER, MID, CHANNELS_LAST)
+    out = tl.load(x_ptr + idx, mask=mask, other=0.0).to(ACC) * tl.load(a_ptr + channel, mask=mask, other=0.0).to(ACC)
+    if HAS_B:
+        out *= tl.load(b_ptr + pixel, mask=mask, other=0.0).to(ACC)
+    tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@cached_plan
+def apply_plan(shape, dtype, channels_last, has_b):
+    """The launch of :func:`apply` for a dense ``shape`` input of ``dtype``: one flat grid over every element."""
+    plan = layout_plan(shape, channels_last)
+    n_elements = math.prod(shape)
+    return LaunchPlan(apply_kernel, "elementwise", grid=((1, n_elements, "BLOCK"),),
+                      scalars=(n_elements, n_bucket(shape[0])),
+                      constexprs=(("INNER", plan.inner), ("MID", plan.mid), ("CHANNELS_LAST", channels_last),
+                                  ("HAS_B", has_b), ("INDEX_64", plan.index_64), ("ACC", acc_dtype(dtype))),
+                      writes=("out_ptr",), unused=() if has_b else ("b_ptr",))
+
+
+def apply(x, a, b, config=None):
+    """``x·a·b`` (``b`` None: ``x·a``) in x's dtype and memory format, one read of a dense ``x`` and one write;
+    ``a`` (N, C) and ``b`` (N, H·W) contiguous, any float dtype."""
+    channels_last = is_channels_last(x)
+    out = torch.empty_like(x)  # x is dense, so empty_like keeps its strides (memory format)
+    plan = apply_plan(tuple(x.shape), x.dtype, channels_last, b is not None)
+    launch(plan, x, a, a if b is None else b, out, config=config)
+    return out
+
+
+# 8 elements per thread: each gathers up to 9 small-map values (and their addresses).
+@autotune("elementwise", key=["batch_bucket", "INNER", "MID", "CHANNELS_LAST", "HAS_SPATIAL", "HAS_DAVG", "HAS_DMAX",
+                              "HAS_EXTRA"], prune=per_thread_pruner(8))
+@triton.jit(do_not_specialize=["batch_bucket"])
+def grad_x_kernel(
+    g_ptr,  # (N, C, H, W) in memory order (n, c, hw) or (n, hw, c), dense
+    a_ptr,  # (N, C)
+    b_ptr,  # (N, H·W); the pixel maps are read only HAS_SPATIAL
+    argmax_c_ptr,  # (N, H·W) integer: channel of each pixel's max over C
+    dmax_c_ptr,  # (N, H·W)
+    dmean_c_ptr,  # (N, H·W)
+    d_avg_ptr,  # (N, C); read only HAS_DAVG
+    d_max_ptr,  # (N, C); read only HAS_DMAX
+    argmax_hw_ptr,  # (N, C) integer: position of each channel's max over H·W; read only HAS_DMAX
+    extra_ptr,  # like g; read only HAS_EXTRA; never dx_ptr itself
+    dx_ptr,  # like g
+    n_elements,
+    batch_bucket,  # tuning key only: N rounded up to a power of two (_common.n_bucket)
+    INNER: tl.constexpr,
+    MID: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    HAS_SPATIAL: tl.constexpr,
+    HAS_DAVG: tl.constexpr,
+    HAS_DMAX: tl.constexpr,
+    HAS_EXTRA: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr = tl.float32,  # compute dtype: fp32, fp64 for fp64 inputs
+):
+    idx = flat_index(tl.program_id(0), BLOCK, INDEX_64)
+    mask = idx < n_elements
+    channel, pixel = _channel_and_pixel(idx, INNER, MID, CHANNELS_LAST)
+    # C and H·W are constexprs (INNER, MID), so the modulos and the reciprocals fold at compile time.
+    if CHANNELS_LAST:
+        c, hw, inv_c, inv_hw = channel % INNER, pixel % MID, 1.0 / tl.cast(INNER, ACC), 1.0 / tl.cast(MID, ACC)
+    else:
+        c, hw, inv_c, inv_hw = channel % MID, pixel % INNER, 1.0 / tl.cast(MID, ACC), 1.0 / tl.cast(INNER, ACC)
+    g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(ACC)
+    dy = _dy(g, b_ptr, argmax_c_ptr, dmax_c_ptr, dmean_c_ptr, pixel, mask, c, inv_c, HAS_SPATIAL, ACC)
+    dx = dy * tl.load(a_ptr + channel, mask=mask, other=0.0).to(ACC)
+    if HAS_DAVG:
+        dx += tl.load(d_avg_ptr + channel, mask=mask, other=0.0).to(ACC) * inv_hw
+    if HAS_DMAX:
+        argmax_hw = tl.load(argmax_hw_ptr + channel, mask=mask, other=-1)
+        dx += tl.where(hw == argmax_hw, tl.load(d_max_ptr + channel, mask=mask, other=0.0).to(ACC), 0.0)
+    if HAS_EXTRA:
+        dx += tl.load(extra_ptr + idx, mask=mask, other=0.0).to(ACC)
+    tl.store(dx_ptr + idx, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@cached_plan
+def grad_x_plan(shape, dtype, channels_last, has_spatial, has_davg, has_dmax, has_extra):
+    """The launch of :func:`grad_x` for a dense ``shape`` input of ``dtype``: one flat grid over every element."""
+    plan = layout_plan(shape, channels_last)
+    n_elements = math.prod(shape)
+    unused = (() if has_spatial else ("b_ptr", "argmax_c_ptr", "dmax_c_ptr", "dmean_c_ptr")) + \
+        (() if has_davg else ("d_avg_ptr",)) + (() if has_dmax else ("d_max_ptr", "argmax_hw_ptr")) + \
+        (() if has_extra else ("extra_ptr",))
+    return LaunchPlan(grad_x_kernel, "elementwise", grid=((1, n_elements, "BLOCK"),),
+                      scalars=(n_elements, n_bucket(shape[0])),
+                      constexprs=(("INNER", plan.inner), ("MID", plan.mid), ("CHANNELS_LAST", channels_last),
+                                  ("HAS_SPATIAL", has_spatial), ("HAS_DAVG", has_davg), ("HAS_DMAX", has_dmax),
+                                  ("HAS_EXTRA", has_extra), ("INDEX_64", plan.index_64), ("ACC", acc_dtype(dtype))),
+                      writes=("dx_ptr",), unused=unused)
+
+
+def grad_x(g, a, b, argmax_c, dmax_c, dmean_c, d_avg, d_max, argmax_hw, extra, config=None):
+    """dx = dy·a + d_avg / (H·W) + d_max at argmax_hw (+ extra), a new tensor in g's dtype and memory format; dy as in
+    :func:`grad_a`. Any of ``b`` (with its three pixel maps), ``d_avg``, ``d_max`` (with ``argmax_hw``) and
+    ``extra`` may be None. Maps contiguous; ``extra`` in g's dtype and strides."""
+    channels_last = is_channels_last(g)
+    dx = torch.empty_like(g)  # g is dense, so empty_like keeps its strides (memory format)
+    plan = grad_x_plan(tuple(g.shape), g.dtype, channels_last, b is not None, d_avg is not None, d_max is not None,
+                       extra is not None)
+    spatial = (g, g, g, g) if b is None else (b, argmax_c, dmax_c, dmean_c)  # g where absent: never read
+    launch(plan, g, a, *spatial, a if d_avg is None else d_avg, a if d_max is None else d_max,
+           a if d_max is None else argmax_hw, g if extra is None else extra, dx, config=config)
+    return dx
+
+
+def pool(x, config=None):
+    """``(avg, max, argmax_hw)`` over H·W from one read of a dense ``x`` (kernels/pool.py with WITH_MAX); argmax
+    int32."""
+    return channel_pool_max_fwd(x, is_channels_last(x), config=config)

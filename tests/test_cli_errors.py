@@ -1,0 +1,102 @@
+"""Every ``bam-triton`` command against every user mistake: a bad ``BAM_TRITON_*`` environment variable, a device that
+is not there, a missing package the command needs. Each must end in one line on stderr and exit status 2, before any
+work (nothing on stdout: no half report), never a traceback. The mistakes are refused up front (``cli._user_mistake``),
+so every case runs in milliseconds."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bam_triton import _backend, cli
+
+# Each command with arguments that would run it (to an output under OUT); the mistake must stop it first.
+COMMANDS = {
+    "check": ["check"],
+    "sweep": ["sweep", "--quick", "--out", "OUT"],
+    "plot": ["plot", "OUT/sweep.csv"],
+    "traffic": ["traffic"],
+    "inspect": ["inspect", "--quick", "--out", "OUT"],
+    "overhead": ["overhead"],
+    "tune": ["tune", "--quick"],
+    "attention": ["attention", "--out", "OUT/attention.png"],
+    "export": ["export", "resnet18", "OUT/r18.onnx"],
+    "gpu-check": ["gpu-check", "--out", "OUT"],
+}
+ENV_MISTAKES = {_backend.ENV_VAR: "gpu", _backend.SINGLE_READ_ENV_VAR: "maybe", _backend.AUTOTUNE_ENV_VAR: "perhaps"}
+# The device mistake: --device cuda where torch sees no GPU (gpu-check has no --device: it needs the GPU itself).
+DEVICE_MISTAKES = {"check": ["--device", "cuda"], "sweep": ["--device", "cuda"], "overhead": ["--device", "cuda"],
+                   "tune": ["--device", "cuda"], "gpu-check": []}
+NO_DEVICE = {"plot": "reads a CSV", "traffic": "counts bytes on the META device",
+             "inspect": "compiles ahead of time for sm_80/sm_90 without a GPU", "attention": "runs on the CPU",
+             "export": "runs on the CPU"}
+# The package each command cannot run without.
+PACKAGE_MISTAKES = {"plot": "matplotlib", "attention": "matplotlib", "traffic": "triton", "inspect": "triton",
+                    "overhead": "triton", "tune": "triton", "export": "onnx", "gpu-check": "triton"}
+NO_PACKAGE = {"check": "triton is optional: it reports the torch path", "sweep": "triton is optional: it times the "
+                                                                                  "torch providers"}
+
+
+def _run(command, extra, tmp_path, capsys):
+    argv = [str(tmp_path) + arg[3:] if arg.startswith("OUT") else arg for arg in COMMANDS[command] + extra]
+    status = cli.main(argv)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def _assert_one_line(status, out, err, command, *words):
+    assert status == 2, (status, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: bam-triton {command}"), err
+    assert all(word in lines[0] for word in words), lines[0]
+    assert out == ""  # refused before any work: no half report
+
+
+def test_every_command_meets_every_mistake():
+    subparsers = next(a for a in cli._parser()._actions if a.dest == "command")
+    assert set(COMMANDS) == set(subparsers.choices)
+    assert set(DEVICE_MISTAKES) | set(NO_DEVICE) == set(COMMANDS) and not set(DEVICE_MISTAKES) & set(NO_DEVICE)
+    assert set(PACKAGE_MISTAKES) | set(NO_PACKAGE) == set(COMMANDS) and not set(PACKAGE_MISTAKES) & set(NO_PACKAGE)
+
+
+@pytest.mark.parametrize("variable", ENV_MISTAKES)
+@pytest.mark.parametrize("command", COMMANDS)
+def test_bad_environment_variable(command, variable, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv(variable, ENV_MISTAKES[variable])
+    _assert_one_line(*_run(command, [], tmp_path, capsys), command, variable, repr(ENV_MISTAKES[variable]))
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("command", DEVICE_MISTAKES)
+def test_device_not_there(command, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _assert_one_line(*_run(command, DEVICE_MISTAKES[command], tmp_path, capsys), command, "CUDA GPU")
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("command", PACKAGE_MISTAKES)
+def test_missing_package(command, monkeypatch, tmp_path, capsys):
+    package = PACKAGE_MISTAKES[command]
+    monkeypatch.setitem(sys.modules, package, None)  # importlib.util.find_spec gives None, import raises
+    if package == "triton":
+        monkeypatch.setattr(_backend, "_TRITON_INSTALLED", False)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # gpu-check: the GPU is there, triton is not
+    _assert_one_line(*_run(command, [], tmp_path, capsys), command, package)
+    assert not os.listdir(tmp_path)
+
+
+def test_a_checkpoint_that_is_not_there(tmp_path, capsys):
+    for command in ("attention", "export"):
+        _assert_one_line(*_run(command, ["--checkpoint", "OUT/missing.pth.tar"], tmp_path, capsys), command,
+                         "missing.pth.tar", "no such file")
+
+
+def test_a_real_process_ends_in_one_line():
+    """The issue's case: `check` printed half its report, then the traceback of the ValueError."""
+    proc = subprocess.run([sys.executable, "-m", "bam_triton", "check"], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, BAM_TRITON_BACKEND="gpu"))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "error: bam-triton check: environment variable BAM_TRITON_BACKEND must be one of ('auto', 'torch', 'triton'), "
+        "got 'gpu'"]
