@@ -12,7 +12,7 @@ import torch
 from triton.runtime.autotuner import Autotuner
 
 import recording_driver as rec
-from bam_triton import BAM, _backend, kernels
+from bam_triton import BAM, CBAM, _backend, kernels
 from bam_triton.bench import inspect as aot
 from bam_triton.kernels import _common
 
@@ -43,6 +43,7 @@ def train_step(module, t):
 CASES = [
     ("BAM, standard path", lambda t: train_step(BAM(t.c, reduction=4, backend="triton", single_read=False), t)),
     ("BAM, single read", lambda t: train_step(BAM(t.c, reduction=4, backend="triton", single_read=True), t)),
+    ("CBAM", lambda t: train_step(CBAM(t.c, reduction=4, backend="triton"), t)),
     ("apply, bf16 maps", lambda t: kernels.apply_fwd(t.x, *t.maps(torch.bfloat16), "product")),
     ("backward reductions only", lambda t: kernels.apply_bwd_reduce(t.x, t.x, *t.maps(), "sum")),
     ("dx with dpool and dx_extra", lambda t: kernels.apply_bwd_dx(t.x, t.x, *t.maps(), "sum", dpool=t.maps()[0],
