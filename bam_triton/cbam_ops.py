@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from . import _backend, _cpu
 from ._fused_block import GradHandoff
-from .ops import (_PLAIN_TENSOR_TYPES, _STRIDE_TAGS, _check_tensor, _dense, _memory_format, check_feature_map,
-                  resolve_path)
+from .ops import _custom_op as _make_custom_op
+from .ops import _PLAIN_TENSOR_TYPES, _check_tensor, _dense, _memory_format, check_feature_map, resolve_path
 
 POOL_TYPES = ("avg", "max", "lp", "lse")
 
@@ -428,10 +428,9 @@ def cbam_forward(x, channel_gate, spatial_gate, pool_types, backend):
 
 
 def _custom_op(name, impl, fake, backward, setup_context):
-    op = torch.library.custom_op(f"bam_triton::{name}", impl, mutates_args=(), **_STRIDE_TAGS)
-    op.register_fake(fake)
-    if hasattr(op, "register_kernel"):
-        op.register_kernel("meta", impl)
+    """BAM's custom op maker (the fake results, and the real ``impl`` on META tensors where torch allows a meta kernel
+    beside them: torch 2.11 refuses one) with a differentiable backward."""
+    op = _make_custom_op(name, impl, fake)
     op.register_autograd(backward, setup_context=setup_context)
     return op
 

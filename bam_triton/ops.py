@@ -223,11 +223,16 @@ def _kernel_inputs(op, x, mc, ms, g=None):
 def _custom_op(name, impl, fake):
     """``impl`` as the custom op ``bam_triton::name``, with ``fake`` for torch.compile's fake tensors. On META tensors
     the real ``impl`` runs: its launcher records the launch it would make, executing nothing (shape-only runs,
-    ``bam-triton traffic``); torch without ``register_kernel`` gives META calls the fake results instead."""
+    ``bam-triton traffic``); torch without ``register_kernel``, or that refuses a meta kernel beside the fake one
+    (torch 2.11 does, 2.13 does not), gives dispatched META calls the fake results instead. Eager calls on META
+    tensors never dispatch the op (``_eager_direct``), so they record their launches on every torch."""
     op = torch.library.custom_op(f"bam_triton::{name}", impl, mutates_args=(), **_STRIDE_TAGS)
     op.register_fake(fake)
     if hasattr(op, "register_kernel"):
-        op.register_kernel("meta", impl)
+        try:
+            op.register_kernel("meta", impl)
+        except RuntimeError:  # "already a kernel registered ... for Meta": the fake one
+            pass
     return op
 
 

@@ -23,12 +23,56 @@ def environment(device):
         import triton
 
         lines.append(f"triton {triton.__version__}" + (" (interpreter mode)" if _backend.triton_interpreted() else ""))
+        lines += [f"  {line}" for line in triton_features()]
     else:
         lines.append("triton: not installed (the torch path runs everywhere)")
     if device.type == "cuda":
         lines.append(f"device: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})")
     else:
         lines.append(f"device: cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    return lines
+
+
+def _version(text):
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:2])
+
+
+def triton_features():
+    """What the installed Triton has that changes what bam_triton runs, one line each (read from its API where it
+    shows, from its version where only its behaviour does), so that a first report says what ran."""
+    import inspect
+
+    import numpy
+    import triton
+    from triton.runtime.autotuner import Autotuner
+
+    from .kernels import _common
+
+    version = _version(triton.__version__)
+    lines = []
+    if "cache_results" in inspect.signature(Autotuner.__init__).parameters:
+        lines.append("on-disk autotune cache: yes (Triton >= 3.4): `bam-triton tune` saves configs for later runs")
+    else:
+        lines.append("on-disk autotune cache: no (Triton < 3.4): every process re-tunes each new shape")
+    if version >= (3, 8):
+        lines.append("single-config timing: skipped by Triton (>= 3.8); bam_triton also launches pinned and "
+                     "single-config plans without the autotuner")
+    else:
+        lines.append("single-config timing: Triton < 3.8 would time one config (warm-up, repeats, 256 MiB flush); "
+                     "bam_triton launches pinned and single-config plans without the autotuner instead")
+    stages = inspect.signature(triton.Config.__init__).parameters["num_stages"].default
+    lines.append(f"triton.Config's default num_stages: {stages}; bam_triton sets {_common.NUM_STAGES} on every config "
+                 "(what runs is what `inspect` compiles)")
+    if _common.INTERPRETED:
+        lines.append("configs: the interpreter runs the first of each list, never timed")
+    elif _common.PINNED:
+        lines.append(f"configs: pinned by {_common.AUTOTUNE_ENV_VAR}=0 to the first kept config, never timed")
+    else:
+        lines.append("configs: tuned on each plan's first launch where the pruner keeps several "
+                     f"({_common.AUTOTUNE_ENV_VAR}=0 pins them)")
+    if _backend.triton_interpreted() and version < (3, 7) and _version(numpy.__version__) >= (2, 3):
+        lines.append(f"interpreter: Triton < 3.7 needs numpy < 2.3, this is numpy {numpy.__version__}: kernels fail "
+                     "under the interpreter")
     return lines
 
 

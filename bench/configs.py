@@ -1,10 +1,11 @@
 """The autotuned kernels' chosen configs, and their persistence across runs.
 
 Triton's ``Autotuner`` keeps ``.cache`` ({tuning key: Config}) and sets ``.best_config`` on every launch. Where the
-installed Triton supports it (``cache_results``, Triton >= 3.2), tuning results are also written to Triton's cache
+installed Triton supports it (``cache_results``, Triton >= 3.4), tuning results are also written to Triton's cache
 directory (``TRITON_CACHE_DIR``, default ``~/.triton/cache``) and reused by later processes: ``enable_persistence``
-switches that on for our kernels (the interpreter never tunes and never caches). Triton 3.2 and 3.3 have
-``cache_results`` but not ``triton.knobs`` (3.4), so each of the two is looked for by itself.
+switches that on for our kernels (the interpreter never tunes and never caches). Triton 3.2 and 3.3 have neither
+``cache_results`` nor ``triton.knobs`` (both 3.4): there each process re-tunes, and the interpreter and the cache
+directory are read from the environment.
 """
 import os
 import sys
@@ -47,7 +48,7 @@ def enable_persistence():
     if interpreting():
         return "interpreter: nothing is tuned or cached"
     if not all(hasattr(t, "cache_results") for t in tuners.values()):
-        return f"triton {triton.__version__}: no on-disk autotune cache (needs triton >= 3.2); configs re-tuned per run"
+        return f"triton {triton.__version__}: no on-disk autotune cache (needs triton >= 3.4); configs re-tuned per run"
     for t in tuners.values():
         t.cache_results = True
     return f"on-disk autotune cache on (triton {triton.__version__}, dir {cache_dir()})"

@@ -282,11 +282,17 @@ def _run(cmd):
 
 
 def _ptxas_path(arch):
-    """The ptxas Triton compiles with for ``arch``: ``get_ptxas`` gives a tool with a ``path`` since Triton 3.4, a
-    (path, version) pair in 3.3; Triton 3.2 only has ``_path_to_binary``, which gives the pair."""
+    """The ptxas Triton compiles with for ``arch``: ``get_ptxas(arch)`` gives a (path, version) pair on Triton 3.3 and
+    a tool with a ``path`` from 3.6; 3.4 and 3.5 have ``get_ptxas()`` with no argument (one ptxas for every arch);
+    Triton 3.2 only has ``_path_to_binary``, which gives the pair."""
     from triton.backends.nvidia import compiler
 
-    tool = compiler.get_ptxas(arch) if hasattr(compiler, "get_ptxas") else compiler._path_to_binary("ptxas")
+    if not hasattr(compiler, "get_ptxas"):
+        tool = compiler._path_to_binary("ptxas")
+    elif _stdlib_inspect().signature(compiler.get_ptxas).parameters:
+        tool = compiler.get_ptxas(arch)
+    else:
+        tool = compiler.get_ptxas()
     return tool.path if hasattr(tool, "path") else tool[0]
 
 
@@ -346,6 +352,14 @@ def float_params(ptx):
     return counts
 
 
+def compile_options(num_warps):
+    """The compile options of a config with ``num_warps``: those its launches compile with (``_common.make_config``;
+    tests/test_compiled_launches.py checks that they agree)."""
+    from bam_triton.kernels._common import NUM_STAGES
+
+    return {"num_warps": num_warps, "num_stages": NUM_STAGES}
+
+
 def compile_job(job):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -356,7 +370,7 @@ def compile_job(job):
     meta, warps = all_configs(job["kind"])[job["config"]]
     fn, signature, constexprs, divisible = _arguments(job, meta)
     src = _ast_source(ASTSource, fn, signature, constexprs, divisible)
-    compiled = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options={"num_warps": warps})
+    compiled = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options=compile_options(warps))
     ptx = compiled.asm["ptx"]
     runtime_args = [p.name for p in fn.params if not p.is_constexpr]
     access, mix = analyse_ptx(cp_async_as_loads(ptx), runtime_args)

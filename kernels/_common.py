@@ -13,8 +13,9 @@ import triton.language as tl
 
 # Triton decides at import time whether @triton.jit builds GPU code or runs under its CPU interpreter.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-# BAM_TRITON_AUTOTUNE=0 pins every kernel to the first config its pruner keeps: no timing, so the same shape gets the
-# same config (and bitwise the same result) in every process on the same GPU model. Read when the kernels are imported.
+# BAM_TRITON_AUTOTUNE=0 pins every kernel to the first config its pruner keeps: :func:`launch` runs it without the
+# autotuner, so nothing is timed on any Triton version and the same shape gets the same config (and bitwise the same
+# result) in every process on the same GPU model. Read when the kernels are imported.
 AUTOTUNE_ENV_VAR = "BAM_TRITON_AUTOTUNE"
 PINNED = os.environ.get(AUTOTUNE_ENV_VAR, "1").strip().lower() in ("0", "false", "off", "no")
 
@@ -188,9 +189,20 @@ def per_thread_pruner(max_per_thread):
     return prune
 
 
+# Software-pipelining stages of every config, explicit: ``triton.Config`` defaults to 2 on Triton 3.2 and to 3 from 3.3,
+# while the compiler itself (``bam-triton inspect``) defaults to 3 on every version, so with the default what 3.2 ran
+# was not what was checked, and a forced config compiled a second time.
+NUM_STAGES = 3
+
+
+def make_config(meta, num_warps):
+    """The ``triton.Config`` of one (meta, num_warps) config, with :data:`NUM_STAGES`."""
+    return triton.Config(dict(meta), num_warps=num_warps, num_stages=NUM_STAGES)
+
+
 def gpu_configs(kind):
     """Every GPU config of ``kind`` as a ``triton.Config``."""
-    return [triton.Config(meta, num_warps=warps) for meta, warps in _CONFIGS[kind]]
+    return [make_config(meta, warps) for meta, warps in _CONFIGS[kind]]
 
 
 def driver_timer(kernel_call, quantiles):
@@ -206,28 +218,17 @@ def n_bucket(n):
     return 1 << max(0, n - 1).bit_length()
 
 
-def _pinned(prune):
-    """Wrap ``prune`` (or none) so that only the first config it keeps remains: the autotuner then times nothing."""
-
-    def first_kept(configs, named_args, **kwargs):
-        kept = prune(configs, named_args, **kwargs) if prune else configs
-        return kept[:1]
-
-    return first_kept
-
-
 def autotune(kind, key, prune=None):
     """``triton.autotune`` over the ``kind`` config list, keyed on ``key``, pruned by ``prune``, timed by
-    :func:`driver_timer`. The interpreter cannot time configs, so there it runs the first config of the list only;
-    with ``BAM_TRITON_AUTOTUNE=0`` the first config ``prune`` keeps runs, untimed.
+    :func:`driver_timer`. The interpreter cannot time configs, so there it runs the first config of the list only.
+    Compiled, :func:`launch` bypasses it where there is nothing to choose (``BAM_TRITON_AUTOTUNE=0``, or one kept
+    config).
 
     No kernel may write over one of its inputs: the autotuner runs every config on the same arguments, and
     ``restore_value`` would time its clone and restore together with the kernel."""
     configs = gpu_configs(kind)
     if INTERPRETED:
         configs = configs[:1]  # with one config the autotuner never prunes; ``prune`` stays readable for inspect
-    elif PINNED:
-        prune = _pinned(prune)
     options = {"prune_configs_by": {"early_config_prune": prune}} if prune else {}
     return triton.autotune(configs=configs, key=key, do_bench=driver_timer, **options)
 
@@ -339,8 +340,9 @@ class LaunchPlan:
     buffers: tuple = ()  # (name, shape, dtype) triples
     writes: tuple = ()  # the pointer arguments the kernel stores to
     unused: tuple = ()  # pointer arguments this variant never touches (absent optional inputs)
-    # The launch the autotuner chose for this plan, (meta, jit kwargs, grid, Config), once :func:`launch` has run it:
-    # later launches call the jit function with it directly. Not part of the plan's identity.
+    # The launch chosen for this plan, (meta, jit kwargs, grid, Config), once :func:`launch` has run it, per
+    # :func:`tuning_state` (device and argument dtypes): later launches call the jit function with it directly. Not
+    # part of the plan's identity.
     tuned: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self):
@@ -377,7 +379,7 @@ class LaunchPlan:
 
     def kept_configs(self):
         """The (meta, num_warps) configs of ``kind`` that the kernel's pruner keeps for this launch (all of them where
-        it has none): what the autotuner times, before any ``BAM_TRITON_AUTOTUNE=0`` pinning."""
+        it has none): what the autotuner times; ``BAM_TRITON_AUTOTUNE=0`` runs the first."""
         configs = gpu_configs(self.kind)
         prune = self.kernel.early_config_prune
         if prune is not None:
@@ -442,14 +444,39 @@ def skip_kernels():
         _SKIPPING.depth -= 1
 
 
-def planned_meta(plan, device):
-    """The meta-parameters the next launch of ``plan`` on ``device`` will use, where known before it runs (launchers
-    size their partial-sum buffers by it): the tuned config once the plan has launched, the first kept config where
-    nothing runs (META tensors, :func:`skip_kernels`); None before the first real launch (size for every config)."""
-    tuned = plan.tuned.get("launch")
+def tuning_state(device, dtypes):
+    """Where a plan keeps its chosen launch (:attr:`LaunchPlan.tuned`): per device, which Triton compiles for, and per
+    dtype of every tensor argument (``dtypes``, in argument order), on which Triton's autotuner keys its choice beside
+    the tuning key. A plan's own description leaves some of them open (the small maps', the bias's, dpool's): fp32 and
+    bf16 maps may be tuned to different configs."""
+    return (device, *dtypes)
+
+
+def untimed_config(plan):
+    """The (meta, num_warps) config a compiled first launch of ``plan`` runs without the autotuner, or None where the
+    autotuner chooses: ``BAM_TRITON_AUTOTUNE=0`` runs the first config the pruner keeps, and a pruner that keeps one
+    config leaves nothing to choose. Triton 3.2 to 3.7 would time that one config (warm-up, repeats and the 256 MiB
+    cache flush); 3.8 and later skip timing a single pruned config themselves. The interpreter always goes through its
+    one-config autotuner, which never times."""
+    if INTERPRETED:
+        return None
+    kept = plan.kept_configs()
+    return kept[0] if PINNED or len(kept) == 1 else None
+
+
+def planned_meta(plan, device, dtypes):
+    """The meta-parameters the next launch of ``plan`` on ``device`` with tensors of ``dtypes`` will use, where known
+    before it runs (launchers size their partial-sum buffers by it): the config chosen once the plan has launched
+    there, the one it will run untimed (:func:`untimed_config`), the first kept config where nothing runs (META
+    tensors, :func:`skip_kernels`); None before the first real launch the autotuner chooses for (size for every
+    config)."""
+    tuned = plan.tuned.get(tuning_state(device, dtypes))
     if tuned is not None:
         return tuned[0]
-    return plan.first_kept_meta if device.type == "meta" or _skipping() else None
+    if device.type == "meta" or _skipping():
+        return plan.first_kept_meta
+    config = untimed_config(plan)
+    return None if config is None else config[0]
 
 
 # Plan functions are memoised (their arguments are a hashable description of the input), so a launch makes no plan
@@ -475,18 +502,24 @@ def forget_plans():
 _LAUNCH_LOCK = threading.Lock()
 
 
+def _direct_launch(plan, config):
+    """What :func:`launch` passes the jit function for ``config`` (a ``triton.Config``): (meta, jit kwargs, grid,
+    config), the kwargs exactly what ``Autotuner.run`` passes for it."""
+    meta = dict(config.kwargs)
+    return meta, {**plan.constexpr_kwargs, **config.all_kwargs()}, plan.grid_for(meta), config
+
+
 def launch(plan, *tensors, config=None):
     """Launch ``plan`` on ``tensors`` on their device and that device's current stream, one thread at a time, and
-    return the meta-parameters of the launch. The first launch of a plan goes through the autotuner (which tunes, or
-    finds the config it tuned for the plan's key); the plan then keeps the chosen config and later launches call the
-    jit function with it directly, skipping the autotuner's per-call bookkeeping. ``config`` = (meta, num_warps)
-    forces one config (tests, every config). Scalars are ints: :class:`LaunchPlan` refuses floats when it is made."""
-    if config is not None:
-        meta, warps = config
-        tuned = (meta, {**plan.constexpr_kwargs, **meta, "num_warps": warps}, plan.grid_for(meta), None)
-    else:
-        tuned = plan.tuned.get("launch")
+    return the meta-parameters of the launch. The first launch of a plan on a device with tensors of given dtypes
+    (:func:`tuning_state`) goes through the autotuner (which tunes, or finds the config it tuned for the plan's key),
+    or where there is nothing to choose runs the config of :func:`untimed_config` directly; the plan then keeps the
+    config and later launches call the jit function with it directly, skipping the autotuner's per-call bookkeeping.
+    ``config`` = (meta, num_warps) forces one config (tests, every config). Scalars are ints: :class:`LaunchPlan`
+    refuses floats when it is made."""
     device = tensors[0].device
+    state = tuning_state(device, [t.dtype for t in tensors])
+    tuned = plan.tuned.get(state) if config is None else _direct_launch(plan, make_config(*config))
     if device.type == "meta" or _skipping():  # nothing to run: the launch is recorded
         if _RECORDERS:
             sizes = {name: t.numel() * t.element_size() for name, t in zip(plan.kernel.arg_names, tensors)}
@@ -494,15 +527,17 @@ def launch(plan, *tensors, config=None):
                 launches.append((plan, sizes))
         return plan.first_kept_meta if tuned is None else tuned[0]
     with _LAUNCH_LOCK, device_guard(device):
+        if tuned is None:
+            untimed = untimed_config(plan)
+            if untimed is not None:
+                tuned = plan.tuned[state] = _direct_launch(plan, make_config(*untimed))
         if tuned is not None:
             meta, kwargs, grid, best = tuned
             plan.kernel.fn[grid](*tensors, *plan.scalars, **kwargs)
-            if best is not None:  # as Autotuner.run would: best_config is the config of the latest launch
+            if config is None:  # as Autotuner.run would: best_config is the config of the latest launch
                 plan.kernel.best_config = best
             return meta
         plan.kernel[plan.grid_for](*tensors, *plan.scalars, **plan.constexpr_kwargs)
-        best = plan.kernel.best_config  # the config of the launch that just ran (set by Autotuner.run)
-        meta = dict(best.kwargs)
-        jit_kwargs = {**plan.constexpr_kwargs, **best.all_kwargs()}
-        plan.tuned["launch"] = (meta, jit_kwargs, plan.grid_for(meta), best)
-    return meta
+        # the config of the launch that just ran (set by Autotuner.run)
+        tuned = plan.tuned[state] = _direct_launch(plan, plan.kernel.best_config)
+    return tuned[0]

@@ -300,8 +300,9 @@ def _reduce(g, x, mc, ms, combine, dx, config):
         launch(plan, g, x, mc, ms, dx_arg, dmc, dms_partial, config=config)
     else:
         # One partial row per hw block, and their number depends on the config: sized for it where it is known
-        # before the launch (the plan's buffer, sized for the most, on the first launch).
-        meta = config[0] if config else planned_meta(plan, x.device)
+        # before the launch (the plan's buffer, sized for the most, on the first launch). The dtypes are the launch's.
+        dtypes = (g.dtype, x.dtype, mc.dtype, ms.dtype, dx_arg.dtype, partial_dtype, partial_dtype)
+        meta = config[0] if config else planned_meta(plan, x.device, dtypes)
         size = plan.buffer("dmc_partial")[0] if meta is None else (n * -(-hw // meta["BLOCK_HW"]) * c,)
         dmc_partial = torch.empty(size, device=x.device, dtype=partial_dtype)
         meta = launch(plan, g, x, mc, ms, dx_arg, dmc_partial, dms_partial, config=config)

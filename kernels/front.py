@@ -37,12 +37,13 @@ Dtypes: the dots take W in x's dtype (the launchers cast it, as cuDNN under auto
 memory format; b, mc, ms and dpool may be any float dtype. Everything accumulates in fp32 (fp64 for fp64 x).
 Offsets within an image are int32 (the op layer checks C·H·W < 2**31), image bases int64.
 
-GPU code (tests/test_kernel_front.py compiles every kept config for sm_80 and sm_90 at the ResNet-50 BAM shapes,
-batch 32, r = 16, fp16/bf16, both layouts: 272 variants, checked with Triton 3.2, 3.3 and 3.9): mma.sync on sm_80,
+GPU code (tests/test_kernel_front.py compiles every kept config for sm_80 and sm_90 at the ResNet-50 BAM shapes and
+2048x7x7, batch 32, r = 16, fp16/bf16, both layouts, under every Triton from 3.2 to 3.9: `make test-triton-compat`
+and `make test`): mma.sync on sm_80,
 wgmma or mma.sync on sm_90, no spills; x loads (cp.async into shared memory, as the pipeliner feeds the dots, or
 ld.global) are 128-bit wherever x's rows are 16-byte aligned, i.e. everywhere but NCHW 14x14 (a row of 196 fp16 is
-8-byte aligned: 64-bit; the pooling's row-group trick cannot feed a GEMM tile). Registers, sm_80 / sm_90, over those
-shapes and the three Tritons:
+8-byte aligned: 64-bit; the pooling's row-group trick cannot feed a GEMM tile). Registers, sm_80 / sm_90, over the
+ResNet-50 shapes with Triton 3.2, 3.3 and 3.9:
 
     forward   P64-K64-w4 56-168 / 56-124    P128-K32-w4 64-202 / 63-130   P128-K64-w8 64-166 / 57-126
               P32-K64-w4 48-111 / 40-117    P64-K32-w4 48-128 / 40-88     P256-K32-w8 78-212 / 62-154
@@ -57,17 +58,19 @@ launches them, it spilled at 28x28 NHWC (w8: 24 bytes, sm_80, 3.9; w4: 12 bytes,
 fp32 compiles to FMA (IEEE, no TF32), which keeps the whole reduction of each of a thread's outputs in registers: with
 the tensor-core budget the first configs spilled at the larger C_r (Triton 3.9, sm_80: forward 536 bytes at 28x28
 NHWC, 864 / 1048 at 14x14 NCHW / NHWC, 7480 / 2072 at 2048x7x7; backward 2396-20776 at 14x14 and 7x7; sm_90 too).
-The pruner tells fp32 by DOT (DOT_FMA) and keeps it within a budget of its own: forward P64-K32-w4 up to C_r = 64
-and P32-K32-w8, backward K32-P16-w16 (NHWC) and K16-P32-w16 (NCHW), one element of dx per thread; the last three are
-fp32-only entries of the lists, too small for the tensor-core floor. The tests compile every config fp32 keeps at
-the ResNet-50 shapes and 2048x7x7, both layouts, sm_80 and sm_90 (44 variants): no spills with Triton 3.2, 3.3 and
-3.9; registers sm_80 / sm_90, over those shapes and Tritons:
+The pruner tells fp32 by DOT (DOT_FMA) and keeps it within a budget of its own: forward P64-K32-w4 up to C_r = 32
+(at 64 it spilled 16 bytes on sm_90 with Triton 3.4) and P32-K32-w8, backward K32-P16-w16 (NHWC) and K16-P32-w16
+(NCHW), one element of dx per thread; the last three are fp32-only entries of the lists, too small for the
+tensor-core floor. The tests compile every config fp32 keeps at the ResNet-50 shapes and 2048x7x7, both layouts,
+sm_80 and sm_90: no spills with any Triton from 3.2 to 3.9; registers sm_80 / sm_90, over those shapes with 3.2, 3.3
+and 3.9:
 
     forward   P64-K32-w4 56-204 / 62-128    P32-K32-w8 37-194 / 40-118
     backward  K32-P16-w16 40-64 / 40-64     K16-P32-w16 40-117 / 40-70
 
-Where none fits (the lists without their fp32 entries; a wider C_r) the pruner keeps the first config, which spills
-at C_r >= 64. fp32 is no performance target. fp64 (a correctness path for gradcheck, no dot) spills heavily.
+Where none fits (the backward at C_r = 128; the lists without their fp32 entries; a wider C_r) the pruner keeps the
+config with the smallest register tiles (K32-P32-w4 at C_r = 128: no spills, where the first config spilled on sm_80
+with Triton 3.4 and 3.5). fp32 is no performance target. fp64 (a correctness path for gradcheck, no dot) spills heavily.
 """
 import torch
 import triton
@@ -105,6 +108,9 @@ def dot_mode(dtype):
 # warps (3.9) and with a [64, 64] one on 8 warps (3.3); every kept config compiles without spills at the ResNet-50
 # shapes with 3.2, 3.3 and 3.9. Its floor: 16 bytes of x (8 elements) per thread and step; smaller tiles are for fp32.
 _FWD_LIMITS = dict(acc=64, x=64)
+# The forward's accumulator, x and W_r tiles together: Triton 3.4 and 3.5 spilled on sm_80 at C_r = 128 (2048x7x7)
+# with 128 and 160 elements per thread ([128, 64] x tiles on 8 warps, [64, 64] on 4); at 112 or fewer none did.
+_FWD_TOTAL = 112
 _BWD_LIMITS = dict(dy=16, dw=32, dx=32)
 _BWD_DY_TILE = 2048
 _MIN_X = 8
@@ -114,6 +120,8 @@ _MIN_X = 8
 # C_r = 128 (Triton 3.9), x tiles of 32 took 254-255 registers (NHWC, 3.9); in the backward each of 22 configs with
 # 2 or more elements of dx per thread spilled at C_r = 64 or 128 with Triton 3.2, 3.3 or 3.9, those with 1 never.
 _FMA_FWD_LIMITS = dict(acc=32, x=16)
+# With the W_r tile: Triton 3.4 spilled at 64 (16 bytes, sm_90, 1024x14x14 channels_last), never at 40 or fewer.
+_FMA_FWD_TOTAL = 48
 _FMA_FWD_BLOCK_K = 32
 _FMA_BWD_LIMITS = dict(dy=16, dw=32, dx=1)
 
@@ -127,7 +135,8 @@ def tile_elements(kind, meta, num_warps, r_pad):
     """Elements per thread of each register tile of a ``kind`` program with config ``meta``."""
     threads = 32 * num_warps
     if kind == "front_fwd":
-        return dict(acc=r_pad * meta["BLOCK_P"] // threads, x=meta["BLOCK_K"] * meta["BLOCK_P"] // threads)
+        return dict(acc=r_pad * meta["BLOCK_P"] // threads, x=meta["BLOCK_K"] * meta["BLOCK_P"] // threads,
+                    w=r_pad * meta["BLOCK_K"] // threads)
     return dict(dy=r_pad * meta["BLOCK_P"] // threads, dw=r_pad * meta["BLOCK_K"] // threads,
                 dx=meta["BLOCK_K"] * meta["BLOCK_P"] // threads)
 
@@ -136,13 +145,15 @@ def fits(kind, meta, num_warps, r_pad, dot):
     """Whether a ``kind`` config's register tiles stay within the budget above of its ``dot`` path at ``r_pad``."""
     sizes = tile_elements(kind, meta, num_warps, r_pad)
     if dot == DOT_FMA:
-        if kind == "front_fwd" and meta["BLOCK_K"] > _FMA_FWD_BLOCK_K:
+        if kind == "front_fwd" and (meta["BLOCK_K"] > _FMA_FWD_BLOCK_K or sum(sizes.values()) > _FMA_FWD_TOTAL):
             return False
         limits = _FMA_FWD_LIMITS if kind == "front_fwd" else _FMA_BWD_LIMITS
     else:
         if sizes["x" if kind == "front_fwd" else "dx"] < _MIN_X:
             return False
         if kind == "front_bwd" and r_pad * meta["BLOCK_P"] > _BWD_DY_TILE:
+            return False
+        if kind == "front_fwd" and sum(sizes.values()) > _FWD_TOTAL:
             return False
         limits = _FWD_LIMITS if kind == "front_fwd" else _BWD_LIMITS
     return all(sizes[name] <= limit for name, limit in limits.items())
@@ -152,7 +163,9 @@ def _prune(kind):
     """``early_config_prune`` of ``kind``: keep the configs whose block along x's contiguous axis has at least 32
     elements (BLOCK_P for NCHW, BLOCK_K for NHWC; or the whole axis when it is shorter), whose pixel block is at most
     twice the image's pixels (rounded up to a power of two, at least 32), and that :func:`fits` the register budget
-    of the dot path (DOT: fp32 or not). Never empty: the first config of the list stays when nothing else would."""
+    of the dot path (DOT: fp32 or not). Never empty: where no config fits the budget (the backward at C_r = 128),
+    the one with the fewest register-tile elements per thread of those the other rules keep stays (the first of the
+    list spilled there on sm_80 with Triton 3.4 and 3.5, this one never)."""
 
     def prune(configs, named_args, **kwargs):
         def arg(name):
@@ -161,15 +174,20 @@ def _prune(kind):
         channels_last, c, hw, r_pad, dot = arg("CHANNELS_LAST"), arg("C"), arg("HW"), arg("R_PAD"), arg("DOT")
         contiguous_axis, extent = ("BLOCK_K", c) if channels_last else ("BLOCK_P", hw)
 
-        def keep(cf):
+        def shaped(cf):
             meta = cf.kwargs
             if meta[contiguous_axis] < min(32, triton.next_power_of_2(extent)):
                 return False
             if meta["BLOCK_P"] > max(32, 2 * triton.next_power_of_2(hw)):
                 return False
-            return fits(kind, meta, cf.num_warps, r_pad, dot)
+            return dot == DOT_FMA or tile_elements(kind, meta, cf.num_warps, r_pad)[
+                "x" if kind == "front_fwd" else "dx"] >= _MIN_X
 
-        return [cf for cf in configs if keep(cf)] or configs[:1]
+        kept = [cf for cf in configs if shaped(cf) and fits(kind, cf.kwargs, cf.num_warps, r_pad, dot)]
+        if kept:
+            return kept
+        usable = [cf for cf in configs if shaped(cf)] or configs
+        return [min(usable, key=lambda cf: sum(tile_elements(kind, cf.kwargs, cf.num_warps, r_pad).values()))]
 
     return prune
 
@@ -429,9 +447,9 @@ def front_fwd(x, weight, bias, config=None):
         b = bias if bias.is_contiguous() else bias.contiguous()
     plan = front_fwd_plan(tuple(x.shape), x.dtype, channels_last, hidden, sm_count(x.device))
     # One row of channel sums per pixel block, and their number depends on the config: sized for it where it is
-    # known before the launch (the plan's buffer, sized for the most, on the first launch).
-    meta = config[0] if config else planned_meta(plan, x.device)
+    # known before the launch (the plan's buffer, sized for the most, on the first launch). The dtypes are the launch's.
     shape, dtype = plan.buffer("pool_partial")
+    meta = config[0] if config else planned_meta(plan, x.device, (x.dtype, w_mat.dtype, b.dtype, x.dtype, dtype))
     partial = torch.empty(shape if meta is None else (n * -(-hw // meta["BLOCK_P"]) * c,), device=x.device, dtype=dtype)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     y = torch.empty((n, hidden, h, w), device=x.device, dtype=x.dtype, memory_format=fmt)

@@ -201,24 +201,22 @@ def test_row_tile_pruner_keeps_the_largest_tile_that_fits_tiny_rows():
     assert all(1024 <= e <= 8192 for e, _ in tiles(512)) and len(tiles(512)) > 1  # the usual case is unchanged
 
 
-def test_pinned_prune_keeps_the_first_kept_config():
-    configs = _common.gpu_configs("pool")
-    pinned = _common._pinned(_common.keep_contiguous_configs)
-    assert pinned(configs, {}, CHANNELS_LAST=True) == _common.keep_contiguous_configs(configs, {}, CHANNELS_LAST=True)[:1]
-    assert _common._pinned(None)(configs, {}) == configs[:1]
-
-
 @cpu_only("imports the kernels in a compiled-mode subprocess of the CPU machine")
-def test_bam_triton_autotune_0_pins_every_kernel():
-    """BAM_TRITON_AUTOTUNE=0 (compiled mode): every autotuner keeps one config per shape, so nothing is timed."""
-    code = ("from bam_triton.kernels import _common, pool, apply_bwd as _\n"
-            "import importlib\n"
-            "m = importlib.import_module('bam_triton.kernels.apply_bwd')\n"
+def test_bam_triton_autotune_0_runs_the_first_kept_config_untimed():
+    """BAM_TRITON_AUTOTUNE=0 (compiled mode): every plan's first launch runs the first config its pruner keeps without
+    the autotuner (Triton 3.2 to 3.7 would time even one config), and where the pruner keeps one config that is so
+    without pinning too. The launches themselves: tests/test_compiled_launches.py."""
+    code = ("import torch\n"
+            "from bam_triton.kernels import _common, pool\n"
             "assert _common.PINNED and not _common.INTERPRETED\n"
-            "cfgs = _common.gpu_configs('pool')\n"
-            "kept = pool.channel_pool_kernel.early_config_prune(cfgs, {}, CHANNELS_LAST=True)\n"
-            "assert len(kept) == 1 and kept[0].kwargs['BLOCK_C'] >= 32, kept\n"
-            "assert len(m.apply_bwd_dx_kernel.early_config_prune(_common.gpu_configs('elementwise'), {})) == 1\n")
+            "plan = pool.channel_pool_plan((32, 256, 56, 56), torch.float16, True, 132)\n"
+            "kept = plan.kept_configs()\n"
+            "assert len(kept) > 1 and kept[0][0]['BLOCK_C'] >= 32, kept\n"
+            "assert _common.untimed_config(plan) == kept[0]\n"
+            "_common.PINNED = False\n"
+            "assert _common.untimed_config(plan) is None\n"
+            "one = pool.channel_pool_plan((2, 8, 1, 1), torch.float32, False)  # rows of 4: one tile fits\n"
+            "assert len(one.kept_configs()) == 1 and _common.untimed_config(one) == one.kept_configs()[0]\n")
     run_compiled(code, BAM_TRITON_AUTOTUNE="0")
 
 
@@ -280,3 +278,21 @@ def test_every_config_of_every_kernel_compiled(path):
     _close(kernels.apply_fwd(x, mc, ms, "product"), ref_out, dtype, "apply, autotuned")
     _close(kernels.apply_bwd_dx(g, x, mc, ms, "product"), dx_ref, dtype, "dx, autotuned")
     assert checks >= 2
+
+
+def test_check_reports_the_triton_features_that_change_what_runs():
+    """`bam-triton check` says what this Triton has (read from its API where it shows) and what it changes; under
+    every version of ``make test-triton-compat`` the API agrees with the versions read in Triton's sources."""
+    import triton
+
+    from bam_triton import selftest
+
+    lines = selftest.triton_features()
+    version = selftest._version(triton.__version__)
+    cache, timing, stages, configs = lines[:4]
+    assert cache.startswith("on-disk autotune cache: " + ("yes" if version >= (3, 4) else "no")), cache
+    assert ("skipped by Triton" in timing) == (version >= (3, 8)), timing
+    assert stages.startswith(f"triton.Config's default num_stages: {2 if version < (3, 3) else 3};"), stages
+    assert "interpreter runs the first" in configs if _common.INTERPRETED else "config" in configs
+    text = "\n".join(selftest.environment(torch.device("cpu")))
+    assert all(line in text for line in lines)

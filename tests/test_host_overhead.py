@@ -6,7 +6,6 @@ import zlib
 
 import pytest
 import torch
-import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.autotuner import Autotuner
 
@@ -16,7 +15,7 @@ from bam_triton._dtypes import assert_close
 from bam_triton.bench import overhead
 from bam_triton.kernels import _common
 from bam_triton.kernels import front as front_mod
-from devices import TEST_DEVICE, cpu_only, run_compiled
+from devices import TEST_DEVICE, cpu_only
 from reference import ref_apply
 
 bwd_mod = importlib.import_module("bam_triton.kernels.apply_bwd")
@@ -62,12 +61,27 @@ def test_the_autotuner_runs_once_per_plan_then_its_config_is_launched_directly(a
         assert_close(kernels.apply_fwd(x, mc, ms, "sum"), expected, torch.float32)
     assert autotuner_runs == ["apply_fwd_kernel"]
     plan = kernels.apply_fwd_plan(tuple(x.shape), x.dtype, False, "sum")
-    meta, jit_kwargs, grid, config = plan.tuned["launch"]
+    [(state, (meta, jit_kwargs, grid, config))] = plan.tuned.items()
+    assert state == _common.tuning_state(x.device, [x.dtype, mc.dtype, ms.dtype, x.dtype])
     assert config is plan.kernel.best_config and meta == config.kwargs and jit_kwargs["num_warps"] == config.num_warps
     assert grid == plan.grid_for(meta) and jit_kwargs["INNER"] == 15
     kernels.apply_fwd(_x((3, 8, 5, 3), "new"), torch.zeros(3, 8, device=TEST_DEVICE),
                       torch.zeros(3, 15, device=TEST_DEVICE), "sum")  # another shape: another plan
     assert autotuner_runs == ["apply_fwd_kernel"] * 2
+
+
+def test_a_plan_is_tuned_per_dtype_of_its_small_maps(autotuner_runs):
+    """Triton's autotuner keys its choice on every tensor argument's dtype: a plan tuned with fp32 maps is not reused
+    for bf16 maps (the plan's own description, x's shape, dtype and layout, is the same), as it was."""
+    x = _x((2, 8, 5, 3), "map dtypes")
+    plan = kernels.apply_fwd_plan(tuple(x.shape), x.dtype, False, "sum")
+    for dtype in (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16):
+        mc, ms = torch.randn(2, 8, device=TEST_DEVICE), torch.randn(2, 15, device=TEST_DEVICE)
+        mc, ms = mc.to(dtype), ms.to(dtype)
+        assert_close(kernels.apply_fwd(x, mc, ms, "sum"), ref_apply(x, mc.float(), ms.float().reshape(2, 5, 3), "sum"),
+                     dtype)
+    assert autotuner_runs == ["apply_fwd_kernel"] * 2
+    assert {state[2] for state in plan.tuned} == {torch.float32, torch.bfloat16}
 
 
 def test_a_bam_training_step_runs_no_autotuner_once_warm(autotuner_runs):
@@ -191,60 +205,6 @@ def test_overhead_command_reports_against_the_same_machine_reference(tmp_path, c
         own, ratio = table[2].split()[-5:-3]  # the first case's row: ... own, x ref, total, stand-ins, launches
         assert float(ratio) == pytest.approx(report[overhead.CASES[0]]["own_us"] / reference, abs=0.051)
         assert float(own) == pytest.approx(report[overhead.CASES[0]]["own_us"], abs=0.051)
-
-
-_COMPILED_LAUNCHES = r"""
-import torch
-from triton.runtime.jit import JITFunction
-from bam_triton import kernels
-from bam_triton.kernels import _common
-
-assert not _common.INTERPRETED and _common.PINNED
-calls = []
-
-
-def recording_run(self, *args, grid, warmup, **kwargs):  # JITFunction.run, compiled mode: record, launch nothing
-    calls.append((self.__name__, args, grid, kwargs))
-
-
-JITFunction.run = recording_run
-z = torch.zeros
-for shape in ((2, 8, 4, 4), (2, 16, 7, 7)):  # the 2D-tile kernels; at 7x7 the row-group ones
-    n, c, h, w = shape
-    x, mc, ms = z(shape), z(n, c), z(n, h * w)
-    weight, dy = z(2, c, 1, 1), z(n, 2, h, w)
-    for _ in range(2):  # the first launch of each plan goes through the autotuner, the second does not
-        kernels.channel_pool_fwd(x, False)
-        kernels.apply_fwd(x, mc, ms, "sum")
-        kernels.apply_bwd(x, x, mc, ms, "product")
-        kernels.apply_bwd_dx(x, x, mc, ms, "sum", dpool=mc, dx_extra=x)
-        kernels.front_fwd(x, weight, None)
-        kernels.front_bwd(x, x, mc, ms, "sum", mc, dy, weight)
-by_kernel = {}
-for name, args, grid, kwargs in calls:
-    by_kernel.setdefault(name, []).append((args, grid, kwargs))
-assert len(by_kernel) == 8, sorted(by_kernel)
-for name, launches in by_kernel.items():
-    assert len(launches) % 2 == 0, name
-    for (args1, grid1, kw1), (args2, grid2, kw2) in zip(launches[0::2], launches[1::2]):
-        # through the autotuner: the plan's grid function; directly: the grid it gave for the tuned config
-        assert callable(grid1) and not callable(grid2), name
-        assert grid1(dict(kw1)) == grid2, (name, grid1(dict(kw1)), grid2)
-        assert kw1 == kw2, (name, kw1, kw2)
-        assert len(args1) == len(args2), name
-        for a, b in zip(args1, args2):
-            assert (a.dtype == b.dtype) if isinstance(a, torch.Tensor) else (a == b), (name, a, b)
-print("ok", sorted(by_kernel))
-"""
-
-
-@cpu_only("imports the kernels in a compiled-mode subprocess of the CPU machine")
-@pytest.mark.skipif(tuple(map(int, triton.__version__.split(".")[:2])) < (3, 4),
-                    reason="Triton 3.2 and 3.3 time even a single pinned config, which needs a GPU driver")
-def test_direct_launches_pass_what_the_autotuner_passed():
-    """Compiled mode (Triton's real JITFunction, its run mocked to record): a plan's second launch, made without the
-    autotuner, passes the jit function the same arguments, constexprs, config options and grid as its first."""
-    run_compiled(_COMPILED_LAUNCHES, BAM_TRITON_AUTOTUNE="0")
 
 
 @cpu_only("checks the CLI's refusal of CUDA where there is none")

@@ -12,6 +12,7 @@ the same rounded inputs, W rounded to x's dtype as the kernels' dots take it). d
 those inputs: |err| <= 2e-5·(1 + max|ref|) + 1e-5·|ref|.
 """
 import math
+import os
 import zlib
 
 import pytest
@@ -389,7 +390,7 @@ def test_pruner():
 # it (forward at C_r = 128, backward everywhere: 16 warps, one element of dx per thread).
 FP32_CONFIGS = {"front_fwd": [(dict(BLOCK_P=32, BLOCK_K=32), 8)],
                 "front_bwd": [(dict(BLOCK_K=32, BLOCK_P=16), 16), (dict(BLOCK_K=16, BLOCK_P=32), 16)]}
-FP32_SHAPES = RESNET_SHAPES + ((32, 2048, 7, 7),)
+AOT_SHAPES = RESNET_SHAPES + ((32, 2048, 7, 7),)
 
 
 def _kept(kind, shape, dtype, channels_last, configs):
@@ -407,9 +408,9 @@ def test_pruner_fp32():
         configs = _common.all_configs(kind)
         assert configs[-len(FP32_CONFIGS[kind]):] == FP32_CONFIGS[kind]
         others = configs[:-len(FP32_CONFIGS[kind])]
-        for shape in FP32_SHAPES + ((1, 8, 1, 1), (2, 19, 7, 7), (1, 4096, 3, 3)):
+        for shape in AOT_SHAPES + ((1, 8, 1, 1), (2, 19, 7, 7), (1, 4096, 3, 3)):
             for channels_last in LAYOUTS:
-                if shape in FP32_SHAPES:
+                if shape in AOT_SHAPES:
                     kept = _kept(kind, shape, torch.float32, channels_last, configs)
                     r_pad = front.hidden_pad(shape[1] // 16)
                     assert kept and all(front.fits(kind, meta, warps, r_pad, front.DOT_FMA) for meta, warps in kept)
@@ -454,11 +455,9 @@ def test_bam_triton_autotune_0_pins_the_front_kernels():
             "    plan = (front.front_fwd_plan if kind == 'front_fwd' else\n"
             "            lambda *a: front.front_bwd_plan(*a[:4], 'sum', True, a[4]))((32, 256, 56, 56),\n"
             "            torch.float16, True, 16, 132)\n"
-            "    args = dict(zip(plan.scalar_names(), plan.scalars))\n"
-            "    kept = k.early_config_prune(k.configs, args, **dict(plan.constexprs))\n"
-            "    assert len(k.configs) > 1 and len(kept) == 1, kept\n"
+            "    assert len(k.configs) > 1 and len(plan.kept_configs()) > 1\n"
             "    assert 'batch_bucket' in k.fn.do_not_specialize\n"
-            "    assert (kept[0].kwargs, kept[0].num_warps) == _common.all_configs(kind)[0]\n")
+            "    assert _common.untimed_config(plan) == _common.all_configs(kind)[0]\n")
     run_compiled(code, BAM_TRITON_AUTOTUNE="0")
 
 
@@ -467,23 +466,25 @@ def test_bam_triton_autotune_0_pins_the_front_kernels():
 # ----------------------------------------------------------------------------------------------------------------------
 
 AOT_ARCHS = (80, 90)
-AOT_DTYPES = ("fp16", "bf16")
+# The tensor-core dtypes compiled; `make test-triton-compat` compiles fp16 only under the versions between the oldest
+# and the newest (bf16 takes the same path: the same configs spilled by the same amounts on 3.4, within 16 bytes).
+AOT_DTYPES = tuple(os.environ.get("BAM_TRITON_AOT_DTYPES", "fp16,bf16").split(","))
 _TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 KERNEL_OF = {"front_fwd": "front_fwd_kernel", "front_bwd": "front_bwd_kernel"}
 
 
 def aot_jobs():
-    """Every config the pruner keeps, for both kernels, at the ResNet-50 BAM shapes (batch 32, r = 16), fp16 and bf16,
-    both layouts, sm_80 and sm_90 (``bam-triton inspect``'s jobs: the launchers' plans); fp32 the same at FP32_SHAPES
-    (2048x7x7 too)."""
+    """Every config the pruner keeps, for both kernels, at the ResNet-50 BAM shapes (batch 32, r = 16) and 2048x7x7
+    (C_r = 128, where Triton 3.4 and 3.5 spilled), fp16 and bf16, both layouts, sm_80 and sm_90 (``bam-triton
+    inspect``'s jobs: the launchers' plans); fp32 the same."""
     from bam_triton.bench import inspect as aot
 
     jobs = []
     for kind in TUNERS:
         kernel = KERNEL_OF[kind]
         for arch in AOT_ARCHS:
-            for dtype, shapes in [(dtype, RESNET_SHAPES) for dtype in AOT_DTYPES] + [("fp32", FP32_SHAPES)]:
-                for shape in shapes:
+            for dtype in AOT_DTYPES + ("fp32",):
+                for shape in AOT_SHAPES:
                     for layout in LAYOUT_IDS:
                         for index in range(len(_common.all_configs(kind))):
                             if aot.runs(kernel, kind, index, dtype, shape, layout, arch):
@@ -547,7 +548,7 @@ def test_aot_tensor_cores_vector_loads_no_spills(aot_results):
 
 @cpu_only("compiles ahead of time in subprocesses without the interpreter; a CUDA run compiles for real")
 def test_aot_fp32_fma_no_spills(aot_results):
-    """fp32, every kept config at FP32_SHAPES: compiles to FMA (IEEE: no TF32 tensor cores) and spills nothing."""
+    """fp32, every kept config at AOT_SHAPES: compiles to FMA (IEEE: no TF32 tensor cores) and spills nothing."""
     lines, failures = [], []
     results = [r for r in aot_results if r["dtype"] == "fp32"]
     for r in results:
@@ -564,7 +565,7 @@ def test_aot_fp32_fma_no_spills(aot_results):
     print("\n".join(lines))
     assert not failures, "\n".join(failures)
     cases = {(r["kind"], r["arch"], tuple(r["shape"]), r["layout"]) for r in results}
-    assert len(cases) == len(TUNERS) * len(AOT_ARCHS) * len(FP32_SHAPES) * len(LAYOUT_IDS)
+    assert len(cases) == len(TUNERS) * len(AOT_ARCHS) * len(AOT_SHAPES) * len(LAYOUT_IDS)
 
 
 @cpu_only("the device test run has no ahead-of-time part")

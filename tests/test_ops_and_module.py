@@ -760,3 +760,28 @@ def test_bam_names_x_when_its_dtype_differs_from_the_parameters():
         bam(torch.randn(2, 16, 5, 5, dtype=torch.float16))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtypes: no error
         assert bam(torch.randn(2, 16, 5, 5, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_custom_ops_without_a_meta_kernel_where_torch_refuses_one(monkeypatch):
+    """torch 2.11 (the GPU image's) refuses a meta kernel beside the fake one, which made ``import bam_triton`` fail
+    there: BAM's and CBAM's ops are made without it."""
+    from bam_triton import cbam_ops, ops
+
+    class RefusingOp:
+        def register_fake(self, fake):
+            self.fake = fake
+
+        def register_kernel(self, key, impl):
+            raise RuntimeError("This is not allowed since there's already a kernel registered from python overriding "
+                               "x's behavior for Meta dispatch key and bam_triton namespace.")
+
+        def register_autograd(self, backward, setup_context):
+            self.backward = backward
+
+    monkeypatch.setattr(torch.library, "custom_op", lambda *args, **kwargs: RefusingOp())
+    fake = object()
+    op = ops._custom_op("refused", lambda x: x, fake)
+    assert isinstance(op, RefusingOp) and op.fake is fake
+    backward = object()
+    op = cbam_ops._custom_op("refused", lambda x: x, fake, backward, None)
+    assert op.fake is fake and op.backward is backward
