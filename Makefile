@@ -50,7 +50,7 @@ TRITON_COMPAT_FULL ?= 3.2.0
 COMPAT_FEATURES = tests/test_gpu_readiness.py::test_check_reports_the_triton_features_that_change_what_runs
 COMPAT_EVERY = tests/test_compiled_launches.py tests/test_kernel_front.py tests/test_bench.py $(COMPAT_FEATURES)
 COMPAT_EVERY_K = launches_through or test_aot_tensor or test_aot_fp32 or autotune_0 or persistence or knobs or features
-COMPAT_FULL = tests/test_kernels_forward.py tests/test_kernel_apply_bwd.py tests/test_kernel_front.py \
+COMPAT_FULL = tests/test_kernels_forward.py tests/test_kernel_apply_bwd.py tests/test_kernel_front.py tests/test_cbam_kernels.py \
 	tests/test_host_overhead.py tests/test_compiled_launches.py tests/test_bench.py $(COMPAT_FEATURES)
 COMPAT_FULL_K = not test_bench or aot or inspect or persistence or knobs
 test-triton-compat: $(BIN)/.installed

@@ -324,7 +324,14 @@ AOT_DTYPES = ["fp16", "bf16", "fp32"]
 _VECTOR_KERNELS = {"apply_fwd_kernel": (("x_ptr", "load"), ("out_ptr", "store")),
                    "apply_bwd_dx_kernel": (("g_ptr", "load"), ("dx_ptr", "store")),
                    "channel_pool_rows_kernel": (("x_ptr", "load"),),
-                   "apply_bwd_reduce_rows_kernel": (("g_ptr", "load"), ("x_ptr", "load"), ("dx_ptr", "store"))}
+                   "apply_bwd_reduce_rows_kernel": (("g_ptr", "load"), ("x_ptr", "load"), ("dx_ptr", "store")),
+                   # CBAM's (bench/inspect.py names a kernel's CBAM variant with a [suffix])
+                   "channel_pool_rows_kernel[max]": (("x_ptr", "load"),),
+                   "channel_reduce_rows_kernel": (("x_ptr", "load"),),
+                   "channel_reduce_rows_kernel[g]": (("g_ptr", "load"), ("x_ptr", "load")),
+                   "hw_reduce_rows_kernel": (("g_ptr", "load"), ("x_ptr", "load")),
+                   "apply_kernel": (("x_ptr", "load"), ("out_ptr", "store")),
+                   "grad_x_kernel": (("g_ptr", "load"), ("extra_ptr", "load"), ("dx_ptr", "store"))}
 # Row-group spill checks: K = 2 (fp16 14x14), 4 (fp32 7x7), 8 (fp16 7x7), and the longest group row (fp16 15x15:
 # 8 x 225 = 1800 -> BLOCK_L = 2048).
 _ROW_SPILL_CASES = (("fp16", (32, 1024, 14, 14)), ("fp32", (32, 2048, 7, 7)), ("fp16", (32, 2048, 7, 7)),
@@ -413,7 +420,8 @@ def test_aot_128_bit_vectors_in_vectorised_kernels(aot_results):
     # At least: elementwise 3 dtypes x 4 shapes x 2 layouts x 2 args; row-group 3 dtypes x 2 maps (NCHW) x args.
     # (The spill jobs, every config on both architectures, are checked too.)
     least = {"apply_fwd_kernel": 48, "apply_bwd_dx_kernel": 48, "channel_pool_rows_kernel": 6,
-             "apply_bwd_reduce_rows_kernel": 18}
+             "apply_bwd_reduce_rows_kernel": 18, "apply_kernel": 48, "grad_x_kernel": 72, "hw_reduce_rows_kernel": 12,
+             "channel_reduce_rows_kernel": 6, "channel_reduce_rows_kernel[g]": 12, "channel_pool_rows_kernel[max]": 6}
     assert all(checked.get(k, 0) >= v for k, v in least.items()), checked
 
 
