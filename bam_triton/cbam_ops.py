@@ -22,7 +22,6 @@ Ties in a max go to the first maximal element, as torch's CPU ``max`` does.
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import _backend, _cpu
 from ._fused_block import GradHandoff

@@ -275,6 +275,19 @@ def memory_plan(x):
     return layout_plan(x.shape, is_channels_last(x))
 
 
+def flat_plan(kernel, shape, dtype, channels_last, constexprs, writes, unused=()):
+    """The :class:`LaunchPlan` of a flat elementwise kernel (apply.py's INNER/MID indexing) over a dense ``shape``
+    input of ``dtype``: one grid axis over every element, scalars (n_elements, batch bucket), the constexprs
+    INNER, MID, then the kernel's own ``constexprs``, then INDEX_64 and ACC."""
+    layout = layout_plan(shape, channels_last)
+    n_elements = math.prod(shape)
+    return LaunchPlan(kernel, "elementwise", grid=((1, n_elements, "BLOCK"),),
+                      scalars=(n_elements, n_bucket(shape[0])),
+                      constexprs=(("INNER", layout.inner), ("MID", layout.mid), *constexprs,
+                                  ("INDEX_64", layout.index_64), ("ACC", acc_dtype(dtype))),
+                      writes=writes, unused=unused)
+
+
 @triton.jit
 def flat_index(pid, BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
     """Flat element indices of block ``pid``: int64 only when the tensor is large enough to need it."""

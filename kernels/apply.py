@@ -16,14 +16,12 @@ are compile-time constants, so these divisions compile to multiply-high and shif
 division; a network has a handful of BAM shapes, so the specialisation costs a handful of compiles. ``⊕`` commutes,
 so swapping the maps changes nothing. Offsets are int32 unless ``x`` has 2**31 elements or more (``INDEX_64``).
 """
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (LaunchPlan, acc_dtype, autotune, cached_plan, flat_index, is_channels_last, launch, layout_plan,
-                      n_bucket)
+from ._common import autotune, cached_plan, flat_index, flat_plan, is_channels_last, launch
 
 COMBINE_SUM = 0
 COMBINE_PRODUCT = 1
@@ -90,12 +88,8 @@ def apply_fwd_kernel(
 @cached_plan
 def apply_fwd_plan(shape, dtype, channels_last, combine):
     """The launch of :func:`apply_fwd` for a dense ``shape`` input of ``dtype``: one flat grid over every element."""
-    plan = layout_plan(shape, channels_last)
-    n_elements = math.prod(shape)
-    return LaunchPlan(apply_fwd_kernel, "elementwise", grid=((1, n_elements, "BLOCK"),),
-                      scalars=(n_elements, n_bucket(shape[0])),
-                      constexprs=(("INNER", plan.inner), ("MID", plan.mid), ("COMBINE", COMBINE_CODES[combine]),
-                                  ("INDEX_64", plan.index_64), ("ACC", acc_dtype(dtype))), writes=("out_ptr",))
+    return flat_plan(apply_fwd_kernel, shape, dtype, channels_last, (("COMBINE", COMBINE_CODES[combine]),),
+                     writes=("out_ptr",))
 
 
 def apply_fwd(x, mc, ms, combine, config=None):

@@ -37,15 +37,14 @@ them would be timed with the kernel. It does not read ``x``.
 Offsets within an image are int32 and image bases int64 (the op layer checks C·H·W < 2**31); the flat kernel uses the
 memory plan's INDEX_64 as the forward does.
 """
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (LaunchPlan, acc_dtype, all_configs, autotune, cached_plan, flat_index, is_channels_last,
-                      keep_contiguous_configs, launch, layout_plan, n_bucket, planned_meta, row_group, row_tile_pruner,
-                      sm_count, target_programs)
+from ._common import (LaunchPlan, acc_dtype, all_configs, autotune, cached_plan, flat_index, flat_plan,
+                      is_channels_last, keep_contiguous_configs, launch, n_bucket, planned_meta, row_group,
+                      row_tile_pruner, sm_count, target_programs)
 from .apply import COMBINE_CODES, attention_logit, col_map_index, gather_maps, row_map_index
 
 # A channel split is a multiple of every BLOCK_C (powers of two), so only the C tail is ever masked.
@@ -330,15 +329,11 @@ def apply_bwd_reduce(g, x, mc, ms, combine, config=None):
 @cached_plan
 def dx_plan(shape, dtype, channels_last, combine, has_dpool, has_extra):
     """The launch of :func:`apply_bwd_dx` for a dense ``shape`` input of ``dtype``: one flat grid, as the forward."""
-    plan = layout_plan(shape, channels_last)
-    n_elements = math.prod(shape)
-    return LaunchPlan(apply_bwd_dx_kernel, "elementwise", grid=((1, n_elements, "BLOCK"),),
-                      scalars=(n_elements, n_bucket(shape[0])),
-                      constexprs=(("INNER", plan.inner), ("MID", plan.mid), ("CHANNELS_LAST", channels_last),
-                                  ("COMBINE", COMBINE_CODES[combine]), ("INDEX_64", plan.index_64),
-                                  ("HAS_DPOOL", has_dpool), ("HAS_EXTRA", has_extra), ("ACC", acc_dtype(dtype))),
-                      writes=("dx_ptr",),
-                      unused=(() if has_dpool else ("dpool_ptr",)) + (() if has_extra else ("dx_extra_ptr",)))
+    return flat_plan(apply_bwd_dx_kernel, shape, dtype, channels_last,
+                     (("CHANNELS_LAST", channels_last), ("COMBINE", COMBINE_CODES[combine]), ("HAS_DPOOL", has_dpool),
+                      ("HAS_EXTRA", has_extra)),
+                     writes=("dx_ptr",),
+                     unused=(() if has_dpool else ("dpool_ptr",)) + (() if has_extra else ("dx_extra_ptr",)))
 
 
 def apply_bwd_dx(g, x, mc, ms, combine, dpool=None, dx_extra=None, config=None):

@@ -42,14 +42,13 @@ column-map indices of apply.py, for NHWC the other way round. Argmax maps are in
 Offsets within an image are int32 and image bases int64 (the op layer checks C·H·W < 2**31); the flat kernels use the
 memory plan's INDEX_64.
 """
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (LaunchPlan, acc_dtype, argmax_reduce, autotune, cached_plan, flat_index, fold_max,
-                      is_channels_last, keep_contiguous_configs, launch, layout_plan, n_bucket, per_thread_pruner,
+from ._common import (LaunchPlan, acc_dtype, argmax_reduce, autotune, cached_plan, flat_index, flat_plan,
+                      fold_max, is_channels_last, keep_contiguous_configs, launch, n_bucket, per_thread_pruner,
                       row_group, row_tile_pruner, sm_count, target_programs, track_max)
 from .apply import col_map_index, row_map_index
 from .apply_bwd import ROW_SPLIT_UNIT, channel_split
@@ -514,13 +513,8 @@ def apply_kernel(
 @cached_plan
 def apply_plan(shape, dtype, channels_last, has_b):
     """The launch of :func:`apply` for a dense ``shape`` input of ``dtype``: one flat grid over every element."""
-    plan = layout_plan(shape, channels_last)
-    n_elements = math.prod(shape)
-    return LaunchPlan(apply_kernel, "elementwise", grid=((1, n_elements, "BLOCK"),),
-                      scalars=(n_elements, n_bucket(shape[0])),
-                      constexprs=(("INNER", plan.inner), ("MID", plan.mid), ("CHANNELS_LAST", channels_last),
-                                  ("HAS_B", has_b), ("INDEX_64", plan.index_64), ("ACC", acc_dtype(dtype))),
-                      writes=("out_ptr",), unused=() if has_b else ("b_ptr",))
+    return flat_plan(apply_kernel, shape, dtype, channels_last, (("CHANNELS_LAST", channels_last), ("HAS_B", has_b)),
+                     writes=("out_ptr",), unused=() if has_b else ("b_ptr",))
 
 
 def apply(x, a, b, config=None):
@@ -586,17 +580,13 @@ def grad_x_kernel(
 @cached_plan
 def grad_x_plan(shape, dtype, channels_last, has_spatial, has_davg, has_dmax, has_extra):
     """The launch of :func:`grad_x` for a dense ``shape`` input of ``dtype``: one flat grid over every element."""
-    plan = layout_plan(shape, channels_last)
-    n_elements = math.prod(shape)
     unused = (() if has_spatial else ("b_ptr", "argmax_c_ptr", "dmax_c_ptr", "dmean_c_ptr")) + \
         (() if has_davg else ("d_avg_ptr",)) + (() if has_dmax else ("d_max_ptr", "argmax_hw_ptr")) + \
         (() if has_extra else ("extra_ptr",))
-    return LaunchPlan(grad_x_kernel, "elementwise", grid=((1, n_elements, "BLOCK"),),
-                      scalars=(n_elements, n_bucket(shape[0])),
-                      constexprs=(("INNER", plan.inner), ("MID", plan.mid), ("CHANNELS_LAST", channels_last),
-                                  ("HAS_SPATIAL", has_spatial), ("HAS_DAVG", has_davg), ("HAS_DMAX", has_dmax),
-                                  ("HAS_EXTRA", has_extra), ("INDEX_64", plan.index_64), ("ACC", acc_dtype(dtype))),
-                      writes=("dx_ptr",), unused=unused)
+    return flat_plan(grad_x_kernel, shape, dtype, channels_last,
+                     (("CHANNELS_LAST", channels_last), ("HAS_SPATIAL", has_spatial), ("HAS_DAVG", has_davg),
+                      ("HAS_DMAX", has_dmax), ("HAS_EXTRA", has_extra)),
+                     writes=("dx_ptr",), unused=unused)
 
 
 def grad_x(g, a, b, argmax_c, dmax_c, dmean_c, d_avg, d_max, argmax_hw, extra, config=None):

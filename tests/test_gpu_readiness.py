@@ -254,10 +254,9 @@ def test_every_config_of_every_kernel_compiled(path):
     # The flat kernels index the same way on every path: every config at the first path, with INDEX_64 forced too;
     # at the others the autotuned launch below (each compile costs about a second of a time-boxed GPU run).
     for index_64 in (False, True) if path is _PATHS[0] else ():
-        real = apply_mod.layout_plan
+        real = _common.layout_plan  # what flat_plan reads INDEX_64 from
         forced = (lambda *a: dataclasses.replace(real(*a), index_64=True)) if index_64 else real
-        with unittest.mock.patch.object(apply_mod, "layout_plan", forced), \
-                unittest.mock.patch.object(bwd_mod, "layout_plan", forced):
+        with unittest.mock.patch.object(_common, "layout_plan", forced):
             _common.forget_plans()  # plans are memoised: make them again with the forced layout plan
             for config in kernels.apply_fwd_plan(shape, dtype, channels_last, "product").kept_configs():
                 _close(kernels.apply_fwd(x, mc, ms, "product", config=config), ref_out, dtype, f"apply {config}")

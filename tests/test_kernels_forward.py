@@ -315,9 +315,9 @@ def test_pool_kernel_every_config(config, channels_last, shape, n_splits):
 def _raw_apply(x, mc, ms, combine, meta, warps, index_64=False):
     """The apply launcher with config (meta, warps) forced, and 64-bit indices forced on with ``index_64``."""
     n, c, h, w = x.shape
-    real_plan = apply_mod.layout_plan
+    real_plan = _common.layout_plan  # what flat_plan reads INDEX_64 from
     forced = (lambda *a: dataclasses.replace(real_plan(*a), index_64=True)) if index_64 else real_plan
-    with unittest.mock.patch.object(apply_mod, "layout_plan", forced):
+    with unittest.mock.patch.object(_common, "layout_plan", forced):
         _common.forget_plans()  # plans are memoised: make this one with the forced layout plan, and forget it after
         try:
             return kernels.apply_fwd(x, mc, ms.reshape(n, h * w), combine, config=(meta, warps))
@@ -390,8 +390,8 @@ def test_apply_launcher_passes_index_64_from_the_plan(monkeypatch):
     assert_close(kernels.apply_fwd(x, mc, ms.reshape(2, 20), "sum"), ref, torch.float32)
     assert spy.launches[-1][1]["INDEX_64"] is False
 
-    real_plan = apply_mod.layout_plan
-    monkeypatch.setattr(apply_mod, "layout_plan", lambda *a: dataclasses.replace(real_plan(*a), index_64=True))
+    real_plan = _common.layout_plan  # what flat_plan reads INDEX_64 from
+    monkeypatch.setattr(_common, "layout_plan", lambda *a: dataclasses.replace(real_plan(*a), index_64=True))
     _common.forget_plans()  # plans are memoised: make it again with the forced layout plan
     assert_close(kernels.apply_fwd(x, mc, ms.reshape(2, 20), "sum"), ref, torch.float32)
     assert spy.launches[-1][1]["INDEX_64"] is True
