@@ -37,7 +37,7 @@ from .module import BAM
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101",
            "add_bam", "add_cbam", "load_official_checkpoint", "CheckpointMismatchError", "bam_modules",
-           "cbam_modules", "ATTENTIONS"]
+           "cbam_modules", "resolve_attention", "ATTENTIONS"]
 
 # The stages BAM follows, in the paper and the authors' code: one BAM at each place the feature map shrinks.
 BAM_STAGES = ("layer1", "layer2", "layer3")
