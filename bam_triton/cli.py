@@ -49,17 +49,21 @@ def _use_interpreter_now():
 
 
 def _add_attention_command(commands):
-    """``attention``: BAM's attention maps over images (``bam_triton.viz``, imported only when it runs)."""
-    attention = commands.add_parser("attention", help="plot BAM's attention maps of a ResNet+BAM "
-                                                      "(combine='product', the authors') over synthetic images "
-                                                      "(random weights unless --checkpoint)")
+    """``attention``: BAM's or CBAM's attention maps over images (``bam_triton.viz``, imported only when it runs)."""
+    attention = commands.add_parser("attention", help="plot the attention maps of a ResNet+BAM or ResNet+CBAM over "
+                                                      "synthetic images (random weights unless --checkpoint)")
     attention.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50", "resnet101"], default="resnet18")
-    attention.add_argument("--checkpoint", default=None, help="the authors' ResNet+BAM checkpoint (*.pth.tar) or a "
-                                                              "state_dict; default: random initialisation")
+    attention.add_argument("--attention", choices=["bam", "cbam"], default="bam",
+                           help="the network's attention module: bam (after layer1..3, default) or cbam (in every "
+                                "block; the figure shows the last block of each stage)")
+    attention.add_argument("--checkpoint", default=None, help="the authors' ResNet+BAM or ResNet+CBAM checkpoint "
+                                                              "(*.pth.tar) or a state_dict; default: random "
+                                                              "initialisation")
     attention.add_argument("--images", type=int, default=4, help="number of synthetic images (rows). Default 4")
     attention.add_argument("--out", default="attention.png", help="output image. Default attention.png")
     attention.add_argument("--map", dest="kind", choices=["combined", "spatial"], default="combined",
-                           help="combined: mean over channels of sigmoid(Mc*Ms); spatial: sigmoid(Ms)")
+                           help="combined: mean over channels of the attention applied (BAM: sigmoid(Mc*Ms), "
+                                "CBAM: sigmoid(Mc)*sigmoid(Ms)); spatial: sigmoid(Ms)")
     attention.add_argument("--size", type=int, default=224, help="image side in pixels. Default 224")
     attention.add_argument("--scale", choices=["per-map", "fixed"], default="per-map",
                            help="colours over each map's own min..max (default) or over 0..1")
@@ -67,16 +71,21 @@ def _add_attention_command(commands):
 
 
 _EXPORT_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+# --attention of export: the models' attention= ("none" for None).
+_EXPORT_ATTENTIONS = ("bam", "cbam", "none")
 _ONNX_PIP = "pip install onnx onnxscript onnxruntime"
 
 
 def _add_export_command(commands):
-    """``export``: a BAM-ResNet to ONNX (standard ops only), checked with onnx.checker and, when onnxruntime is
-    installed, run once against eager torch."""
-    export = commands.add_parser("export", help="export a BAM-ResNet to ONNX (standard ops only), check it with "
-                                                "onnx.checker and compare onnxruntime with eager torch")
-    export.add_argument("model", choices=_EXPORT_ARCHS, help="the network (BAM after layer1..3, combine='product')")
+    """``export``: a BAM- or CBAM-ResNet to ONNX (standard ops only), checked with onnx.checker and, when onnxruntime
+    is installed, run once against eager torch."""
+    export = commands.add_parser("export", help="export a BAM- or CBAM-ResNet to ONNX (standard ops only), check it "
+                                                "with onnx.checker and compare onnxruntime with eager torch")
+    export.add_argument("model", choices=_EXPORT_ARCHS, help="the network")
     export.add_argument("out", help="the ONNX file to write, e.g. resnet50_bam.onnx")
+    export.add_argument("--attention", choices=_EXPORT_ATTENTIONS, default="bam",
+                        help="bam: BAM after layer1..3, combine='product' (default); cbam: CBAM in every block; none: "
+                             "the plain network")
     export.add_argument("--input-size", type=int, default=224,
                         help="height and width of the input images; fixed in the ONNX graph. Default 224")
     export.add_argument("--batch", type=int, default=1,
@@ -84,8 +93,9 @@ def _add_export_command(commands):
     export.add_argument("--opset", type=int, default=18, help="ONNX opset version (>= 17). Default 18")
     export.add_argument("--num-classes", type=int, default=1000, help="outputs of the classifier. Default 1000")
     export.add_argument("--checkpoint", default=None,
-                        help="the authors' ResNet+BAM checkpoint (*.pth.tar) or a state_dict in that layout, loaded "
-                             "with bam_triton.models.load_official_checkpoint; default: random initialisation")
+                        help="the authors' ResNet+BAM or ResNet+CBAM checkpoint (*.pth.tar, as --attention) or a "
+                             "state_dict in that layout, loaded with bam_triton.models.load_official_checkpoint; "
+                             "default: random initialisation")
     export.add_argument("--dynamo", action=argparse.BooleanOptionalAction, default=True,
                         help="--dynamo (default): torch.export-based exporter (needs onnxscript); --no-dynamo: the "
                              "TorchScript-based exporter, where the installed torch still has it")
@@ -133,14 +143,15 @@ def _run_export(args):
 
     from . import models
 
-    model = getattr(models, args.model)(num_classes=args.num_classes)
+    attention = None if args.attention == "none" else args.attention
+    model = getattr(models, args.model)(num_classes=args.num_classes, attention=attention)
     source = "random initialisation"
     if args.checkpoint is not None:
         try:
             models.load_official_checkpoint(model, args.checkpoint)
         except (RuntimeError, TypeError, ValueError) as error:  # CheckpointMismatchError, a BAM with another combine
-            return _export_error(f"--checkpoint {args.checkpoint!r} does not fit {args.model} with --num-classes "
-                                 f"{args.num_classes}: {error}")
+            return _export_error(f"--checkpoint {args.checkpoint!r} does not fit {args.model} with --attention "
+                                 f"{args.attention} and --num-classes {args.num_classes}: {error}")
         source = args.checkpoint
     model.eval()
     # torch.export fixes a dimension it meets at size 1, so the export traces with >= 2 images; the batch dimension of
@@ -149,8 +160,8 @@ def _run_export(args):
     example = torch.randn(max(args.batch, 2), 3, args.input_size, args.input_size, generator=generator)
     common = dict(input_names=["images"], output_names=["logits"], opset_version=args.opset)
     with torch.no_grad(), warnings.catch_warnings():
-        # BAM's input checks (channel count, empty input) read sizes while a trace records: constants for any valid
-        # input, so the tracer's "might not generalize" warning about them is noise here.
+        # BAM's and CBAM's input checks (channel count, empty input) read sizes while a trace records: constants for
+        # any valid input, so the tracer's "might not generalize" warning about them is noise here.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"bam_triton\.")
         if args.dynamo:
             if "external_data" in parameters:  # one self-contained file (ResNet-101 is ~180 MB, far below 2 GB)
@@ -165,7 +176,7 @@ def _run_export(args):
     onnx.checker.check_model(onnx_model, full_check=True)
     op_types = sorted({node.op_type for node in onnx_model.graph.node})
     domains = sorted({node.domain for node in onnx_model.graph.node if node.domain not in ("", "ai.onnx")})
-    print(f"wrote {args.out}: {args.model} ({source}), {args.input_size}x{args.input_size} input, dynamic batch, opset "
+    print(f"wrote {args.out}: {args.model}, attention {args.attention} ({source}), {args.input_size}x{args.input_size} input, dynamic batch, opset "
           f"{args.opset}, {'dynamo' if args.dynamo else 'TorchScript'} exporter; onnx.checker passed")
     print(f"  ops: {', '.join(op_types)}" + (f"; non-standard domains: {', '.join(domains)}" if domains else ""))
     if importlib.util.find_spec("onnxruntime") is None:
@@ -259,7 +270,7 @@ def main(argv=None):
         from .viz import attention_figure
 
         out, _ = attention_figure(args.arch, args.checkpoint, images=args.images, out=args.out, kind=args.kind,
-                                  size=args.size, seed=args.seed, scale=args.scale)
+                                  size=args.size, seed=args.seed, scale=args.scale, attention=args.attention)
         print(f"wrote {out}")
         return 0
     if args.command == "export":

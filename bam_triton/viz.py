@@ -1,35 +1,53 @@
-"""BAM's attention maps, captured with forward hooks and drawn over the input images (like the paper's figure).
+"""BAM's and CBAM's attention maps, captured with forward hooks and drawn over the input images (like the papers'
+figures).
 
-What is shown: for each BAM, the attention ``A = sigmoid(Mc ⊕ Ms)`` that scales the features (``F' = F · (1 + A)``)
-is a (C, H, W) volume per image. The figure shows its mean over channels, ``mean_c A`` (N, H, W) — the "combined"
-map — because that is what the module actually applies, channel branch included. ``kind="spatial"`` shows
-``sigmoid(Ms)`` (N, H, W), the spatial branch alone (what the authors' figure names the spatial attention); it is the
-same for every channel. Each map is upsampled bilinearly to the image size and drawn with a colour map over the image.
+What is shown: each module's attention ``A`` that scales the features is a (C, H, W) volume per image: BAM's
+``sigmoid(Mc ⊕ Ms)`` (``F' = F · (1 + A)``), CBAM's ``sigmoid(Mc) · sigmoid(Ms)`` (``F' = F · A``, its channel gate
+then its spatial gate). The figure shows its mean over channels, ``mean_c A`` (N, H, W) — the "combined" map —
+because that is what the module actually applies, channel attention included. ``kind="spatial"`` shows
+``sigmoid(Ms)`` (N, H, W), the spatial attention alone (what the authors' figures name the spatial attention); it is
+the same for every channel. CBAM's channel attention ``sigmoid(Mc)`` is one number per channel, with no spatial extent:
+its combined map is ``mean_c sigmoid(Mc)`` times its spatial map, so the two differ per image by that factor (which
+``scale="fixed"`` shows; the per-map colour scale hides it). Each map is upsampled bilinearly to the image size and
+drawn with a colour map over the image.
 
-The hooks sit on each BAM's ``spatial_att`` (output ``Ms``, (N, 1, H, W) logits) and ``channel_att`` (output ``Mc``,
-(N, C) logits) submodules; :mod:`bam_triton.module` is not changed and nothing is captured once the recorder closes.
+The hooks sit on each BAM's ``channel_att`` (output ``Mc``, (N, C) logits) and ``spatial_att`` (output ``Ms``,
+(N, 1, H, W) logits), on each CBAM's ``ChannelGate`` ((N, C) logits, the MLP's outputs summed over the pool types)
+and ``SpatialGate`` ((N, 1, H, W) logits after its BatchNorm); the modules are not changed and nothing is captured once
+the recorder closes.
 
 Matplotlib is imported only when plotting, with the Agg backend (no display needed).
 """
+import re
+
 import torch
 import torch.nn.functional as F
 
+from .cbam import CBAM
 from .module import BAM
 
-__all__ = ["AttentionRecorder", "attention_maps", "synthetic_images", "plot_attention", "attention_figure",
-           "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["AttentionRecorder", "attention_maps", "last_block_per_stage", "synthetic_images", "plot_attention",
+           "attention_figure", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 KINDS = ("combined", "spatial")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class AttentionRecorder:
-    """Context manager recording every BAM's branch logits during forward passes of ``model``.
+def _gates(module):
+    """``(channel branch, spatial branch, how they combine)`` of a BAM or a CBAM: ``how`` is BAM's ``combine``
+    (``"sum"``, ``"product"``) or ``"cbam"``; the spatial branch is None for a CBAM built with ``no_spatial``."""
+    if isinstance(module, BAM):
+        return module.channel_att, module.spatial_att, module.combine
+    return module.ChannelGate, getattr(module, "SpatialGate", None), "cbam"
 
-    After a forward pass inside the ``with`` block, ``recorder.logits[name]`` holds ``(mc, ms, combine)`` for each
-    BAM (``name`` as in ``model.named_modules()``): ``mc`` (N, C) and ``ms`` (N, 1, H, W), detached fp32 copies on
-    the CPU, from the most recent forward.
+
+class AttentionRecorder:
+    """Context manager recording every BAM's and CBAM's branch logits during forward passes of ``model``.
+
+    After a forward pass inside the ``with`` block, ``recorder.logits[name]`` holds ``(mc, ms, how)`` for each
+    module (``name`` as in ``model.named_modules()``): ``mc`` (N, C) and ``ms`` (N, 1, H, W), detached fp32 copies on
+    the CPU, from the most recent forward; ``how`` is a BAM's ``combine`` or ``"cbam"``.
 
         >>> with AttentionRecorder(model) as recorder:
         ...     model(images)
@@ -38,17 +56,22 @@ class AttentionRecorder:
 
     def __init__(self, model):
         self.model = model
-        self.bams = [(name, module) for name, module in model.named_modules() if isinstance(module, BAM)]
-        if not self.bams:
-            raise ValueError("model contains no BAM module: nothing to record")
+        self.modules = [(name, module) for name, module in model.named_modules() if isinstance(module, (BAM, CBAM))]
+        if not self.modules:
+            raise ValueError("model contains no BAM or CBAM module: nothing to record")
+        flat = [name for name, module in self.modules if _gates(module)[1] is None]
+        if flat:
+            raise ValueError(f"CBAM modules {flat} have no spatial gate (no_spatial=True): their attention has no "
+                             f"spatial map to record")
         self.logits = {}
         self._partial = {}
         self._handles = []
 
     def __enter__(self):
-        for name, bam in self.bams:
-            self._handles.append(bam.channel_att.register_forward_hook(self._hook(name, "mc")))
-            self._handles.append(bam.spatial_att.register_forward_hook(self._hook(name, "ms")))
+        for name, module in self.modules:
+            channel, spatial, _ = _gates(module)
+            self._handles.append(channel.register_forward_hook(self._hook(name, "mc")))
+            self._handles.append(spatial.register_forward_hook(self._hook(name, "ms")))
         return self
 
     def __exit__(self, *exc_info):
@@ -58,40 +81,55 @@ class AttentionRecorder:
         return False
 
     def _hook(self, name, which):
-        combine = dict(self.bams)[name].combine
+        how = _gates(dict(self.modules)[name])[2]
 
         def record(module, inputs, output):
             # Copy now: the module's caller may reuse or modify the buffer after the hook returns.
             self._partial.setdefault(name, {})[which] = output.detach().float().cpu().clone()
             parts = self._partial[name]
             if "mc" in parts and "ms" in parts:
-                self.logits[name] = (parts.pop("mc"), parts.pop("ms"), combine)
+                self.logits[name] = (parts.pop("mc"), parts.pop("ms"), how)
 
         return record
 
     def maps(self, kind="combined"):
-        """``{bam name: (N, H, W) tensor in [0, 1]}`` for the last forward pass; ``kind`` is ``"combined"``
-        (``mean_c sigmoid(Mc ⊕ Ms)``) or ``"spatial"`` (``sigmoid(Ms)``)."""
+        """``{module name: (N, H, W) tensor in [0, 1]}`` for the last forward pass; ``kind`` is ``"combined"``
+        (``mean_c`` of the attention applied: BAM's ``sigmoid(Mc ⊕ Ms)``, CBAM's ``sigmoid(Mc)·sigmoid(Ms)``) or
+        ``"spatial"`` (``sigmoid(Ms)``)."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if not self.logits:
             raise RuntimeError("no attention recorded: run a forward pass of the model inside the `with` block")
         out = {}
-        for name, (mc, ms, combine) in self.logits.items():
+        for name, (mc, ms, how) in self.logits.items():
             if kind == "spatial":
                 out[name] = torch.sigmoid(ms[:, 0])
-                continue
-            mc4 = mc[:, :, None, None]  # (N, C, 1, 1) against ms (N, 1, H, W)
-            logits = mc4 + ms if combine == "sum" else mc4 * ms
-            out[name] = torch.sigmoid(logits).mean(dim=1)
+            elif how == "cbam":  # separable: the mean over channels of a_c · b is mean_c(a) · b
+                out[name] = torch.sigmoid(mc).mean(dim=1)[:, None, None] * torch.sigmoid(ms[:, 0])
+            else:
+                mc4 = mc[:, :, None, None]  # (N, C, 1, 1) against ms (N, 1, H, W)
+                logits = mc4 + ms if how == "sum" else mc4 * ms
+                out[name] = torch.sigmoid(logits).mean(dim=1)
         return out
 
 
+def last_block_per_stage(maps):
+    """The maps of the CBAM in the last block of each stage (``layerK.I.cbam`` with the largest I per K), in stage
+    order: a CBAM-ResNet has one per block (16 in ResNet-50), too many columns for one figure. Other names are kept."""
+    last = {}
+    for name in maps:
+        match = re.fullmatch(r"(.*layer\d+)\.(\d+)\.cbam", name)
+        stage, index = (match.group(1), int(match.group(2))) if match else (name, 0)
+        if stage not in last or index > last[stage][0]:
+            last[stage] = (index, name)
+    return {name: maps[name] for _, name in last.values()}
+
+
 def attention_maps(model, images, kind="combined", normalize=None):
-    """Run ``model`` in eval mode on ``images`` and return ``{bam name: (N, H, W) map in [0, 1]}``.
+    """Run ``model`` in eval mode on ``images`` and return ``{module name: (N, H, W) map in [0, 1]}``.
 
     Args:
-        model: a network containing BAM modules.
+        model: a network containing BAM or CBAM modules.
         images: (N, 3, H, W) in [0, 1] (what is displayed).
         kind: ``"combined"`` or ``"spatial"`` (see the module docstring).
         normalize: ``(mean, std)`` per channel applied before the model (e.g. ImageNet's), or None.
@@ -139,11 +177,11 @@ def synthetic_images(n, size=224, seed=0):
 
 
 def plot_attention(images, maps, out_path, title=None, kind="combined", scale="per-map", alpha=0.5, cmap="jet"):
-    """Draw a grid: one row per image, the image then one column per BAM with its map over the image.
+    """Draw a grid: one row per image, the image then one column per attention module with its map over the image.
 
     Args:
         images: (N, 3, H, W) in [0, 1].
-        maps: ``{bam name: (N, h, w)}`` in [0, 1] (any h, w; upsampled bilinearly to H, W).
+        maps: ``{module name: (N, h, w)}`` in [0, 1] (any h, w; upsampled bilinearly to H, W).
         out_path: the PNG (or any format matplotlib writes) to save.
         title: figure title.
         kind: label for the colour bar ("combined" or "spatial").
@@ -190,7 +228,7 @@ def plot_attention(images, maps, out_path, title=None, kind="combined", scale="p
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     if shown is not None:
-        label = "mean over channels of sigmoid(Mc ⊕ Ms)" if kind == "combined" else "sigmoid(Ms)"
+        label = "mean over channels of the attention" if kind == "combined" else "sigmoid(Ms)"
         colorbar = fig.colorbar(shown, ax=axes, shrink=0.6, pad=0.02,
                                 label=label + (" (each panel: its min..max)" if scale == "per-map" else ""))
         if scale == "per-map":
@@ -201,12 +239,13 @@ def plot_attention(images, maps, out_path, title=None, kind="combined", scale="p
 
 
 def attention_figure(arch="resnet18", checkpoint=None, images=4, out="attention.png", kind="combined", size=224,
-                     seed=0, scale="per-map", backend="torch"):
-    """The ``bam-triton attention`` command: build ``arch`` with BAM (``combine="product"``), load ``checkpoint``
-    (the authors' format, see :func:`bam_triton.models.load_official_checkpoint`) or keep the random initialisation
-    (said in the title), run it on ``images`` synthetic images of ``size``² and save the grid to ``out``.
+                     seed=0, scale="per-map", backend="torch", attention="bam"):
+    """The ``bam-triton attention`` command: build ``arch`` with ``attention`` (``"bam"``, ``combine="product"``, or
+    ``"cbam"``), load ``checkpoint`` (the authors' format, see :func:`bam_triton.models.load_official_checkpoint`) or
+    keep the random initialisation (said in the title), run it on ``images`` synthetic images of ``size``² and save
+    the grid to ``out``: one column per BAM, or per stage for CBAM (its last block's, :func:`last_block_per_stage`).
 
-    Returns ``(out, maps)`` with ``maps`` as from :func:`attention_maps`.
+    Returns ``(out, maps)`` with ``maps`` as from :func:`attention_maps` (every module's).
     """
     from . import models
 
@@ -214,8 +253,11 @@ def attention_figure(arch="resnet18", checkpoint=None, images=4, out="attention.
                  "resnet101": models.resnet101}
     if arch not in factories:
         raise ValueError(f"arch must be one of {sorted(factories)}, got {arch!r}")
+    if attention not in ("bam", "cbam"):
+        raise ValueError(f"attention must be 'bam' or 'cbam', got {attention!r}")
     torch.manual_seed(seed)
-    model = factories[arch](bam=True, combine="product", backend=backend)
+    options = {"combine": "product"} if attention == "bam" else {}
+    model = factories[arch](attention=attention, backend=backend, **options)
     if checkpoint:
         info = models.load_official_checkpoint(model, checkpoint)
         epoch = f", epoch {info['epoch']}" if "epoch" in info else ""
@@ -224,8 +266,9 @@ def attention_figure(arch="resnet18", checkpoint=None, images=4, out="attention.
         source = "RANDOMLY INITIALISED weights (no checkpoint): the maps show structure, not learned attention"
     pictures = synthetic_images(images, size=size, seed=seed)
     maps = attention_maps(model, pictures, kind=kind, normalize=(IMAGENET_MEAN, IMAGENET_STD))
-    label = "mean_c sigmoid(Mc·Ms)" if kind == "combined" else "sigmoid(Ms)"
-    title = f"BAM attention ({label}) of {arch}+BAM on synthetic images\n{source}"
-    plot_attention(pictures, maps, out, title=title, kind=kind, scale=scale)
+    shown, where = (maps, "") if attention == "bam" else (last_block_per_stage(maps), ", last block of each stage")
+    label = {("bam", "combined"): "mean_c sigmoid(Mc·Ms)", ("cbam", "combined"): "mean_c sigmoid(Mc)·sigmoid(Ms)"}.get(
+        (attention, kind), "sigmoid(Ms)")
+    title = f"{attention.upper()} attention ({label}{where}) of {arch}+{attention.upper()} on synthetic images\n{source}"
+    plot_attention(pictures, shown, out, title=title, kind=kind, scale=scale)
     return out, maps
-

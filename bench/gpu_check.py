@@ -68,7 +68,7 @@ BUDGET = {"full": 480, "quick": 240}
 
 SHAPES = ((32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14))
 OPS = ("pool", "apply-fwd", "apply-bwd", "bam-fwd", "bam-fwd-bwd", "cbam-fwd", "cbam-fwd-bwd")
-# BAM's cost inside ResNet-50 (the sweep runs these last: the budget cuts them first).
+# BAM's and CBAM's cost inside ResNet-50 (the sweep runs these last: the budget cuts them first).
 NETWORK_OPS = ("resnet50-fwd", "resnet50-train")
 PROVIDERS_FULL = ("authors-eager", "torch-path", "authors-compiled", "triton", "triton-compiled", "triton-single-read")
 PROVIDERS_QUICK = ("authors-eager", "torch-path", "authors-compiled", "triton", "triton-single-read")
@@ -486,11 +486,11 @@ def single_read_lines(rows, timing_mode="do_bench"):
 
 
 def network_lines(rows):
-    """BAM's cost inside ResNet-50, from the sweep's whole-network rows."""
+    """BAM's and CBAM's cost inside ResNet-50, from the sweep's whole-network rows."""
     from .sweep import network_overhead_lines
 
     lines = [line for line in network_overhead_lines(rows) if line]
-    return ["", "## BAM inside ResNet-50 (224x224)", ""] + [f"- {line}" for line in lines] if lines else []
+    return ["", "## BAM and CBAM inside ResNet-50 (224x224)", ""] + [f"- {line}" for line in lines] if lines else []
 
 
 def write_summary(run, info, tests, argv):

@@ -19,11 +19,33 @@ CUDA_ONLY = ("triton", "triton-compiled", "triton-single-read")
 # module's ops only: it has no op of its own).
 SINGLE_READ = "triton-single-read"
 SINGLE_READ_OPS = ("bam-fwd", "bam-fwd-bwd")
-# Whole-network ops: BAM's cost inside ResNet-50 (224x224), against the same network without BAM ("no-bam", same
-# backbone weights). torch.compile of a whole ResNet-50 takes minutes per case, so the compiled providers sit these out.
+# Whole-network ops: the cost of BAM and of CBAM inside ResNet-50 (224x224), against the same network without attention
+# ("no-bam", same backbone weights). Each of authors-eager, torch-path and triton times the network with BAM under its
+# own name and with CBAM (a CBAM in every block) as "<provider>-cbam". torch.compile of a whole ResNet-50 takes minutes
+# per case, so the compiled providers sit these out.
 NETWORK_OPS = ("resnet50-fwd", "resnet50-train")
 NO_BAM = "no-bam"
-NETWORK_PROVIDERS = (NO_BAM, "authors-eager", "torch-path", "triton")
+NETWORK_ATTENTIONS = ("bam", "cbam")
+CBAM_SUFFIX = "-cbam"
+_NETWORK_BASES = ("authors-eager", "torch-path", "triton")
+
+
+def network_provider(provider, attention):
+    """The whole-network ops' name for ``provider``'s network with ``attention``: ``torch-path``,
+    ``torch-path-cbam``."""
+    return provider if attention == "bam" else provider + CBAM_SUFFIX
+
+
+def split_network_provider(name):
+    """``(provider, attention)`` of a whole-network provider name; ``(NO_BAM, None)`` for the plain network."""
+    if name == NO_BAM:
+        return NO_BAM, None
+    if name.endswith(CBAM_SUFFIX):
+        return name[:-len(CBAM_SUFFIX)], "cbam"
+    return name, "bam"
+
+
+NETWORK_PROVIDERS = (NO_BAM,) + tuple(network_provider(p, a) for a in NETWORK_ATTENTIONS for p in _NETWORK_BASES)
 NETWORK_IMAGE = (3, 224, 224)
 
 
@@ -181,35 +203,51 @@ class OpCase:
                 m.train(train)
 
     def _init_networks(self, shape, dtype, channels_last, device, combine, seed):
-        """ResNet-50 without BAM, with the authors' BAM and with ours (each backend), on one set of weights: one seed
-        gives the same backbone with and without BAM (``bam_triton.models``), and every BAM variant shares the BAM
-        weights of the torch-path network."""
+        """The input; the networks are built on first use (:meth:`_network`)."""
+        self.fmt = torch.channels_last if channels_last else torch.contiguous_format
+        gen = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype).contiguous(memory_format=self.fmt)
+        self.train = self.op == "resnet50-train"
+        self.seed = seed
+        self.networks = {}
+
+    def _network(self, provider, attention):
+        """ResNet-50 without attention (``provider`` NO_BAM), or with ``attention``'s modules run by ``provider``, on
+        one set of weights: one seed gives the same backbone with and without attention (``bam_triton.models``); the
+        authors' and the Triton variants are copies of the torch-path network (``AuthorsBAM`` / ``AuthorsCBAM`` share
+        the attention weights of the copy they replace)."""
         import copy
 
-        from bam_triton.models import bam_modules, resnet50
+        from bam_triton.models import CBAM_STAGES, bam_modules, cbam_modules, resnet50
 
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        gen = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
-        self.train = self.op == "resnet50-train"
-        networks = {}
-        for name, bam in ((NO_BAM, False), ("torch", True)):
-            torch.manual_seed(seed)
-            networks[name] = resnet50(bam=bam, combine=combine, backend="torch").to(
-                device=device, dtype=dtype, memory_format=fmt).train(self.train)
-        networks["triton"] = copy.deepcopy(networks["torch"])
-        for _, module in bam_modules(networks["triton"]):
-            module.backend = "triton"
-        networks["authors"] = copy.deepcopy(networks["torch"])
-        for name, module in bam_modules(networks["authors"]):
-            setattr(networks["authors"], name, AuthorsBAM(module, combine=combine))
-        self.networks = networks
+        key = (provider, attention)
+        if key in self.networks:
+            return self.networks[key]
+        if provider in (NO_BAM, "torch-path"):
+            torch.manual_seed(self.seed)
+            options = {} if attention is None else {"backend": "torch"}
+            if attention == "bam":
+                options["combine"] = self.combine
+            network = resnet50(attention=attention, **options).to(device=self.device, dtype=self.dtype,
+                                                                   memory_format=self.fmt).train(self.train)
+        else:
+            network = copy.deepcopy(self._network("torch-path", attention))
+            if provider == "triton":
+                for _, module in bam_modules(network) + cbam_modules(network):
+                    module.backend = "triton"
+            elif attention == "bam":
+                for name, module in bam_modules(network):
+                    setattr(network, name, AuthorsBAM(module, combine=self.combine))
+            else:
+                for block in (block for stage in CBAM_STAGES for block in getattr(network, stage)):
+                    block.cbam = AuthorsCBAM(block.cbam)
+        self.networks[key] = network
+        return network
 
     def _make_network(self, provider):
-        key = {NO_BAM: NO_BAM, "authors-eager": "authors", "torch-path": "torch", "triton": "triton"}.get(provider)
-        if key is None:
+        if provider not in NETWORK_PROVIDERS:
             raise ValueError(f"{provider} does not run the whole-network ops (providers: {', '.join(NETWORK_PROVIDERS)})")
-        network, x = self.networks[key], self.x
+        network, x = self._network(*split_network_provider(provider)), self.x
         if not self.train:
             def forward():
                 with torch.no_grad():

@@ -27,8 +27,8 @@ import torch
 
 from bam_triton._dtypes import DTYPE_NAMES, within_tolerance
 
-from .providers import (BASELINE, CUDA_ONLY, NETWORK_IMAGE, NETWORK_OPS, NETWORK_PROVIDERS, NO_BAM, PROVIDERS,
-                        SINGLE_READ, SINGLE_READ_OPS)
+from .providers import (BASELINE, CUDA_ONLY, NETWORK_ATTENTIONS, NETWORK_IMAGE, NETWORK_OPS, NETWORK_PROVIDERS, NO_BAM,
+                        PROVIDERS, SINGLE_READ, SINGLE_READ_OPS, network_provider, split_network_provider)
 from .traffic import MINIMAL_BYTES_DOC, OPS, minimal_bytes
 
 RESNET50_SHAPES = ((256, 56, 56), (512, 28, 28), (1024, 14, 14))
@@ -53,7 +53,7 @@ OP_PRIORITY = ("apply-fwd", "apply-bwd", "pool", "bam-fwd", "bam-fwd-bwd", "cbam
 
 COLUMNS = ["device", "provider", "op", "N", "C", "H", "W", "dtype", "layout", "combine", "median_ms", "p20_ms",
            "p80_ms", "reps", "gbps", "frac_copy_bw"] + [f"speedup_vs_{p.replace('-', '_')}" for p in PROVIDERS] + \
-          ["bam_overhead", "timing_mode", "page_faults", "valid", "max_abs_err", "minimal_bytes", "config"]
+          ["attention_overhead", "timing_mode", "page_faults", "valid", "max_abs_err", "minimal_bytes", "config"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -132,7 +132,8 @@ def add_grid_args(p):
                    help="nchw, channels_last (default nchw)")
     p.add_argument("--ops", type=_csv_choice(OPS + NETWORK_OPS, "op"), action="append", metavar="OP",
                    help=f"any of {', '.join(OPS + NETWORK_OPS)} (default: {', '.join(DEFAULT_OPS)}); the resnet50 "
-                        f"ops time a whole ResNet-50 at 224x224 without BAM, with the authors' BAM and with ours")
+                        f"ops time a whole ResNet-50 at 224x224 without attention, with the authors' BAM and CBAM "
+                        f"and with ours")
     p.add_argument("--network-batch", type=_number(int, 2), default=None, metavar="N",
                    help="batch size of the resnet50 ops (default 32 on CUDA, 8 on CPU)")
     p.add_argument("--combine", choices=("product", "sum"), default="product",
@@ -144,6 +145,10 @@ def add_sweep_args(p):
     add_grid_args(p)
     p.add_argument("--providers", type=_csv_choice(PROVIDERS, "provider"), action="append", metavar="PROVIDER",
                    help=f"any of {', '.join(PROVIDERS)} (default: all that can run here)")
+    p.add_argument("--attention", type=_csv_choice(NETWORK_ATTENTIONS, "attention"), action="append",
+                   metavar="ATTENTION",
+                   help="the resnet50 ops: time the networks with bam, cbam or both (default both; the providers "
+                        "authors-eager, torch-path, triton run each, the CBAM networks as <provider>-cbam)")
     p.add_argument("--out", default="bench-results", metavar="DIR", help="output directory (default bench-results)")
     p.add_argument("--interpret", action="store_true",
                    help="without CUDA: also run the Triton kernels through Triton's interpreter and validate them "
@@ -293,7 +298,7 @@ def providers_for(device, requested, interpret):
     return run, skipped
 
 
-def plan(device, shapes, dtypes, layouts, ops, providers, networks=()):
+def plan(device, shapes, dtypes, layouts, ops, providers, networks=(), attentions=NETWORK_ATTENTIONS):
     """The sweep's units of work, in the order they run: ``(shape, dtype, layout, op, [providers])``.
 
     On CPU one unit per case with all its providers, in grid order: they are timed together in interleaved rounds.
@@ -302,14 +307,19 @@ def plan(device, shapes, dtypes, layouts, ops, providers, networks=()):
     the apply ops (the apply step is to be no slower than torch.compile), (2) triton-compiled on the apply ops,
     (3) the compiled providers of the other ops. A ``torch.compile`` costs seconds per case, so a time budget cuts
     those first. The whole-network ops (``networks``: their input shapes) run after all others, with
-    :data:`NETWORK_PROVIDERS` only."""
+    :data:`NETWORK_PROVIDERS` only: the plain network and, for each of ``attentions``, the networks of those of
+    ``providers`` that run them."""
     cases = [(shape, dt, lay, op) for shape in shapes for dt in dtypes for lay in layouts for op in ops
              if op not in NETWORK_OPS]
 
     def runs(op, provider):  # the single-read provider times the whole module only
         return provider != SINGLE_READ or op in SINGLE_READ_OPS
 
-    network_units = [(shape, dt, lay, op, [p for p in NETWORK_PROVIDERS if p == NO_BAM or p in providers])
+    def network_runs(name):
+        provider, attention = split_network_provider(name)
+        return provider == NO_BAM or (provider in providers and attention in attentions)
+
+    network_units = [(shape, dt, lay, op, [p for p in NETWORK_PROVIDERS if network_runs(p)])
                      for op in ops if op in NETWORK_OPS for shape in networks for dt in dtypes for lay in layouts]
     if device.type != "cuda":
         return [case + ([p for p in providers if runs(case[3], p)],) for case in cases] + network_units
@@ -380,13 +390,14 @@ def run_sweep(args):
                copy_into_bandwidth_gbps=copy["copy_into_gbps"], copy_bandwidth_mib=args.copy_mib,
                autotune_persistence=persistence, cpu_cache_flush_mib=0 if device.type == "cuda" else args.flush_mib)
 
-    units = plan(device, shapes, dtypes, layouts, ops, providers, network_shapes(args, device))
+    attentions = _flatten(getattr(args, "attention", None), NETWORK_ATTENTIONS)
+    units = plan(device, shapes, dtypes, layouts, ops, providers, network_shapes(args, device), attentions)
     progress = Progress(sum(len(unit[-1]) for unit in units))
     rows, failures, chosen, not_run = [], [], {}, []
     cudagraph_skipped = ({op: why for op, why in CUDAGRAPH_SKIPPED_OPS.items() if op in ops}
                          if device.type == "cuda" and not args.no_cudagraph else {})
     meta = {"environment": env, "grid": {"shapes": [list(s) for s in shapes], "dtypes": dtypes, "layouts": layouts,
-                                         "ops": ops, "combine": args.combine},
+                                         "ops": ops, "combine": args.combine, "network_attentions": attentions},
             "providers": providers, "skipped_providers": skipped, "cudagraph_skipped_ops": cudagraph_skipped,
             "time_budget_s": budget, "finished": False, "failures": failures, "not_run": not_run, "pending": [],
             "minimal_bytes": MINIMAL_BYTES_DOC, "chosen_configs": chosen, "all_tuned_configs": {}, "rows": rows}
@@ -464,17 +475,22 @@ def _run_case(args, device, shape, dt, lay, op, providers, copy_bw, progress, fa
     # GB/s mean something for BAM's own ops only: a whole network's time is mostly its convolutions.
     nbytes = None if op in NETWORK_OPS else minimal_bytes(op, n, c, h, w, dtype.itemsize)
     label = f"{op} {'x'.join(map(str, shape))} {dt} {lay}"
-    ref = None
-    if "torch-path" not in providers:  # the reference of every comparison, computed even when not timed
-        try:
-            fn, result = case.make("torch-path")
-            ref = result(fn()).detach().clone()
-        except Exception:
-            ref = None
+    # The reference of every comparison: the torch path (of the same attention, for the whole-network ops), computed
+    # even when not timed.
+    refs = {}
+    for attention in {_attention_of(op, p) for p in providers} - {None}:
+        reference = network_provider("torch-path", attention) if op in NETWORK_OPS else "torch-path"
+        if reference not in providers:
+            try:
+                fn, result = case.make(reference)
+                refs[attention] = result(fn()).detach().clone()
+            except Exception:
+                pass
     outputs, modes, configs_of, cpu_fns = {}, {}, {}, {}
     for provider in providers:
         progress.step(f"{label} {provider}")
-        interp = device.type == "cpu" and provider in CUDA_ONLY
+        base, attention = split_network_provider(provider) if op in NETWORK_OPS else (provider, "bam")
+        interp = device.type == "cpu" and base in CUDA_ONLY
         if interp and op in NETWORK_OPS:
             continue  # a ResNet-50 through the interpreter validates nothing the BAM ops don't, in hours
         try:
@@ -486,8 +502,8 @@ def _run_case(args, device, shape, dt, lay, op, providers, copy_bw, progress, fa
             if cfg:
                 chosen.setdefault(provider, {})[f"{label}"] = cfg
             got = result(out)
-            if provider == "torch-path":
-                ref = got.detach().clone()
+            if base == "torch-path":
+                refs[attention] = got.detach().clone()
             modes[provider] = []
             if interp:
                 t0 = time.perf_counter()
@@ -538,7 +554,7 @@ def _run_case(args, device, shape, dt, lay, op, providers, copy_bw, progress, fa
     # Validation against the torch path on the same tensors: our kernels (compiled or interpreted) must be within
     # bam_triton.TOLERANCES (valid column); the authors' formulations' differences are reported (max_abs_err) only.
     for r in rows:
-        got = outputs.get(r["provider"])
+        got, ref = outputs.get(r["provider"]), refs.get(_attention_of(op, r["provider"]))
         if got is None or ref is None:
             continue
         ok, err = within_tolerance(got, ref, dtype)
@@ -548,8 +564,16 @@ def _run_case(args, device, shape, dt, lay, op, providers, copy_bw, progress, fa
     return rows
 
 
+def _attention_of(op, provider):
+    """The attention a provider's row times: ``"bam"`` for BAM's own ops, the network's (None: no attention) for the
+    whole-network ops."""
+    return split_network_provider(provider)[1] if op in NETWORK_OPS else "bam"
+
+
 def _add_speedups(rows):
-    """speedup_vs_<p> = time(p) / time(row), within one (case, timing mode); interpreter rows get none."""
+    """speedup_vs_<p> = time(p) / time(row), within one (case, timing mode); interpreter rows get none. A CBAM
+    network's row compares with the CBAM networks (speedup_vs_authors_eager: the authors' CBAM network's time over
+    this one's); attention_overhead = time(row) / time(no-bam) - 1, what the attention adds to the network."""
     groups = {}
     for r in rows:
         key = (r["op"], r["N"], r["C"], r["H"], r["W"], r["dtype"], r["layout"], r["timing_mode"])
@@ -558,12 +582,13 @@ def _add_speedups(rows):
         if key[-1] == "interpreter":
             continue
         for r in by_p.values():
+            attention = _attention_of(r["op"], r["provider"]) or "bam"
             for p in PROVIDERS:
-                base = by_p.get(p)
+                base = by_p.get(network_provider(p, attention) if r["op"] in NETWORK_OPS else p)
                 if base is not None:
                     r[f"speedup_vs_{p.replace('-', '_')}"] = base["median_ms"] / r["median_ms"]
-            if NO_BAM in by_p and r["provider"] != NO_BAM:  # what BAM adds to the network's time
-                r["bam_overhead"] = r["median_ms"] / by_p[NO_BAM]["median_ms"] - 1
+            if NO_BAM in by_p and r["provider"] != NO_BAM:  # what the attention adds to the network's time
+                r["attention_overhead"] = r["median_ms"] / by_p[NO_BAM]["median_ms"] - 1
 
 
 def summary_table(rows, env):
@@ -626,18 +651,51 @@ def cpu_target_lines(rows):
     return [""] + lines if lines else []
 
 
+def _overhead_range(row, plain):
+    """What the p20..p80 spreads of a network's and the plain network's times allow its overhead to be:
+    ``(p20 / plain p80 - 1, p80 / plain p20 - 1)``, or None without them."""
+    try:
+        return row["p20_ms"] / plain["p80_ms"] - 1, row["p80_ms"] / plain["p20_ms"] - 1
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
 def network_overhead_lines(rows):
-    """'BAM adds X % with the authors' code, Y % with ours' per whole-network case and timing mode."""
+    """Per whole-network case and timing mode, for BAM and for CBAM: 'BAM adds X % with the authors' code, Y % with
+    ours', each with the range its p20..p80 spreads allow; CBAM's line says whether ours adds at most half of what
+    the authors' adds (the project's target)."""
     cases = {}
     for r in rows:
-        if r["op"] in NETWORK_OPS and r.get("bam_overhead") is not None:
+        if r["op"] in NETWORK_OPS:
             key = (r["op"], r["N"], r["dtype"], r["layout"], r["timing_mode"])
-            cases.setdefault(key, {})[r["provider"]] = r["bam_overhead"]
-    lines = [""] if cases else []
-    for (op, n, dt, lay, mode), overhead in cases.items():
-        ours = ", ".join(f"{100 * overhead[p]:.1f} % with ours ({p})" for p in ("torch-path", "triton") if p in overhead)
-        authors = f"{100 * overhead['authors-eager']:.1f} % with the authors' code" if "authors-eager" in overhead \
-            else "the authors' code not timed"
-        lines.append(f"{op} batch {n} {dt} {lay} ({mode}): BAM adds {authors}; {ours or 'ours not timed'} "
-                     f"(over the same ResNet-50 without BAM)")
-    return lines
+            cases.setdefault(key, {})[r["provider"]] = r
+    lines = []
+    for (op, n, dt, lay, mode), by_provider in cases.items():
+        plain = by_provider.get(NO_BAM)
+        for attention in NETWORK_ATTENTIONS:
+            overhead = {}
+            for provider in ("authors-eager", "torch-path", "triton"):
+                r = by_provider.get(network_provider(provider, attention))
+                if r is not None and r.get("attention_overhead") is not None:
+                    overhead[provider] = (r["attention_overhead"], _overhead_range(r, plain) if plain else None)
+            if not overhead:
+                continue
+
+            def shown(provider):
+                value, spread = overhead[provider]
+                return f"{100 * value:.1f} %" + (f" (p20-p80: {100 * spread[0]:.1f} to {100 * spread[1]:.1f} %)"
+                                                  if spread else "")
+
+            ours = ", ".join(f"{shown(p)} with ours ({p})" for p in ("torch-path", "triton") if p in overhead)
+            authors = f"{shown('authors-eager')} with the authors' code" if "authors-eager" in overhead \
+                else "the authors' code not timed"
+            line = (f"{op} batch {n} {dt} {lay} ({mode}): {attention.upper()} adds {authors}; "
+                    f"{ours or 'ours not timed'} (over the same ResNet-50 without attention)")
+            if attention == "cbam" and "authors-eager" in overhead:
+                theirs = overhead["authors-eager"][0]
+                verdicts = [f"{p} {'meets' if overhead[p][0] <= theirs / 2 else 'does NOT meet'}"
+                            for p in ("torch-path", "triton") if p in overhead]
+                if verdicts:
+                    line += f"; target, ours at most half of theirs: {', '.join(verdicts)}"
+            lines.append(line)
+    return ([""] + lines) if lines else []

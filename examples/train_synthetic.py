@@ -1,18 +1,22 @@
-"""Train a BAM-ResNet and the plain ResNet of the same depth on a synthetic 10-class shape task, on the CPU.
+"""Train the plain ResNet, a BAM-ResNet and a CBAM-ResNet of the same depth side by side on a synthetic 10-class
+shape task, on the CPU.
 
 The data are made here (no downloads): 32x32 RGB images, each with one shape whose class (disc, square, ring, plus,
 X, triangle, horizontal bar, vertical bar, diamond, hollow square) is the label, drawn at a random position, size and
 colour over a random smooth coloured background with pixel noise and a distractor blob. Colour carries no
 information about the class; shape does.
 
-Both models are ``bam_triton.models.resnet18(cifar=True)`` at a reduced width (default 16: stages of 16, 32, 64,
-128 channels) so a run takes minutes on two CPU cores; the BAM model adds ``bam1..bam3`` (reduction 4, so the hidden
-widths are 4, 8, 16 rather than 1, 2, 4 at the paper's r=16). The same seed gives both models the same backbone
-initialisation (the backbone is initialised before BAM's layers are created) and the same batches in the same order;
-the data themselves are the same for every seed.
+Every model is ``bam_triton.models.resnet18(cifar=True, attention=...)`` at a reduced width (default 16: stages of
+16, 32, 64, 128 channels) so a run takes minutes on two CPU cores: ``resnet18`` without attention, ``resnet18+bam``
+with ``bam1..bam3`` and ``resnet18+cbam`` with a CBAM in each of the 8 blocks (both at reduction 4, so BAM's hidden
+widths are 4, 8, 16 and CBAM's 4 to 32 rather than a quarter of that at the papers' r=16). ``--models`` picks a
+subset. The same seed gives every model the same backbone initialisation (the backbone is initialised before the
+attention modules are created) and the same batches in the same order; the data themselves are the same for every
+seed.
 
 Outputs in ``--out``: ``metrics.csv`` (one row per model and epoch, epoch 0 = before training), ``curves.png``
-(loss and accuracy against epochs), ``attention.png`` (the last trained BAM model's attention maps on test images).
+(loss and accuracy against epochs), ``attention.png`` and ``attention_cbam.png`` (the last trained BAM and CBAM
+models' attention maps on test images; CBAM's: the last block of each stage).
 
     python examples/train_synthetic.py --epochs 8 --seeds 0 1 --out docs/results/training
 """
@@ -26,6 +30,8 @@ import torch.nn.functional as F
 
 from bam_triton import models
 
+# The models trained side by side: name suffix -> the networks' attention= ("none": the plain network).
+ATTENTIONS = ("none", "bam", "cbam")
 CLASS_NAMES = ("disc", "square", "ring", "plus", "x", "triangle", "hbar", "vbar", "diamond", "hollow_square")
 NUM_CLASSES = len(CLASS_NAMES)
 
@@ -78,10 +84,20 @@ def make_shapes(n, size=32, seed=0):
     return images.clamp_(0, 1), labels
 
 
-def build_model(bam, width=16, reduction=4, seed=0):
-    """``resnet18(cifar=True, num_classes=10, width=width)``, with or without BAM, initialised from ``seed``."""
+def model_name(attention):
+    """``resnet18``, ``resnet18+bam`` or ``resnet18+cbam``."""
+    return "resnet18" if attention == "none" else f"resnet18+{attention}"
+
+
+def build_model(attention, width=16, reduction=4, seed=0):
+    """``resnet18(cifar=True, num_classes=10, width=width)`` with ``attention`` (one of :data:`ATTENTIONS`; the
+    attention modules at ``reduction``), initialised from ``seed``."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     torch.manual_seed(seed)
-    return models.resnet18(num_classes=NUM_CLASSES, bam=bam, cifar=True, width=width, reduction=reduction,
+    if attention == "none":
+        return models.resnet18(num_classes=NUM_CLASSES, cifar=True, width=width, attention=None)
+    return models.resnet18(num_classes=NUM_CLASSES, cifar=True, width=width, attention=attention, reduction=reduction,
                            backend="torch")
 
 
@@ -152,7 +168,7 @@ def plot_curves(results, steps_per_epoch, path, title):
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.4))
-    colours = {"resnet18": "tab:blue", "resnet18+bam": "tab:red"}
+    colours = {"resnet18": "tab:blue", "resnet18+bam": "tab:red", "resnet18+cbam": "tab:green"}
     seeds = sorted({seed for _, seed in results})
     markers = dict(zip(seeds, "osD^v<>"))
     window = max(1, steps_per_epoch // 10)
@@ -192,10 +208,13 @@ def main(argv=None):
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--reduction", type=int, default=4, help="BAM's r (hidden width = channels // r)")
+    parser.add_argument("--reduction", type=int, default=4,
+                        help="BAM's and CBAM's r (hidden width = channels // r)")
+    parser.add_argument("--models", nargs="+", choices=ATTENTIONS, default=list(ATTENTIONS),
+                        help="which networks to train: none (plain), bam, cbam. Default all three")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
-                        help="one pair of models (plain, BAM) per seed; the data are the same for every seed")
+                        help="one set of models per seed; the data are the same for every seed")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -205,17 +224,17 @@ def main(argv=None):
     test_set = make_shapes(args.test_size, seed=1_000_003)  # a disjoint draw
     steps = args.train_size // args.batch_size if args.steps is None else min(args.steps,
                                                                                args.train_size // args.batch_size)
-    results, parameters, last_bam_model = {}, {}, None
+    results, parameters, last_trained = {}, {}, {}
     for seed in args.seeds:
-        for name, bam in (("resnet18", False), ("resnet18+bam", True)):
-            model = build_model(bam, width=args.width, reduction=args.reduction, seed=seed)
+        for attention in args.models:
+            name = model_name(attention)
+            model = build_model(attention, width=args.width, reduction=args.reduction, seed=seed)
             parameters[name] = sum(p.numel() for p in model.parameters())
             print(f"{name} seed {seed}: {parameters[name]:,} parameters, {args.epochs} epochs x {steps} steps of "
                   f"{args.batch_size}")
             results[name, seed] = train(model, train_set, test_set, args.epochs, steps, args.batch_size, args.lr,
                                         seed)
-            if bam:
-                last_bam_model = model
+            last_trained[attention] = model
     csv_path = os.path.join(args.out, "metrics.csv")
     with open(csv_path, "w", newline="") as handle:
         fields = ["model", "seed", "parameters", "epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc",
@@ -228,17 +247,25 @@ def main(argv=None):
                                  **{k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()}})
     plot_curves(results, steps, os.path.join(args.out, "curves.png"),
                 f"Synthetic 10-class shapes, 32x32 ({args.train_size} train / {args.test_size} test images): "
-                f"ResNet-18 (cifar stem, width {args.width}) with and without BAM (r={args.reduction}), same data, "
-                f"same backbone init per seed")
-    from bam_triton.viz import attention_maps, plot_attention
+                f"ResNet-18 (cifar stem, width {args.width}): {', '.join(model_name(a) for a in args.models)} "
+                f"(r={args.reduction}), same data, same backbone init per seed")
+    from bam_triton.viz import attention_maps, last_block_per_stage, plot_attention
 
     shown = slice(0, 6)
-    maps = attention_maps(last_bam_model, test_set[0][shown], kind="combined")
     names = ", ".join(CLASS_NAMES[i] for i in test_set[1][shown].tolist())
-    plot_attention(test_set[0][shown], maps, os.path.join(args.out, "attention.png"), kind="combined",
-                   title=f"Trained resnet18+BAM (width {args.width}, {args.epochs} epochs, seed {args.seeds[-1]}): "
-                         f"mean_c sigmoid(Mc·Ms) on test images\nrows: {names}")
-    print(f"wrote {csv_path}, curves.png, attention.png")
+    written = [csv_path, "curves.png"]
+    for attention, filename, label in (("bam", "attention.png", "mean_c sigmoid(Mc·Ms)"),
+                                       ("cbam", "attention_cbam.png", "mean_c sigmoid(Mc)·sigmoid(Ms)")):
+        if attention not in last_trained:
+            continue
+        maps = attention_maps(last_trained[attention], test_set[0][shown], kind="combined")
+        if attention == "cbam":
+            maps = last_block_per_stage(maps)
+        plot_attention(test_set[0][shown], maps, os.path.join(args.out, filename), kind="combined",
+                       title=f"Trained {model_name(attention)} (width {args.width}, {args.epochs} epochs, seed "
+                             f"{args.seeds[-1]}): {label} on test images\nrows: {names}")
+        written.append(filename)
+    print(f"wrote {', '.join(written)}")
     for (name, seed), (rows, _) in results.items():
         last = rows[-1]
         print(f"{name:14s} seed {seed} final: train loss {last['train_loss']:.4f} acc {last['train_acc']:.4f} | "

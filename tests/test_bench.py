@@ -699,24 +699,44 @@ def test_persistence_status_on_the_installed_triton(monkeypatch):
 
 
 @pytest.mark.slow_on_gpu
-def test_sweep_network_ops_report_bams_overhead(tmp_path, capsys):
-    """The whole-network ops time ResNet-50 without BAM, with the authors' BAM and with ours on one set of weights,
-    and say what BAM adds; no GB/s (a network is not memory-bound in BAM's sense) and no kernel verdict."""
+def test_sweep_network_ops_report_bams_and_cbams_overhead(tmp_path, capsys):
+    """The whole-network ops time ResNet-50 without attention, with the authors' BAM and CBAM and with ours on one set
+    of weights, and say what each attention adds; no GB/s (a network is not memory-bound in BAM's sense) and no kernel
+    verdict. The CBAM rows compare with the CBAM rows."""
     code = main(["sweep", "--ops", "resnet50-fwd", "--network-batch", "2", "--min-time", "0.05", "--max-reps", "2",
                  "--rounds", "1", "--copy-mib", "16", "--flush-mib", "0", "--out", str(tmp_path)])
     assert code == 0
     _, rows = _read_csv(tmp_path / "sweep.csv")
     by_provider = {r["provider"]: r for r in rows if r["op"] == "resnet50-fwd"}
-    assert set(by_provider) >= {"no-bam", "authors-eager", "torch-path"}
+    assert set(by_provider) == {"no-bam", "authors-eager", "torch-path", "authors-eager-cbam", "torch-path-cbam"}
     assert all((r["N"], r["C"], r["H"], r["W"]) == ("2", "3", "224", "224") for r in by_provider.values())
-    assert by_provider["no-bam"]["bam_overhead"] == ""
-    for provider in ("authors-eager", "torch-path"):
+    assert by_provider["no-bam"]["attention_overhead"] == ""
+    for provider in ("authors-eager", "torch-path", "authors-eager-cbam", "torch-path-cbam"):
         r = by_provider[provider]
         overhead = float(r["median_ms"]) / float(by_provider["no-bam"]["median_ms"]) - 1
-        assert float(r["bam_overhead"]) == pytest.approx(overhead, abs=1e-4)  # both from 6-digit CSV values
+        assert float(r["attention_overhead"]) == pytest.approx(overhead, abs=1e-4)  # both from 6-digit CSV values
         assert r["gbps"] == "" and r["valid"] == ""
+    ours, theirs = by_provider["torch-path-cbam"], by_provider["authors-eager-cbam"]
+    assert float(ours["speedup_vs_authors_eager"]) == pytest.approx(
+        float(theirs["median_ms"]) / float(ours["median_ms"]), rel=1e-4)
+    assert float(ours["max_abs_err"]) < 1e-3  # the authors' CBAM network computes what ours does
     out = capsys.readouterr().out
     assert "resnet50-fwd batch 2 fp32 nchw (cpu-timer): BAM adds" in out and "with ours (torch-path)" in out
+    assert "resnet50-fwd batch 2 fp32 nchw (cpu-timer): CBAM adds" in out
+    assert "target, ours at most half of theirs: torch-path" in out
+    meta = json.loads((tmp_path / "sweep.json").read_text())
+    assert meta["grid"]["network_attentions"] == ["bam", "cbam"]
+
+
+def test_sweep_plans_the_networks_of_the_chosen_attentions():
+    from bam_triton.bench.sweep import plan
+
+    cpu = torch.device("cpu")
+    networks = [(2, 3, 224, 224)]
+    (unit,) = plan(cpu, [], ["fp32"], ["nchw"], ["resnet50-train"], ["authors-eager", "torch-path"], networks)
+    assert unit[-1] == ["no-bam", "authors-eager", "torch-path", "authors-eager-cbam", "torch-path-cbam"]
+    (unit,) = plan(cpu, [], ["fp32"], ["nchw"], ["resnet50-train"], ["torch-path", "triton"], networks, ["cbam"])
+    assert unit[-1] == ["no-bam", "torch-path-cbam", "triton-cbam"]
 
 
 _VARIANT_FLAGS = {"COMBINE", "WRITE_DX", "HAS_DPOOL", "HAS_EXTRA"}  # inspect compiles one variant of each kernel

@@ -464,7 +464,8 @@ def test_cli_export_help_lists_the_options(capsys):
     with pytest.raises(SystemExit):
         cli.main(["export", "--help"])
     text = capsys.readouterr().out
-    for option in ("--input-size", "--batch", "--opset", "--checkpoint", "--dynamo", "--no-dynamo", "--num-classes"):
+    for option in ("--input-size", "--batch", "--opset", "--checkpoint", "--dynamo", "--no-dynamo", "--num-classes",
+                   "--attention"):
         assert option in text, option
 
 
@@ -481,3 +482,65 @@ def test_torch_export_every_bam_resnet(arch, training):
     model = _randomize_norms(getattr(models, arch)(num_classes=10, width=16, reduction=4)).double().train(training)
     _check_exported(model, _images(2, 3, RESNET_SIZE, RESNET_SIZE).double(), ({0: Dim("batch", min=2)},),
                     _images(3, 3, RESNET_SIZE, RESNET_SIZE, seed=2).double(), decompose=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CBAM-ResNets (a CBAM in every block): torch.export, ONNX in onnxruntime, bam-triton export --attention cbam
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _cbam_resnet(num_classes=10, seed=0):
+    """A CBAM-ResNet-18 at width 16 (CBAM reduction 4), every BatchNorm random: the spatial gates' too, which the
+    authors' init leaves at weight 0 (a constant gate would test little)."""
+    torch.manual_seed(seed)
+    return _randomize_norms(resnet18(num_classes=num_classes, width=16, attention="cbam", reduction=4), seed=seed)
+
+
+@pytest.mark.slow_on_gpu
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_torch_export_cbam_resnet18_dynamic_batch(training):
+    model = _cbam_resnet().double().train(training)
+    _check_exported(model, _images(2, 3, RESNET_SIZE, RESNET_SIZE).double(), ({0: Dim("batch", min=2)},),
+                    _images(3, 3, RESNET_SIZE, RESNET_SIZE, seed=2).double(), decompose=False)
+
+
+@pytest.mark.slow_on_gpu
+@_onnx_exporter_param()
+def test_onnx_cbam_resnet18_runs_in_onnxruntime(dynamo, tmp_path):
+    _skip_unless_exporter(dynamo)
+    model = _cbam_resnet().eval()
+    path = tmp_path / "resnet18_cbam.onnx"
+    _onnx_export(model, _images(2, 3, RESNET_SIZE, RESNET_SIZE), path, dynamo, ({0: Dim("batch", min=1)},),
+                 {0: "batch"}, {0: "batch"})
+    _check_onnx_file(path, model, [_images(1, 3, RESNET_SIZE, RESNET_SIZE, seed=2),
+                                   _images(3, 3, RESNET_SIZE, RESNET_SIZE, seed=3)])
+    import onnx
+
+    assert "ReduceMax" in {node.op_type for node in onnx.load(str(path)).graph.node}  # CBAM's max pools
+
+
+@pytest.mark.slow_on_gpu
+def test_cli_export_cbam_loads_the_authors_checkpoint(tmp_path, capsys):
+    """``--attention cbam`` with an authors'-format CBAM checkpoint: the ONNX file computes what eager torch does with
+    it; the default ``--attention bam`` refuses the file and says which attention it needs."""
+    _need("onnx", "onnxruntime", "onnxscript")
+    # Full width: the CLI builds its networks with CBAM's default reduction 16.
+    torch.manual_seed(5)
+    model = _randomize_norms(resnet18(num_classes=7, attention="cbam"), seed=5).eval()
+    checkpoint = tmp_path / "RESNET18_CBAM.pth.tar"
+    torch.save({"epoch": 3, "arch": "resnet18", "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
+               checkpoint)
+    out = tmp_path / "resnet18_cbam.onnx"
+    status, _, stderr = _run_cli(capsys, "resnet18", out, "--num-classes", 7, "--checkpoint", checkpoint)
+    assert status == 2 and "--attention bam" in stderr and "build the model with attention='cbam'" in stderr, stderr
+    status, stdout, stderr = _run_cli(capsys, "resnet18", out, "--attention", "cbam", "--input-size", RESNET_SIZE,
+                                      "--num-classes", 7, "--checkpoint", checkpoint, "--batch", 2)
+    assert status == 0, stdout + stderr
+    assert "attention cbam" in stdout and "(OK," in stdout, stdout
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = _images(2, 3, RESNET_SIZE, RESNET_SIZE, seed=4)
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-4, rtol=1e-4)

@@ -374,10 +374,13 @@ def test_summary_says_which_bam_path_is_faster_and_what_bam_adds_to_resnet50():
     assert any("bam-fwd 32x256x56x56 fp16 | 1.000 | 0.800 | single read (1.25x)" in line for line in lines)
     assert any("bam-fwd-bwd 32x256x56x56 fp16 | 2.000 | 2.500 | standard (0.80x)" in line for line in lines)
     net = [dict(op="resnet50-fwd", N=32, C=3, H=224, W=224, dtype="fp16", layout="nchw", timing_mode="do_bench",
-                provider=p, median_ms=t, bam_overhead=o) for p, t, o in
-           (("no-bam", 10.0, None), ("authors-eager", 11.0, 0.1), ("triton", 10.5, 0.05))]
-    (line,) = [line for line in gpu_check.network_lines(net) if line.startswith("- ")]
-    assert "BAM adds 10.0 % with the authors' code; 5.0 % with ours (triton)" in line
+                provider=p, median_ms=t, attention_overhead=o) for p, t, o in
+           (("no-bam", 10.0, None), ("authors-eager", 11.0, 0.1), ("triton", 10.5, 0.05),
+            ("authors-eager-cbam", 12.0, 0.2), ("triton-cbam", 11.5, 0.15))]
+    bam, cbam = [line for line in gpu_check.network_lines(net) if line.startswith("- ")]
+    assert "BAM adds 10.0 % with the authors' code; 5.0 % with ours (triton)" in bam
+    assert "CBAM adds 20.0 % with the authors' code; 15.0 % with ours (triton)" in cbam
+    assert cbam.endswith("target, ours at most half of theirs: triton does NOT meet")
 
 
 def test_summary_reports_the_host_overhead_against_its_targets(tmp_path):

@@ -487,7 +487,7 @@ def test_synthetic_shapes_are_deterministic_and_balanced(example):
 
 
 def test_same_seed_gives_both_models_the_same_backbone(example):
-    plain, with_bam = example.build_model(False, width=8), example.build_model(True, width=8)
+    plain, with_bam = example.build_model("none", width=8), example.build_model("bam", width=8)
     bam_state = with_bam.state_dict()
     for key, value in plain.state_dict().items():
         assert torch.equal(value, bam_state[key]), key
@@ -499,7 +499,7 @@ def test_short_training_run_decreases_the_loss(example):
     torch.manual_seed(0)
     train_set = example.make_shapes(64, seed=0)
     test_set = example.make_shapes(64, seed=1)
-    model = example.build_model(True, width=8, seed=0)
+    model = example.build_model("bam", width=8, seed=0)
     rows, step_losses = example.train(model, train_set, test_set, epochs=12, steps_per_epoch=2, batch_size=32,
                                       lr=0.05, seed=0, log=lambda message: None)
     assert len(step_losses) == 24 and [row["epoch"] for row in rows] == list(range(13))

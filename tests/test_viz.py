@@ -1,4 +1,4 @@
-"""bam_triton.viz: the recorded attention is what BAM applies, hooks come off, the figure and the CLI command. The
+"""bam_triton.viz: the recorded attention is what BAM and CBAM apply, hooks come off, the figure and the CLI command. The
 models run on the ``device`` of this run (tests/devices.py); the recorder hands back CPU tensors whatever the device."""
 import pytest
 import torch
@@ -6,7 +6,7 @@ from torch import nn
 
 from bam_triton import models
 from bam_triton.cli import main as cli_main
-from bam_triton.viz import AttentionRecorder, attention_maps, plot_attention, synthetic_images
+from bam_triton.viz import AttentionRecorder, attention_maps, last_block_per_stage, plot_attention, synthetic_images
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -109,3 +109,66 @@ def test_cli_attention_random_and_from_checkpoint(tmp_path, capsys):
     assert out.exists() and f"wrote {out}" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli_main(["attention", "--images", "0", "--out", str(out)])
+
+
+def _tiny_cbam_model(seed=0, device="cpu"):
+    torch.manual_seed(seed)
+    model = models.resnet18(num_classes=10, cifar=True, width=16, attention="cbam", reduction=4, backend="torch")
+    with torch.no_grad():  # non-trivial BN statistics and spatial gates (the authors' init zeroes their BN weight)
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_var.uniform_(0.5, 2.0)
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.weight.uniform_(0.5, 1.5)
+    return model.eval().to(device)
+
+
+def test_cbam_maps_are_the_attention_cbam_applies(device):
+    """CBAM computes F' = F · a · b: the recorder's maps, rebuilt from the hooked channel and spatial logits, must
+    give F'/F = sigmoid(Mc) · sigmoid(Ms); combined is its mean over channels, spatial sigmoid(Ms)."""
+    model = _tiny_cbam_model(device=device)
+    io = {}
+    model.layer2[1].cbam.register_forward_hook(lambda m, inputs, output: io.update(f=inputs[0].clone().cpu(),
+                                                                                   out=output.clone().cpu()))
+    with AttentionRecorder(model) as recorder, torch.no_grad():
+        model(torch.rand(3, 3, 32, 32).to(device))
+    mc, ms, how = recorder.logits["layer2.1.cbam"]
+    assert how == "cbam" and mc.shape == (3, 32) and ms.shape == (3, 1, 16, 16)
+    attention = torch.sigmoid(mc)[:, :, None, None] * torch.sigmoid(ms)
+    f, out = io["f"], io["out"]
+    nonzero = f.abs() > 1e-2
+    assert nonzero.float().mean() > 0.2
+    torch.testing.assert_close((out / f)[nonzero], attention[nonzero], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(recorder.maps("combined")["layer2.1.cbam"], attention.mean(dim=1))
+    torch.testing.assert_close(recorder.maps("spatial")["layer2.1.cbam"], torch.sigmoid(ms[:, 0]))
+    assert len(recorder.maps()) == 8
+    for _, cbam in models.cbam_modules(model):
+        assert not cbam.ChannelGate._forward_hooks and not cbam.SpatialGate._forward_hooks
+
+
+def test_last_block_per_stage_and_cbam_without_spatial_gate():
+    maps = attention_maps(_tiny_cbam_model(), torch.rand(2, 3, 32, 32))
+    shown = last_block_per_stage(maps)
+    assert list(shown) == ["layer1.1.cbam", "layer2.1.cbam", "layer3.1.cbam", "layer4.1.cbam"]
+    assert [tuple(m.shape) for m in shown.values()] == [(2, 32, 32), (2, 16, 16), (2, 8, 8), (2, 4, 4)]
+    assert last_block_per_stage({"bam1": 1, "bam2": 2}) == {"bam1": 1, "bam2": 2}
+    flat = models.resnet18(num_classes=10, cifar=True, width=16, attention="cbam", reduction=4, no_spatial=True)
+    with pytest.raises(ValueError, match="no spatial gate"):
+        AttentionRecorder(flat)
+
+
+def test_cli_attention_cbam(tmp_path, capsys):
+    checkpoint = tmp_path / "cbam.pth.tar"
+    torch.manual_seed(3)
+    state = models.resnet18(attention="cbam", backend="torch").state_dict()
+    torch.save({"epoch": 2, "state_dict": {f"module.{k}": v for k, v in state.items()}}, checkpoint)
+    out = tmp_path / "cbam.png"
+    assert cli_main(["attention", "--attention", "cbam", "--checkpoint", str(checkpoint), "--images", "2",
+                     "--size", "64", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG_SIGNATURE and f"wrote {out}" in capsys.readouterr().out
+    import matplotlib.image
+
+    height, width, _ = matplotlib.image.imread(out).shape
+    assert width > 1.6 * height  # 5 columns (input + the last CBAM of 4 stages) by 2 rows
+    with pytest.raises(models.CheckpointMismatchError, match="attention='cbam'"):
+        cli_main(["attention", "--checkpoint", str(checkpoint), "--images", "1", "--size", "64", "--out", str(out)])
