@@ -89,7 +89,17 @@ def _store_channel_reduction(sum_ptr, max_ptr, argmax_ptr, row, argmax_row, hw_m
         tl.store(argmax_ptr + argmax_row, channels, mask=hw_mask)
 
 
-@autotune("reduce2d", key=["batch_bucket", "C", "HW", "CHANNELS_LAST", "WITH_G"], prune=keep_contiguous_configs)
+def _channel_reduce_prune(configs, named_args, **kwargs):
+    """keep_contiguous_configs; without g (a running max and argmax beside the sum) not BLOCK_C=16 x BLOCK_HW=128 on 8
+    warps, which spilled 4 bytes on sm_90 in fp16/bf16 NCHW (bam-triton inspect, Triton 3.9)."""
+    kept = keep_contiguous_configs(configs, named_args, **kwargs)
+    if not kwargs.get("WITH_G", named_args.get("WITH_G")):
+        kept = [cf for cf in kept if (cf.kwargs["BLOCK_C"], cf.kwargs["BLOCK_HW"], cf.num_warps) != (16, 128, 8)] \
+            or kept
+    return kept
+
+
+@autotune("reduce2d", key=["batch_bucket", "C", "HW", "CHANNELS_LAST", "WITH_G"], prune=_channel_reduce_prune)
 @triton.jit(do_not_specialize=["batch_bucket"])
 def channel_reduce_kernel(
     x_ptr,  # (N, C, H, W), dense NCHW or NHWC
@@ -315,7 +325,16 @@ def _dy(g, b_ptr, argmax_c_ptr, dmax_c_ptr, dmean_c_ptr, pixel, pixel_mask, c, i
         return g
 
 
-@autotune("pool", key=["batch_bucket", "C", "HW", "CHANNELS_LAST", "HAS_SPATIAL"], prune=keep_contiguous_configs)
+def _hw_reduce_prune(configs, named_args, **kwargs):
+    """keep_contiguous_configs with at most 16 elements per thread, 8 for channels_last: g, x, dy and the pixel maps
+    per element; 32 spilled 4-12 bytes on sm_80/sm_90 (fp32, bf16) and 16 spilled 4 bytes channels_last in fp32 on
+    sm_90 (bam-triton inspect, Triton 3.9)."""
+    kept = keep_contiguous_configs(configs, named_args, **kwargs)
+    per_thread = 8 if kwargs.get("CHANNELS_LAST", named_args.get("CHANNELS_LAST")) else 16
+    return [cf for cf in kept if cf.kwargs["BLOCK_C"] * cf.kwargs["BLOCK_HW"] <= per_thread * 32 * cf.num_warps] or kept
+
+
+@autotune("pool", key=["batch_bucket", "C", "HW", "CHANNELS_LAST", "HAS_SPATIAL"], prune=_hw_reduce_prune)
 @triton.jit(do_not_specialize=["batch_bucket"])
 def hw_reduce_kernel(
     g_ptr,  # (N, C, H, W), same strides as x
