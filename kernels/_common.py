@@ -313,13 +313,14 @@ def argmax_reduce(values, indices, AXIS: tl.constexpr):
     win; any NaN wins, at its smallest index; otherwise the largest value at its smallest index. Three plain
     reductions (max, max, min) rather than one ``tl.reduce`` with a combine function, which Triton's interpreter
     evaluates one element at a time."""
+    # NaN flags as int32 0/1, not bools: Triton 3.2/3.3's interpreters cannot cast or invert an int1 tensor.
     valid = indices >= 0
-    nan = valid & (values != values)
-    has_nan = tl.max(nan.to(tl.int32), AXIS) > 0
-    largest = tl.max(tl.where(valid & ~nan, values, float("-inf")), AXIS)
-    winners = tl.where(tl.expand_dims(has_nan, AXIS), nan, valid & (values == tl.expand_dims(largest, AXIS)))
+    nan = tl.where(valid & (values != values), 1, 0)
+    has_nan = tl.max(nan, AXIS)
+    largest = tl.max(tl.where(valid & (nan == 0), values, float("-inf")), AXIS)
+    winners = tl.where(tl.expand_dims(has_nan, AXIS) > 0, nan > 0, valid & (values == tl.expand_dims(largest, AXIS)))
     first = tl.min(tl.where(winners, indices, 2**31 - 1), AXIS)
-    return tl.where(has_nan, float("nan"), largest), first
+    return tl.where(has_nan > 0, float("nan"), largest), first
 
 
 def fold_max(values, indices, dim):

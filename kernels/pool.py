@@ -33,12 +33,14 @@ from ._common import (POOL_SPLIT_UNIT, LaunchPlan, acc_dtype, argmax_reduce, aut
 
 
 def _pool_prune(configs, named_args, **kwargs):
-    """keep_contiguous_configs, and WITH_MAX at most 16 elements per thread: a running max and argmax beside the sum
-    make three accumulators per element, and 32 per thread took 168-179 registers on sm_80/sm_90 (bam-triton
-    inspect)."""
+    """keep_contiguous_configs, and WITH_MAX at most 16 elements per thread, 8 for channels_last: a running max and
+    argmax beside the sum make three accumulators per element; 32 per thread took 168-179 registers on sm_80/sm_90
+    (bam-triton inspect, Triton 3.9), and 16 spilled 8 bytes channels_last in fp32 on sm_80 under Triton 3.2."""
     kept = keep_contiguous_configs(configs, named_args, **kwargs)
     if kwargs.get("WITH_MAX", named_args.get("WITH_MAX")):
-        kept = [cf for cf in kept if cf.kwargs["BLOCK_C"] * cf.kwargs["BLOCK_HW"] <= 16 * 32 * cf.num_warps] or kept
+        per_thread = 8 if kwargs.get("CHANNELS_LAST", named_args.get("CHANNELS_LAST")) else 16
+        kept = [cf for cf in kept if cf.kwargs["BLOCK_C"] * cf.kwargs["BLOCK_HW"] <= per_thread * 32 * cf.num_warps] \
+            or kept
     return kept
 
 
