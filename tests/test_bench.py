@@ -471,8 +471,9 @@ def test_every_kernel_looks_up_its_timer_only_when_it_times():
     or ``inspect``) on a machine without a GPU."""
     from bam_triton.kernels._common import driver_timer
 
-    for name, _ in aot.kernel_names():
-        module = next(m for m in ("apply", "apply_bwd", "pool", "front")
+    for job_name, _ in aot.kernel_names():
+        name = job_name.partition("[")[0]  # a [suffix] names a variant of the same kernel
+        module = next(m for m in ("apply", "apply_bwd", "pool", "front", "cbam")
                       if hasattr(importlib.import_module(f"bam_triton.kernels.{m}"), name))
         assert getattr(importlib.import_module(f"bam_triton.kernels.{module}"), name).do_bench is driver_timer, name
 
@@ -552,7 +553,9 @@ def test_cuda_sweep_times_apply_bwd_without_cudagraph_and_records_why(fake_cuda,
         modes.setdefault(r["op"], set()).add(r["timing_mode"])
     assert modes.pop("apply-bwd") == {"do_bench"}
     assert modes and all(m == {"do_bench", "cudagraph"} for m in modes.values()), modes
-    assert len(data["rows"]) == 3 * (2 * 4 + 1)
+    from bam_triton.bench.sweep import DEFAULT_OPS
+
+    assert len(data["rows"]) == 3 * (2 * (len(DEFAULT_OPS) - 1) + 1)
     assert "no cudagraph timing: apply-bwd" in capsys.readouterr().out
 
 
@@ -565,16 +568,16 @@ def test_cuda_sweep_runs_the_most_important_cases_first():
 
     shapes = [(32, 256, 56, 56), (32, 1024, 14, 14)]
     units = plan(torch.device("cuda"), shapes, ["fp16", "bf16"], ["nchw"], list(DEFAULT_OPS), list(PROVIDERS))
-    assert len(units) == 2 * 2 * 5 * 3
+    assert len(units) == 2 * 2 * 7 * 3
     eager = ["authors-eager", "torch-path", "triton"]
-    head = units[:20]
+    head = units[:28]
     # the single-read provider times the whole module only
     assert all(u[-1] == (eager + ["triton-single-read"] if u[3].startswith("bam") else eager) for u in head)
     assert [u[3] for u in head[:8]] == ["apply-fwd"] * 4 + ["apply-bwd"] * 4
-    assert [(u[3], u[-1]) for u in units[20:28]] == [("apply-fwd", ["authors-compiled"])] * 4 + \
+    assert [(u[3], u[-1]) for u in units[28:36]] == [("apply-fwd", ["authors-compiled"])] * 4 + \
         [("apply-bwd", ["authors-compiled"])] * 4
-    assert all(u[-1] == ["triton-compiled"] and u[3].startswith("apply") for u in units[28:36])
-    assert all(u[3] in ("pool", "bam-fwd", "bam-fwd-bwd") for u in units[36:])
+    assert all(u[-1] == ["triton-compiled"] and u[3].startswith("apply") for u in units[36:44])
+    assert all(u[3] in ("pool", "bam-fwd", "bam-fwd-bwd", "cbam-fwd", "cbam-fwd-bwd") for u in units[44:])
     assert sorted(map(repr, units)) == sorted(map(repr, plan(torch.device("cuda"), shapes, ["fp16", "bf16"],
                                                              ["nchw"], list(DEFAULT_OPS), list(PROVIDERS))))
     cpu = plan(torch.device("cpu"), shapes, ["fp32"], ["nchw"], ["pool", "bam-fwd"], ["authors-eager", "torch-path"])
