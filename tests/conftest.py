@@ -1,7 +1,9 @@
 """Test-wide setup. ``BAM_TRITON_TEST_DEVICE`` (tests/devices.py) picks the device of this run: ``cpu`` (default), where
 the kernels are tested through Triton's interpreter, or ``cuda``, where they run compiled on the current GPU. Triton
 chooses between the two when it is imported, so TRITON_INTERPRET is set here, before any test module imports triton."""
+import importlib.util
 import os
+import pathlib
 import sys
 
 import pytest
@@ -48,3 +50,13 @@ def _fresh_plans():
     if common is not None:
         common.forget_plans()
     yield
+
+
+@pytest.fixture(scope="module")
+def example():
+    """``examples/train_synthetic.py`` imported as a module (the training example the model tests run)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("train_synthetic", root / "examples" / "train_synthetic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

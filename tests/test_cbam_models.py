@@ -3,19 +3,16 @@ sits in a block, the ``attention`` / ``bam`` arguments, the authors' initialisat
 torchvision-style ResNets (re-created here: torchvision is not a dependency), and the training example's CBAM model.
 Networks run on the torch backend at small sizes; the forward and training tests on the ``device`` of this run."""
 import copy
-import importlib.util
-import pathlib
 
 import pytest
 import torch
 from torch import nn
 
-from bam_triton import CBAM, models
+from bam_triton import models
 from bam_triton.bench.providers import AuthorsCBAM
 from bam_triton.models import CheckpointMismatchError, add_cbam, cbam_modules, load_official_checkpoint
 from test_models import BLOCKS, BUFFER_SUFFIXES, _bn, official_layout, random_checkpoint_state
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 # /work/shared/official_cbam_keys.md: the authors' ResidualNet("ImageNet", depth, 1000, "CBAM") and pytorchcv's
 # cbam_resnet<depth>.
 CBAM_TOTALS = {18: 11_779_392, 34: 21_960_468, 50: 28_089_624, 101: 49_330_172}
@@ -424,12 +421,6 @@ def test_add_cbam_on_torchvision_itself():
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def example():
-    spec = importlib.util.spec_from_file_location("train_synthetic", ROOT / "examples" / "train_synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_example_builds_the_three_models_on_one_backbone(example):

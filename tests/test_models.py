@@ -2,8 +2,6 @@
 format, add_bam on a foreign network, and the synthetic training example. The forward and training tests run on the
 ``device`` of this run (tests/devices.py); the training example runs on CPU, as the example itself does."""
 import copy
-import importlib.util
-import pathlib
 import warnings
 
 import pytest
@@ -13,7 +11,6 @@ from torch import nn
 from bam_triton import models
 from bam_triton.models import CheckpointMismatchError, add_bam, load_official_checkpoint
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -468,12 +465,6 @@ def test_add_bam_on_our_plain_resnet_gives_the_bam_resnet(device):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def example():
-    spec = importlib.util.spec_from_file_location("train_synthetic", ROOT / "examples" / "train_synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_synthetic_shapes_are_deterministic_and_balanced(example):
