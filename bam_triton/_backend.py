@@ -124,19 +124,21 @@ def resolve(backend, device):
                        f"got a tensor on {device}")
 
 
+# Looked up once: on the path of every call, where each lookup costs time when the caches are cold (after a large
+# layer); the functions themselves read torch's current state.
+_IS_TRACING = torch._C._is_tracing
+_IS_EXPORTING = getattr(torch.compiler, "is_exporting", None) or (lambda: False)
+_TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None) or (lambda: False)
+
+
 def plain_ops_needed(*tensors):
     """True where BAM must be written as plain aten ops (``x * (1 + sigmoid(mc ⊕ ms))``, ``mean``) instead of the
-    Triton custom ops or the torch path's in-place, chunked code: while ``torch.jit.trace``, ``torch.onnx.export`` or
-    ``torch.export`` records a graph (its consumers know standard ops only), under a ``torch.func`` transform (vmap,
-    grad, jacrev, jvp), and for forward-mode AD dual tensors. ``torch.compile`` is not among them: it keeps the custom
-    ops, which it knows."""
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return True
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    if is_exporting is not None and is_exporting():
-        return True
-    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    if transforms_active is not None and transforms_active():
+    Triton custom ops or the torch path's in-place, chunked code: while ``torch.jit.trace`` or ``torch.export``
+    records a graph (its consumers know standard ops only; ``torch.onnx.export`` records through one of the two: the
+    TorchScript exporter traces, the dynamo exporter exports), under a ``torch.func`` transform (vmap, grad, jacrev,
+    jvp), and for forward-mode AD dual tensors. ``torch.compile`` is not among them: it keeps the custom ops, which
+    it knows."""
+    if _IS_TRACING() or _IS_EXPORTING() or _TRANSFORMS_ACTIVE():
         return True
     return forward_ad._current_level >= 0 and any(
         t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)

@@ -249,14 +249,16 @@ def test_torch_channel_pool_gradient_is_a_broadcast_view(dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp64", "fp16", "bf16"])
 def test_torch_channel_pool_forms_without_autograd(monkeypatch, dtype):
-    """Without autograd the torch path pools with mean, or with avg_pool2d for channels_last CPU inputs of at least
-    _PARALLEL_NUMEL elements (ops._torch_channel_pool); every form matches float64 in x's dtype."""
+    """Without autograd the torch path pools NCHW fp32/fp64 CPU inputs of fewer than _PARALLEL_NUMEL elements with a
+    matrix-vector product, channels_last CPU inputs of at least that many with avg_pool2d, the rest with mean
+    (ops._torch_channel_pool); every form matches float64 in x's dtype."""
     from bam_triton import ops
 
     calls = []
     real = ops.F.avg_pool2d
     monkeypatch.setattr(ops.F, "avg_pool2d", lambda *args: calls.append(args[1]) or real(*args))
-    for shape, memory_format, pools in [((2, 32, 7, 7), torch.channels_last, False),
+    for shape, memory_format, pools in [((2, 32, 7, 7), torch.contiguous_format, False),
+                                        ((2, 32, 7, 7), torch.channels_last, False),
                                         ((4, 130, 9, 8), torch.contiguous_format, False),
                                         ((4, 130, 9, 8), torch.channels_last, True)]:
         if memory_format == torch.channels_last:
