@@ -126,7 +126,7 @@ def resolve(backend, device):
 
 # Looked up once: on the path of every call, where each lookup costs time when the caches are cold (after a large
 # layer); the functions themselves read torch's current state.
-_IS_TRACING = torch._C._is_tracing
+_IS_TRACING = torch.jit.is_tracing  # not torch._C._is_tracing, which torch.compile cannot trace
 _IS_EXPORTING = getattr(torch.compiler, "is_exporting", None) or (lambda: False)
 _TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None) or (lambda: False)
 

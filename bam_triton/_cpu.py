@@ -3,8 +3,9 @@ is asked to compute changes, because oneDNN and the CPU's caches reward it (meas
 
 - :func:`pointwise_conv`: the spatial branch's 1x1 reduction C -> C/r on NCHW input as one batched matrix product
   (oneDNN would first reorder all of x to its blocked layout).
-- :func:`spatial_branch`: the dilated 3x3 convs get channels_last input (oneDNN runs these narrow convs much faster
-  so; their input is r times smaller than x, so the conversion is cheap).
+- :func:`spatial_branch`: BAM's dilated 3x3 convs and CBAM's 7x7 conv get channels_last input (oneDNN runs these
+  narrow convs much faster so; their input is r times (BAM) or C/2 times (CBAM) smaller than x, so the conversion
+  is cheap).
 - :func:`apply_forward_in_chunks` (:func:`image_chunks`): the apply step a few images at a time, so its attention
   temporary stays in cache between its passes (CBAM's steps chunk the same way).
 
@@ -33,8 +34,8 @@ def pointwise_conv(x, weight, bias):
 
 
 def spatial_branch(layers, x):
-    """Run ``layers`` (the spatial branch's Sequential, or a list of its layers) on ``x``, the dilated convs on
-    channels_last input when ``x`` is a CPU tensor. The (N, 1, H, W) output is the same memory either way."""
+    """Run ``layers`` (a spatial branch's Sequential, or a sequence of its layers) on ``x``, the convs other than 1x1
+    on channels_last input when ``x`` is a CPU tensor. The (N, 1, H, W) output is the same memory either way."""
     on_cpu = x.device.type == "cpu" and not plain_ops_needed(x)
     if not on_cpu and isinstance(layers, torch.nn.Module):
         return layers(x)

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from . import _backend
+from . import _backend, _cpu
 from .cbam_ops import cbam_forward, check_pool_types
 from .module import _check_positive_int, check_traced, reset_layers
 from .ops import check_feature_map
@@ -63,7 +63,9 @@ class SpatialGate(nn.Module):
         self.spatial = BasicConv(2, 1, SPATIAL_KERNEL_SIZE, device=device, dtype=dtype)
 
     def forward(self, pooled):
-        return self.spatial(pooled)
+        # On CPU the 7x7 conv runs on channels_last input (oneDNN's forward and backward of a 2-channel conv are
+        # 1.3-3x faster so: docs/design.md, "CPU path"); the (N, 1, H, W) output is the same memory either way.
+        return _cpu.spatial_branch((self.spatial.conv, self.spatial.bn), pooled)
 
 
 class CBAM(nn.Module):

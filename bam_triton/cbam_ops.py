@@ -374,32 +374,27 @@ def _triton_inference(x, channel_gate, spatial_gate, pool_types):
 
 
 def _torch_inference(x, channel_gate, spatial_gate, pool_types):
-    """CBAM's forward with no autograd on the torch path, a few images at a time (``_cpu.image_chunks``): on CPU a
-    chunk of x is read from memory once, and x·a is written into the output and multiplied by b there while both
-    are still in cache. The spatial gate's BatchNorm in training mode needs the whole batch's statistics: then the
-    chunks' (N, 2, H, W) pools are gathered first, and the output read once more for b."""
+    """CBAM's forward with no autograd on the torch path, in as few torch calls as it takes: in a network every call
+    starts with caches that the layer before flushed, so a call costs ~20 µs, and a chunked loop of the whole module
+    paid that per chunk (docs/design.md, CPU path). The pooling, the MLP and the spatial gate run once for the batch;
+    only x·a and its pooling over C run a few images at a time (``_cpu.image_chunks``), so that x·a, written into the
+    output, is pooled while it is still in cache."""
     n, c, h, w = x.shape
+    acc = _acc(x.dtype)
+    pooled = {"avg": x.mean(dim=(2, 3), dtype=acc).to(x.dtype), "max": x.amax(dim=(2, 3))}
+    a = torch.sigmoid(channel_gate([pooled[k] if k in pooled else _pool(x, k) for k in pool_types])).reshape(n, c, 1, 1)
     out = torch.empty_like(x, memory_format=_memory_format(x))
-    per_chunk = spatial_gate is not None and not spatial_gate.training
-    pools = []
+    if spatial_gate is None:
+        return torch.mul(x, a, out=out)
+    s = torch.empty(n, 2, h, w, dtype=x.dtype, device=x.device)
+    mean_c = s[:, 1:] if acc == x.dtype else torch.empty(n, 1, h, w, dtype=acc, device=x.device)
     for images in _cpu.image_chunks(x):
-        chunk = x[images]
-        pooled = {"avg": chunk.mean(dim=(2, 3), dtype=_acc(x.dtype)).to(x.dtype), "max": chunk.amax(dim=(2, 3))}
-        a = torch.sigmoid(channel_gate([pooled[k] if k in pooled else _pool(chunk, k) for k in pool_types]))
-        x1 = torch.mul(chunk, a.reshape(-1, c, 1, 1), out=out[images])
-        if spatial_gate is None:
-            continue
-        s = torch.cat((x1.amax(dim=1, keepdim=True), x1.mean(dim=1, keepdim=True, dtype=_acc(x.dtype)).to(x.dtype)),
-                      dim=1)
-        if per_chunk:
-            x1.mul_(torch.sigmoid(spatial_gate(s)))
-        else:
-            pools.append(s)
-    if pools:
-        b = torch.sigmoid(spatial_gate(torch.cat(pools)))
-        for images in _cpu.image_chunks(x):
-            out[images].mul_(b[images])
-    return out
+        x1 = torch.mul(x[images], a[images], out=out[images])
+        torch.amax(x1, dim=1, keepdim=True, out=s[images, :1])
+        torch.mean(x1, dim=1, keepdim=True, dtype=acc, out=mean_c[images])
+    if acc != x.dtype:
+        s[:, 1:] = mean_c
+    return out.mul_(torch.sigmoid(spatial_gate(s)))
 
 
 def cbam_forward(x, channel_gate, spatial_gate, pool_types, backend):
