@@ -31,7 +31,6 @@ def default_backend():
 
 
 SINGLE_READ_ENV_VAR = "BAM_TRITON_SINGLE_READ"
-# Read by the kernels when they are imported (kernels/_common.py: PINNED); validated here with the other variables.
 AUTOTUNE_ENV_VAR = "BAM_TRITON_AUTOTUNE"
 _ON, _OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
 
@@ -53,12 +52,18 @@ def single_read_default():
     return _env_flag(SINGLE_READ_ENV_VAR, False)
 
 
+def autotune_enabled():
+    """``$BAM_TRITON_AUTOTUNE`` as a bool (unset: True). The kernels read it once, when they are imported
+    (``kernels/_common.py``: ``PINNED``)."""
+    return _env_flag(AUTOTUNE_ENV_VAR, True)
+
+
 def check_environment():
     """Read every ``BAM_TRITON_*`` variable once, so that a bad value is refused (``ValueError`` naming it) before any
     work starts, not halfway through it: the ``bam-triton`` commands call this first."""
     default_backend()
     single_read_default()
-    _env_flag(AUTOTUNE_ENV_VAR, True)
+    autotune_enabled()
 
 
 def _find_triton():

@@ -11,13 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .._backend import AUTOTUNE_ENV_VAR, autotune_enabled
+
 # Triton decides at import time whether @triton.jit builds GPU code or runs under its CPU interpreter.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 # BAM_TRITON_AUTOTUNE=0 pins every kernel to the first config its pruner keeps: :func:`launch` runs it without the
 # autotuner, so nothing is timed on any Triton version and the same shape gets the same config (and bitwise the same
-# result) in every process on the same GPU model. Read when the kernels are imported.
-AUTOTUNE_ENV_VAR = "BAM_TRITON_AUTOTUNE"
-PINNED = os.environ.get(AUTOTUNE_ENV_VAR, "1").strip().lower() in ("0", "false", "off", "no")
+# result) in every process on the same GPU model. Read when the kernels are imported, by the one parser of the
+# package's environment variables (a value it does not know raises ValueError naming the variable).
+PINNED = not autotune_enabled()
 
 # Largest BLOCK in the elementwise configs: flat indices run up to cdiv(n, BLOCK)·BLOCK - 1, so int32 offsets are safe
 # only while n + MAX_BLOCK stays below 2**31.

@@ -220,6 +220,20 @@ def test_bam_triton_autotune_0_runs_the_first_kept_config_untimed():
     run_compiled(code, BAM_TRITON_AUTOTUNE="0")
 
 
+@cpu_only("imports the kernels in a compiled-mode subprocess of the CPU machine")
+def test_bam_triton_autotune_is_parsed_once_and_strictly_by_the_kernels():
+    """The kernels read BAM_TRITON_AUTOTUNE through _backend's parser: 'off' pins as '0' does, and a value it does not
+    know fails their import with the variable's name (it used to mean "autotune" silently)."""
+    run_compiled("from bam_triton.kernels import _common\nassert _common.PINNED\n", BAM_TRITON_AUTOTUNE="Off")
+    code = ("try:\n"
+            "    from bam_triton.kernels import _common\n"
+            "except ValueError as e:\n"
+            "    assert 'BAM_TRITON_AUTOTUNE' in str(e) and 'perhaps' in str(e), e\n"
+            "else:\n"
+            "    raise AssertionError('imported with BAM_TRITON_AUTOTUNE=perhaps')\n")
+    run_compiled(code, BAM_TRITON_AUTOTUNE="perhaps")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # CUDA: every config of every kernel, compiled, at every code path the launchers choose
 # ----------------------------------------------------------------------------------------------------------------------
