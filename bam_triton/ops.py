@@ -8,7 +8,6 @@ single graph nodes; in eager mode on plain tensors the same implementations run 
 
 Shapes: ``x`` (N, C, H, W) in NCHW or channels_last; ``mc`` (N, C) or (N, C, 1, 1); ``ms`` (N, H, W) or (N, 1, H, W).
 """
-import functools
 from typing import Optional
 
 import torch
@@ -140,12 +139,20 @@ _MV_DTYPES = (torch.float32, torch.float64)
 _IS_COMPILING = torch.compiler.is_compiling
 
 
-@functools.lru_cache(maxsize=64)
+_MEAN_WEIGHTS = {}
+
+
 def _mean_weights(count, dtype):
     """A (count,) vector of 1/count, made once per size and dtype (outside inference mode, so that any tensor may
-    meet it) and never written."""
-    with torch.inference_mode(False):
-        return torch.full((count,), 1.0 / count, dtype=dtype)
+    meet it) and never written; up to 256 of them are kept. What a dispatch mode hands back instead of a tensor (a
+    fake tensor) is not kept."""
+    weights = _MEAN_WEIGHTS.get((count, dtype))
+    if weights is None:
+        with torch.inference_mode(False):
+            weights = torch.full((count,), 1.0 / count, dtype=dtype)
+        if type(weights) is torch.Tensor and len(_MEAN_WEIGHTS) < 256:
+            _MEAN_WEIGHTS[(count, dtype)] = weights
+    return weights
 
 
 def _torch_channel_pool(x):
@@ -171,7 +178,8 @@ def _torch_channel_pool(x):
     if x.is_cpu:
         n, c, h, w = x.shape
         if x.numel() < _PARALLEL_NUMEL:
-            if h * w and x.dtype in _MV_DTYPES and x.is_contiguous() and not _IS_COMPILING():
+            if (h * w and x.dtype in _MV_DTYPES and type(x) in _PLAIN_TENSOR_TYPES and x.is_contiguous()
+                    and not _IS_COMPILING()):
                 return torch.mv(x.view(n * c, h * w), _mean_weights(h * w, x.dtype)).view(n, c)
         elif not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             return F.avg_pool2d(x, (h, w)).view(n, c)  # accumulates in fp32 for fp16/bf16, rounds once

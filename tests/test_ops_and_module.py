@@ -272,6 +272,23 @@ def test_torch_channel_pool_forms_without_autograd(monkeypatch, dtype):
         calls.clear()
 
 
+def test_torch_channel_pool_under_fake_tensors_keeps_no_fake_state():
+    """The small-map pooling's cached 1/(H·W) vector: a first call under FakeTensorMode neither fails nor leaves a
+    fake vector behind for the real calls after it, and a fake call after real ones does not meet the real vector."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bam_triton import ops
+
+    ops._MEAN_WEIGHTS.clear()
+    for _ in range(2):
+        with FakeTensorMode():
+            assert channel_pool(torch.randn(2, 32, 7, 5), backend="torch").shape == (2, 32)
+        x = make_x((2, 32, 7, 5), seed="fake-then-real")
+        with torch.no_grad():
+            assert_close(channel_pool(x, backend="torch"), x.double().mean(dim=(2, 3)), dtype=torch.float32)
+        assert all(type(w) is torch.Tensor for w in ops._MEAN_WEIGHTS.values())
+
+
 @pytest.mark.parametrize("combine", COMBINES)
 def test_bam_apply_gradients_backends_agree(combine, device):
     gen = _gen("apply-grad", combine)
