@@ -165,7 +165,7 @@ def _torch_channel_pool(x):
       a full-size tensor, as ``mean``'s.
     - otherwise, NCHW fp32/fp64 on CPU below ``_PARALLEL_NUMEL`` elements: x's rows times a vector of 1/(H·W), one
       MKL matrix-vector product on one thread (2x32x7x7: 3.5 µs with its views, against 5.0 for ``mean``, which is
-      two aten ops; 38 against 64 µs in the sweep, whose flushed caches make every op's first instructions count).
+      two aten ops; 38-56 against 59-64 µs in the sweep, whose flushed caches make every op's first steps count).
     - otherwise, channels_last on CPU from ``_PARALLEL_NUMEL`` elements: ``avg_pool2d``, whose channels_last kernel
       reads x in order and vectorises over C (32x1024x7x7 fp32: 97 µs, against 275 for the sum).
     - otherwise ``mean``: on CPU, torch's mean is that sum and division in C++, without two Python-level ops (2x32x7x7
