@@ -305,6 +305,22 @@ def test_bam_apply_gradients_backends_agree(combine, device):
             assert_close(leaf.grad, ref.grad, what=f"{backend} {name}")
 
 
+@pytest.mark.parametrize("threads, fits, expected", [(2, 5, [4, 4, 3]), (2, 3, [2, 2, 2, 2, 2, 1]), (4, 5, [4, 4, 3]),
+                                                     (8, 5, [5, 5, 1]), (2, 1, [1] * 11), (2, 11, [11])])
+def test_image_chunks_hold_whole_rounds_of_the_threads(monkeypatch, threads, fits, expected):
+    """_cpu.image_chunks: as many images as fit APPLY_CHUNK_ELEMENTS, rounded down to a multiple of the thread count
+    where at least that many fit (odd chunks left one of two threads idle in the ops that split images), the last
+    chunk what remains; one slice where everything fits."""
+    from bam_triton import _cpu
+
+    x = torch.empty(11, 3, 4, 5)
+    monkeypatch.setattr(_cpu, "APPLY_CHUNK_ELEMENTS", fits * 3 * 4 * 5)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    chunks = _cpu.image_chunks(x)
+    assert [c.stop - c.start for c in chunks] == expected
+    assert chunks[0].start == 0 and chunks[-1].stop == 11 and all(a.stop == b.start for a, b in zip(chunks, chunks[1:]))
+
+
 @pytest.mark.parametrize("memory_format", LAYOUTS + ["sliced"], ids=LAYOUT_IDS + ["sliced"])
 @pytest.mark.parametrize("dtypes", [(torch.float32,) * 2, (torch.bfloat16, torch.float32), (torch.float64,) * 2],
                          ids=["fp32", "bf16-fp32-maps", "fp64"])
