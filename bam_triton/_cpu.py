@@ -50,8 +50,8 @@ def spatial_branch(layers, x):
 def chunks_apply(x):
     """Whether the apply forward on ``x`` runs in image chunks: CPU, more than one chunk, not being compiled."""
     n = x.shape[0]
-    image = x[0].numel() if n else 0
-    return (x.device.type == "cpu" and 0 < image and not torch.compiler.is_compiling()
+    image = x.numel() // n if n else 0  # not x[0].numel(): indexing makes a view, a dispatched op
+    return (x.is_cpu and 0 < image and not torch.compiler.is_compiling()
             and max(1, APPLY_CHUNK_ELEMENTS // image) < n)
 
 
@@ -64,7 +64,7 @@ def image_chunks(x):
     n = x.shape[0]
     if not chunks_apply(x):
         return [slice(0, n)]
-    step = max(1, APPLY_CHUNK_ELEMENTS // x[0].numel())
+    step = max(1, APPLY_CHUNK_ELEMENTS // (x.numel() // n))
     threads = torch.get_num_threads()
     if step >= threads:
         step -= step % threads
