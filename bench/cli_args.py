@@ -10,7 +10,8 @@ from .sweep import add_grid_args, add_sweep_args, parse_shape  # noqa: F401  (re
 
 
 def add_plot_args(p):
-    p.add_argument("csv", metavar="RESULTS.csv", help="a CSV written by `bam-triton sweep`")
+    p.add_argument("csv", metavar="RESULTS.csv", help="a CSV written by `bam-triton sweep`, or the directory it wrote "
+                                                     "(its sweep.csv)")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: the CSV's directory)")
     p.add_argument("--timing-mode", default=None, metavar="MODE",
                    help="which timings to plot (default: do_bench on CUDA, cpu-timer on CPU; interpreter rows are "

@@ -14,14 +14,27 @@ COLORS = {"authors-eager": "#8c8c8c", "torch-path": "#4c72b0", "authors-compiled
           "triton": "#55a868", "triton-compiled": "#c44e52", "triton-single-read": "#8172b3", "no-bam": "#937860"}
 
 
+# The columns plotting reads; a CSV without them is not one `bam-triton sweep` wrote.
+REQUIRED_COLUMNS = ("provider", "op", "N", "C", "H", "W", "dtype", "layout", "median_ms", "timing_mode")
+
+
 def read_rows(path):
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        for k in ("N", "C", "H", "W"):
-            r[k] = int(r[k])
-        for k in ("median_ms", "p20_ms", "p80_ms", "gbps", "frac_copy_bw", "speedup_vs_authors_eager"):
-            r[k] = float(r[k]) if r.get(k) not in (None, "") else None
+    """The rows of a sweep CSV, sizes as ints and timings as floats; ``ValueError`` naming ``path`` for a file that
+    is not one (columns missing, text where numbers go, not text at all)."""
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [k for k in REQUIRED_COLUMNS if k not in (reader.fieldnames or ())]
+            if missing:
+                raise ValueError(f"no column {', '.join(missing)}")
+            rows = list(reader)
+        for r in rows:
+            for k in ("N", "C", "H", "W"):
+                r[k] = int(r[k])
+            for k in ("median_ms", "p20_ms", "p80_ms", "gbps", "frac_copy_bw", "speedup_vs_authors_eager"):
+                r[k] = float(r[k]) if r.get(k) not in (None, "") else None
+    except (ValueError, csv.Error) as error:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"{path} is not a CSV written by `bam-triton sweep`: {error}") from error
     return rows
 
 
@@ -148,16 +161,35 @@ def plot_results(csv_path, out_dir=None, timing_mode=None):
     return written
 
 
+def _sweep_csv(path):
+    """The CSV to plot for the command's argument: the file itself, or the sweep.csv in a sweep's output directory;
+    ``(None, message)`` where there is none."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "sweep.csv")
+        if os.path.isfile(inside):
+            return inside, None
+        return None, f"{path} is a directory without a sweep.csv: pass the CSV that `bam-triton sweep` wrote"
+    if not os.path.isfile(path):
+        return None, f"no such file: {path}"
+    return path, None
+
+
 def run_plot(args):
-    if not os.path.exists(args.csv):
-        print(f"error: no such file: {args.csv}", file=sys.stderr)
+    path, problem = _sweep_csv(args.csv)
+    if problem is None:
+        try:
+            rows = read_rows(path)
+        except ValueError as error:
+            problem = str(error)
+    if problem is not None:
+        print(f"error: bam-triton plot: {problem}", file=sys.stderr)
         return 2
-    written = plot_results(args.csv, args.out, args.timing_mode)
+    written = plot_results(path, args.out, args.timing_mode)
     if not written:
         print("nothing to plot: no timed (non-interpreter) rows in the CSV", file=sys.stderr)
         return 1
     for w in written:
         print(f"wrote {w}")
-    for op, dtype, layout, shape, provider, speedup in not_faster(plottable(read_rows(args.csv), args.timing_mode)[0]):
+    for op, dtype, layout, shape, provider, speedup in not_faster(plottable(rows, args.timing_mode)[0]):
         print(f"not faster than the authors' eager code: {op} {shape} {dtype} {layout}: {provider} {speedup:.2f}x")
     return 0

@@ -100,3 +100,37 @@ def test_a_real_process_ends_in_one_line():
     assert proc.stderr.strip().splitlines() == [
         "error: bam-triton check: environment variable BAM_TRITON_BACKEND must be one of ('auto', 'torch', 'triton'), "
         "got 'gpu'"]
+
+
+@pytest.mark.parametrize("given", ["dir-without-csv", "missing-file", "other-csv", "binary", "text-in-sizes"])
+def test_plot_refuses_what_is_not_a_sweep_csv(given, tmp_path, capsys):
+    """`bam-triton plot` on a directory without a sweep.csv, a missing file, a CSV of other columns, a binary file or
+    a sweep CSV with text where a size goes: one line naming the path, exit 2, nothing written."""
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "results.csv"
+    header = "device,provider,op,N,C,H,W,dtype,layout,median_ms,timing_mode\n"
+    if given == "dir-without-csv":
+        path = tmp_path
+    elif given == "other-csv":
+        path.write_text("a,b\n1,2\n")
+    elif given == "binary":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif given == "text-in-sizes":
+        path.write_text(header + "cpu,torch-path,pool,two,64,7,7,fp32,nchw,0.1,cpu-timer\n")
+    status = cli.main(["plot", str(path)])
+    out, err = capsys.readouterr()
+    _assert_one_line(status, out, err, "plot", str(path))
+    assert sorted(os.listdir(tmp_path)) == ([] if given in ("dir-without-csv", "missing-file") else ["results.csv"])
+
+
+def test_plot_takes_a_sweep_directory(tmp_path, capsys):
+    """`bam-triton plot DIR` plots DIR/sweep.csv, as `sweep --out DIR` wrote it."""
+    pytest.importorskip("matplotlib")
+    (tmp_path / "sweep.csv").write_text(
+        "device,provider,op,N,C,H,W,dtype,layout,median_ms,p20_ms,p80_ms,gbps,frac_copy_bw,speedup_vs_authors_eager,"
+        "timing_mode\n"
+        "cpu,authors-eager,pool,2,64,7,7,fp32,nchw,0.02,0.02,0.02,1.0,0.1,1.0,cpu-timer\n"
+        "cpu,torch-path,pool,2,64,7,7,fp32,nchw,0.01,0.01,0.01,2.0,0.2,2.0,cpu-timer\n")
+    assert cli.main(["plot", str(tmp_path)]) == 0
+    out, _ = capsys.readouterr()
+    assert "wrote" in out and any(name.endswith(".png") for name in os.listdir(tmp_path))
