@@ -207,10 +207,46 @@ _INSTALL = {"matplotlib": "pip install matplotlib (the project's bench extra)",
             "triton": "pip install triton (Linux only; torch's CUDA wheels bring it)"}
 
 
+# Where each command writes: (argument attribute, how the user spells it, "dir" that the command creates or "file"
+# whose directory must exist).
+_OUTPUTS = {"sweep": [("out", "--out", "dir")], "inspect": [("out", "--out", "dir")],
+            "gpu-check": [("out", "--out", "dir")], "plot": [("out", "--out", "dir")],
+            "attention": [("out", "--out", "file")], "export": [("out", "the output file", "file")],
+            "traffic": [("json", "--json", "file")], "overhead": [("json", "--json", "file")]}
+
+
+def _output_problem(args):
+    """Why an output path of the command cannot be written (one line), or None: a directory argument that names a
+    file, a file argument that names a directory or lies in a directory that does not exist, a place not writable."""
+    for attribute, spelled, kind in _OUTPUTS.get(args.command, ()):
+        given = getattr(args, attribute, None)
+        if given is None:
+            continue
+        path = os.path.abspath(given)
+        if kind == "dir":
+            if os.path.exists(path) and not os.path.isdir(path):
+                return f"{spelled} {given!r} is a file, not a directory"
+            nearest = path
+            while not os.path.exists(nearest):
+                nearest = os.path.dirname(nearest)
+        else:
+            if os.path.isdir(path):
+                return f"{spelled} {given!r} is a directory, not a file"
+            nearest = os.path.dirname(path)
+            if not os.path.isdir(nearest):
+                return f"{spelled} {given!r}: no directory {nearest!r} (create it first)"
+        if not os.path.isdir(nearest):
+            return f"{spelled} {given!r}: {nearest!r} is a file, not a directory"
+        if not os.access(nearest, os.W_OK | os.X_OK):
+            return f"{spelled} {given!r}: {nearest!r} is not writable"
+    return None
+
+
 def _user_mistake(args):
     """The mistakes every command refuses before it starts, as one line (``None`` when there is none): a bad
-    ``BAM_TRITON_*`` environment variable, ``--device cuda`` without a CUDA GPU, a missing package the command needs.
-    Checked first, so that no command prints half a report and then a traceback."""
+    ``BAM_TRITON_*`` environment variable, ``--device cuda`` without a CUDA GPU, a missing package the command needs,
+    an output path that cannot be written. Checked first, so that no command prints half a report and then a
+    traceback."""
     import importlib.util
 
     import torch
@@ -227,7 +263,7 @@ def _user_mistake(args):
         found = _backend.triton_installed() if package == "triton" else importlib.util.find_spec(package) is not None
         if not found:
             return f"needs the {package} package, which is not installed: {_INSTALL[package]}"
-    return None
+    return _output_problem(args)
 
 
 def _parser():

@@ -1,5 +1,6 @@
 """Every ``bam-triton`` command against every user mistake: a bad ``BAM_TRITON_*`` environment variable, a device that
-is not there, a missing package the command needs. Each must end in one line on stderr and exit status 2, before any
+is not there, a missing package the command needs, an output it cannot write; and ``plot`` against inputs that are
+not a sweep's CSV. Each must end in one line on stderr and exit status 2, before any
 work (nothing on stdout: no half report), never a traceback. The mistakes are refused up front (``cli._user_mistake``),
 so every case runs in milliseconds."""
 import os
@@ -134,3 +135,44 @@ def test_plot_takes_a_sweep_directory(tmp_path, capsys):
     assert cli.main(["plot", str(tmp_path)]) == 0
     out, _ = capsys.readouterr()
     assert "wrote" in out and any(name.endswith(".png") for name in os.listdir(tmp_path))
+
+
+# An output each command cannot write: a file where a directory goes, a directory where a file goes, a file in a
+# directory that does not exist. FILE is an existing file, MISSING a directory that does not exist (under tmp_path).
+OUTPUT_MISTAKES = {
+    "sweep": (["sweep", "--quick", "--out", "FILE"], "is a file, not a directory"),
+    "inspect": (["inspect", "--quick", "--out", "FILE/sub"], "is a file, not a directory"),
+    "gpu-check": (["gpu-check", "--dry-run", "--out", "FILE"], "is a file, not a directory"),
+    "plot": (["plot", "OUT/sweep.csv", "--out", "FILE"], "is a file, not a directory"),
+    "attention": (["attention", "--out", "MISSING/attention.png"], "no directory"),
+    "export": (["export", "resnet18", "OUT"], "is a directory, not a file"),
+    "traffic": (["traffic", "--json", "MISSING/traffic.json"], "no directory"),
+    "overhead": (["overhead", "--json", "MISSING/overhead.json"], "no directory"),
+}
+
+
+def test_output_mistakes_cover_every_command_that_writes():
+    assert set(OUTPUT_MISTAKES) == set(cli._OUTPUTS)
+
+
+@pytest.mark.parametrize("command", OUTPUT_MISTAKES)
+def test_output_that_cannot_be_written(command, tmp_path, capsys):
+    """Refused up front, in one line naming the argument and the path, before any work: nothing new on disk."""
+    if command in PACKAGE_MISTAKES and command != "export":
+        package = PACKAGE_MISTAKES[command]
+        if package == "triton" and not _backend.triton_installed() or package == "matplotlib" and not _has("matplotlib"):
+            pytest.skip(f"{command} needs {package} before its output is checked")
+    (tmp_path / "file").write_text("not a directory")
+    argv, words = OUTPUT_MISTAKES[command]
+    argv = [arg.replace("FILE", str(tmp_path / "file")).replace("MISSING", str(tmp_path / "missing"))
+            .replace("OUT", str(tmp_path)) for arg in argv]
+    status = cli.main(argv)
+    out, err = capsys.readouterr()
+    _assert_one_line(status, out, err, command, words)
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def _has(package):
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
