@@ -149,9 +149,11 @@ def _run_export(args):
     if args.checkpoint is not None:
         try:
             models.load_official_checkpoint(model, args.checkpoint)
+        except models.CheckpointReadError as error:
+            return _export_error(f"--checkpoint {args.checkpoint!r}: {error}")
         except (RuntimeError, TypeError, ValueError) as error:  # CheckpointMismatchError, a BAM with another combine
             return _export_error(f"--checkpoint {args.checkpoint!r} does not fit {args.model} with --attention "
-                                 f"{args.attention} and --num-classes {args.num_classes}: {error}")
+                                 f"{args.attention} and --num-classes {args.num_classes}: {_checkpoint_summary(error)}")
         source = args.checkpoint
     model.eval()
     # torch.export fixes a dimension it meets at size 1, so the export traces with >= 2 images; the batch dimension of
@@ -242,6 +244,19 @@ def _output_problem(args):
     return None
 
 
+def _checkpoint_summary(error):
+    """One line for a checkpoint that does not fit (``CheckpointMismatchError``: counts and the hint, if any) or cannot
+    be read (``CheckpointReadError``: its message); ``load_official_checkpoint`` gives the full lists."""
+    from .models import CheckpointMismatchError
+
+    if not isinstance(error, CheckpointMismatchError):
+        return str(error).strip().splitlines()[0]
+    counts = (f"{len(error.missing)} missing, {len(error.unexpected)} unexpected key(s), "
+              f"{len(error.shape_mismatches)} shape mismatch(es)")
+    return f"{counts}{'; ' + ' '.join(error.hint) if error.hint else ''} (bam_triton.models.load_official_checkpoint " \
+           f"lists them)"
+
+
 def _user_mistake(args):
     """The mistakes every command refuses before it starts, as one line (``None`` when there is none): a bad
     ``BAM_TRITON_*`` environment variable, ``--device cuda`` without a CUDA GPU, a missing package the command needs,
@@ -303,10 +318,18 @@ def main(argv=None):
         if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
             print(f"error: bam-triton attention: --checkpoint {args.checkpoint!r}: no such file", file=sys.stderr)
             return 2
+        from .models import CheckpointMismatchError, CheckpointReadError
         from .viz import attention_figure
 
-        out, _ = attention_figure(args.arch, args.checkpoint, images=args.images, out=args.out, kind=args.kind,
-                                  size=args.size, seed=args.seed, scale=args.scale, attention=args.attention)
+        try:
+            out, _ = attention_figure(args.arch, args.checkpoint, images=args.images, out=args.out, kind=args.kind,
+                                      size=args.size, seed=args.seed, scale=args.scale, attention=args.attention)
+        except (CheckpointReadError, CheckpointMismatchError) as error:
+            print(f"error: bam-triton attention: --checkpoint {args.checkpoint!r} does not fit --arch {args.arch} "
+                  f"--attention {args.attention}: {_checkpoint_summary(error)}" if isinstance(
+                      error, CheckpointMismatchError) else
+                  f"error: bam-triton attention: --checkpoint {args.checkpoint!r}: {error}", file=sys.stderr)
+            return 2
         print(f"wrote {out}")
         return 0
     if args.command == "export":

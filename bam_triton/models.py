@@ -27,6 +27,7 @@ record nothing, and :func:`load_official_checkpoint` warns when one goes into a 
 """
 import inspect
 import os
+import pickle
 import re
 import warnings
 from collections import OrderedDict
@@ -38,7 +39,7 @@ from .cbam import CBAM
 from .module import BAM
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101",
-           "add_bam", "add_cbam", "load_official_checkpoint", "CheckpointMismatchError", "bam_modules",
+           "add_bam", "add_cbam", "load_official_checkpoint", "CheckpointMismatchError", "CheckpointReadError", "bam_modules",
            "cbam_modules", "resolve_attention", "ATTENTIONS"]
 
 # The stages BAM follows, in the paper and the authors' code: one BAM at each place the feature map shrinks.
@@ -551,12 +552,18 @@ def add_cbam(model, stages=CBAM_STAGES, **cbam_kwargs):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+class CheckpointReadError(ValueError):
+    """A file given to :func:`load_official_checkpoint` is not one ``torch.load`` reads; the message names it."""
+
+
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint's state_dict does not match the model. Attributes ``missing``, ``unexpected`` (key lists) and
-    ``shape_mismatches`` (``[(key, checkpoint shape, model shape), ...]``). ``hint``: more lines for the message."""
+    ``shape_mismatches`` (``[(key, checkpoint shape, model shape), ...]``), ``hint`` (what to change, if known: lines
+    that the message ends with)."""
 
     def __init__(self, missing, unexpected, shape_mismatches, source, hint=()):
         self.missing, self.unexpected, self.shape_mismatches = missing, unexpected, shape_mismatches
+        self.hint = [line.strip() for line in hint]
         lines = [f"checkpoint {source} does not match the model:"]
         if missing:
             lines.append(f"  {len(missing)} missing key(s) (in the model, not in the checkpoint):")
@@ -639,10 +646,20 @@ def load_official_checkpoint(model, path_or_dict, weights_only=True):
         CheckpointMismatchError: keys or shapes differ; the message lists every missing and unexpected key and every
             shape mismatch, and says which ``attention=`` the checkpoint needs when its attention modules (``bamK.*``,
             ``layerK.I.cbam.*``) are not the model's.
+        CheckpointReadError: (a ``ValueError``) the file is not one ``torch.load`` reads (not a checkpoint,
+            truncated, or holding objects that ``weights_only=True`` refuses); the message names the file.
     """
     if isinstance(path_or_dict, (str, os.PathLike)):
         source = os.fspath(path_or_dict)
-        checkpoint = torch.load(source, map_location="cpu", weights_only=weights_only)
+        try:
+            checkpoint = torch.load(source, map_location="cpu", weights_only=weights_only)
+        except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as error:  # not a file torch.load reads
+            if isinstance(error, pickle.UnpicklingError):  # torch's own message assumes a real pickle
+                why = (f"not a torch checkpoint, or one holding objects that weights_only={weights_only} refuses "
+                       f"(weights_only=False loads those: only for files you trust)")
+            else:
+                why = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+            raise CheckpointReadError(f"load_official_checkpoint: {source!r} cannot be read: {why}") from error
     else:
         source = "(dict)"
         checkpoint = path_or_dict

@@ -176,3 +176,23 @@ def _has(package):
     import importlib.util
 
     return importlib.util.find_spec(package) is not None
+
+
+@pytest.mark.parametrize("command", ["attention", "export"])
+@pytest.mark.parametrize("checkpoint", ["not-a-checkpoint", "other-keys"])
+def test_checkpoint_that_cannot_be_used(command, checkpoint, tmp_path, capsys):
+    """--checkpoint with a file torch.load cannot read, or one whose keys are not the model's: one line naming the
+    file and what is wrong (counts, not 170 key lines), exit 2 (both were tracebacks or many lines)."""
+    pytest.importorskip("matplotlib" if command == "attention" else "onnx")
+    path = tmp_path / "model.pt"
+    if checkpoint == "not-a-checkpoint":
+        path.write_text("garbage")
+    else:
+        torch.save({"fc.weight": torch.zeros(3, 3)}, path)
+    output = str(tmp_path / ("a.png" if command == "attention" else "m.onnx"))
+    argv = (["attention", "--out", output] if command == "attention" else ["export", "resnet18", output])
+    status = cli.main(argv + ["--checkpoint", str(path)])
+    out, err = capsys.readouterr()
+    words = ["cannot be read"] if checkpoint == "not-a-checkpoint" else ["does not fit", "missing", "unexpected"]
+    _assert_one_line(status, out, err, command, str(path), *words)
+    assert sorted(os.listdir(tmp_path)) == ["model.pt"]

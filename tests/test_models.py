@@ -497,3 +497,20 @@ def test_short_training_run_decreases_the_loss(example):
     first, last = sum(step_losses[:4]) / 4, sum(step_losses[-4:]) / 4
     assert first > 2.0 and last < 0.6 * first, (first, last)
     assert rows[-1]["train_loss"] < rows[1]["train_loss"]
+
+
+def test_load_official_checkpoint_names_a_file_it_cannot_read(tmp_path):
+    """Not a checkpoint (text) or cut short: CheckpointReadError, a ValueError naming the file, not torch's pickle
+    error."""
+    from bam_triton.models import CheckpointReadError, load_official_checkpoint, resnet18
+
+    good = tmp_path / "good.pt"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, good)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:100])
+    text = tmp_path / "text.pt"
+    text.write_text("not a checkpoint")
+    for path in (cut, text):
+        with pytest.raises(CheckpointReadError, match="cannot be read") as info:
+            load_official_checkpoint(resnet18(), str(path))
+        assert str(path) in str(info.value) and isinstance(info.value, ValueError)
