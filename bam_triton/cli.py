@@ -251,10 +251,14 @@ def _checkpoint_summary(error):
 
     if not isinstance(error, CheckpointMismatchError):
         return str(error).strip().splitlines()[0]
-    counts = (f"{len(error.missing)} missing, {len(error.unexpected)} unexpected key(s), "
-              f"{len(error.shape_mismatches)} shape mismatch(es)")
-    return f"{counts}{'; ' + ' '.join(error.hint) if error.hint else ''} (bam_triton.models.load_official_checkpoint " \
-           f"lists them)"
+
+    def some(keys):
+        return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+    parts = [f"{len(keys)} {what} ({some(keys)})" for what, keys in (
+        ("missing key(s)", error.missing), ("unexpected key(s)", error.unexpected),
+        ("shape mismatch(es)", [key for key, _, _ in error.shape_mismatches])) if keys]
+    return "; ".join(parts + error.hint) + " (bam_triton.models.load_official_checkpoint lists them all)"
 
 
 def _user_mistake(args):
