@@ -370,6 +370,18 @@ def test_cli_export_writes_a_checked_file(dynamo, tmp_path, capsys):
     assert {o.version for o in proto.opset_import if o.domain in STANDARD_ONNX_DOMAINS} == {17 if not dynamo else 18}
 
 
+def _check_exported_resnet(path, model):
+    """The ONNX file at ``path`` gives ``model``'s logits in onnxruntime for two ResNet-sized images."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = _images(2, 3, RESNET_SIZE, RESNET_SIZE, seed=4)
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.slow_on_gpu
 def test_cli_export_loads_the_checkpoint(tmp_path, capsys):
     """An authors'-format checkpoint (``module.`` keys inside ``state_dict``) is what the ONNX file computes."""
@@ -388,14 +400,7 @@ def test_cli_export_loads_the_checkpoint(tmp_path, capsys):
                                       "--checkpoint", checkpoint, dynamo_flag)
     assert status == 0, stdout + stderr
     assert str(checkpoint) in stdout
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    x = _images(2, 3, RESNET_SIZE, RESNET_SIZE, seed=4)
-    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    with torch.no_grad():
-        expected = model(x)
-    torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-4, rtol=1e-4)
+    _check_exported_resnet(out, model)
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -523,11 +528,4 @@ def test_cli_export_cbam_loads_the_authors_checkpoint(tmp_path, capsys):
                                       "--num-classes", 7, "--checkpoint", checkpoint, "--batch", 2)
     assert status == 0, stdout + stderr
     assert "attention cbam" in stdout and "(OK," in stdout, stdout
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    x = _images(2, 3, RESNET_SIZE, RESNET_SIZE, seed=4)
-    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    with torch.no_grad():
-        expected = model(x)
-    torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-4, rtol=1e-4)
+    _check_exported_resnet(out, model)
