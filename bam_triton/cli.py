@@ -48,12 +48,16 @@ def _use_interpreter_now():
     return True
 
 
+# --attention of attention: the networks whose maps it draws.
+_ATTENTION_KINDS = ("bam", "cbam")
+
+
 def _add_attention_command(commands):
     """``attention``: BAM's or CBAM's attention maps over images (``bam_triton.viz``, imported only when it runs)."""
     attention = commands.add_parser("attention", help="plot the attention maps of a ResNet+BAM or ResNet+CBAM over "
                                                       "synthetic images (random weights unless --checkpoint)")
     attention.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50", "resnet101"], default="resnet18")
-    attention.add_argument("--attention", choices=["bam", "cbam"], default="bam",
+    attention.add_argument("--attention", choices=_ATTENTION_KINDS, default="bam",
                            help="the network's attention module: bam (after layer1..3, default) or cbam (in every "
                                 "block; the figure shows the last block of each stage)")
     attention.add_argument("--checkpoint", default=None, help="the authors' ResNet+BAM or ResNet+CBAM checkpoint "
@@ -153,7 +157,8 @@ def _run_export(args):
             return _export_error(f"--checkpoint {args.checkpoint!r}: {error}")
         except (RuntimeError, TypeError, ValueError) as error:  # CheckpointMismatchError, a BAM with another combine
             return _export_error(f"--checkpoint {args.checkpoint!r} does not fit {args.model} with --attention "
-                                 f"{args.attention} and --num-classes {args.num_classes}: {_checkpoint_summary(error)}")
+                                 f"{args.attention} and --num-classes {args.num_classes}: "
+                                 f"{_checkpoint_summary(error, _EXPORT_ATTENTIONS)}")
         source = args.checkpoint
     model.eval()
     # torch.export fixes a dimension it meets at size 1, so the export traces with >= 2 images; the batch dimension of
@@ -244,13 +249,20 @@ def _output_problem(args):
     return None
 
 
-def _checkpoint_summary(error):
-    """One line for a checkpoint that does not fit (``CheckpointMismatchError``: counts and the hint, if any) or cannot
-    be read (``CheckpointReadError``: its message); ``load_official_checkpoint`` gives the full lists."""
-    from .models import CheckpointMismatchError
+def _checkpoint_summary(error, attention_choices):
+    """One line for a checkpoint that does not fit (``CheckpointMismatchError``: counts and, where its attention
+    modules are not the model's, the ``--attention`` it needs among ``attention_choices``) or cannot be read
+    (``CheckpointReadError``: its message); ``load_official_checkpoint`` gives the full lists."""
+    from .models import CheckpointMismatchError, describe_attention
 
     if not isinstance(error, CheckpointMismatchError):
         return str(error).strip().splitlines()[0]
+    hint = []
+    if error.checkpoint_attention is not None:
+        found = error.checkpoint_attention
+        needed = found[0] if len(found) == 1 else "none" if not found else None
+        hint = [f"the checkpoint has {describe_attention(found)}"
+                + (f": pass --attention {needed}" if needed in attention_choices else "")]
 
     def some(keys):
         return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
@@ -258,7 +270,7 @@ def _checkpoint_summary(error):
     parts = [f"{len(keys)} {what} ({some(keys)})" for what, keys in (
         ("missing key(s)", error.missing), ("unexpected key(s)", error.unexpected),
         ("shape mismatch(es)", [key for key, _, _ in error.shape_mismatches])) if keys]
-    return "; ".join(parts + error.hint) + " (bam_triton.models.load_official_checkpoint lists them all)"
+    return "; ".join(parts + hint) + " (bam_triton.models.load_official_checkpoint lists them all)"
 
 
 def _user_mistake(args):
@@ -330,7 +342,7 @@ def main(argv=None):
                                       size=args.size, seed=args.seed, scale=args.scale, attention=args.attention)
         except (CheckpointReadError, CheckpointMismatchError) as error:
             print(f"error: bam-triton attention: --checkpoint {args.checkpoint!r} does not fit --arch {args.arch} "
-                  f"--attention {args.attention}: {_checkpoint_summary(error)}" if isinstance(
+                  f"--attention {args.attention}: {_checkpoint_summary(error, _ATTENTION_KINDS)}" if isinstance(
                       error, CheckpointMismatchError) else
                   f"error: bam-triton attention: --checkpoint {args.checkpoint!r}: {error}", file=sys.stderr)
             return 2

@@ -559,11 +559,13 @@ class CheckpointReadError(ValueError):
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint's state_dict does not match the model. Attributes ``missing``, ``unexpected`` (key lists) and
     ``shape_mismatches`` (``[(key, checkpoint shape, model shape), ...]``), ``hint`` (what to change, if known: lines
-    that the message ends with)."""
+    that the message ends with), ``checkpoint_attention`` (the attention kinds the checkpoint holds, e.g. ``["cbam"]``
+    or ``[]``, where they are not the model's; else None), so that a command line can say which option to pass."""
 
-    def __init__(self, missing, unexpected, shape_mismatches, source, hint=()):
+    def __init__(self, missing, unexpected, shape_mismatches, source, hint=(), checkpoint_attention=None):
         self.missing, self.unexpected, self.shape_mismatches = missing, unexpected, shape_mismatches
         self.hint = [line.strip() for line in hint]
+        self.checkpoint_attention = checkpoint_attention
         lines = [f"checkpoint {source} does not match the model:"]
         if missing:
             lines.append(f"  {len(missing)} missing key(s) (in the model, not in the checkpoint):")
@@ -584,18 +586,22 @@ class CheckpointMismatchError(RuntimeError):
 _ATTENTION_KEYS = {"bam": re.compile(r"^bam\d+\."), "cbam": re.compile(r"(^|\.)cbam\.")}
 
 
-def _attention_hint(checkpoint_keys, model_keys):
+def attention_kinds(keys):
+    """The attention modules (``"bam"``, ``"cbam"``) whose keys occur among state_dict ``keys``."""
+    return [kind for kind, pattern in _ATTENTION_KEYS.items() if any(pattern.search(key) for key in keys)]
+
+
+def describe_attention(kinds):
+    """``kinds`` (from :func:`attention_kinds`) in words: "BAM", "BAM and CBAM", "no attention module"."""
+    return " and ".join(kind.upper() for kind in kinds) or "no attention module"
+
+
+def _attention_hint(in_checkpoint, in_model):
     """Lines for the mismatch report when the checkpoint's attention modules are not the model's: which
     ``attention=`` the checkpoint needs."""
-    def kinds(keys):
-        return [kind for kind, pattern in _ATTENTION_KEYS.items() if any(pattern.search(key) for key in keys)]
-
-    in_checkpoint, in_model = kinds(checkpoint_keys), kinds(model_keys)
     if in_checkpoint == in_model:
         return []
-    def describe(found):
-        return " and ".join(kind.upper() for kind in found) or "no attention module"
-    line = f"  the checkpoint has {describe(in_checkpoint)}, the model {describe(in_model)}"
+    line = f"  the checkpoint has {describe_attention(in_checkpoint)}, the model {describe_attention(in_model)}"
     if len(in_checkpoint) <= 1:
         line += f": build the model with attention={in_checkpoint[0] if in_checkpoint else None!r}"
     return [line]
@@ -679,8 +685,10 @@ def load_official_checkpoint(model, path_or_dict, weights_only=True):
                         if key in state_dict and isinstance(state_dict[key], torch.Tensor)
                         and state_dict[key].shape != expected[key].shape]
     if missing or unexpected or shape_mismatches:
+        in_checkpoint, in_model = attention_kinds(checkpoint_keys), attention_kinds(expected)
         raise CheckpointMismatchError(missing, unexpected, shape_mismatches, source,
-                                      _attention_hint(checkpoint_keys, expected))
+                                      _attention_hint(in_checkpoint, in_model),
+                                      None if in_checkpoint == in_model else in_checkpoint)
     # A BAM whose checkpoint entry records its combine is checked by load_state_dict (it raises on a mismatch).
     not_product = [name for name, bam in bam_modules(target)
                    if bam.combine != "product" and "combine" not in state_dict._metadata.get(name, {})]

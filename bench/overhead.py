@@ -157,7 +157,7 @@ def run_overhead(args):
     from .timing import HOST_REFERENCE, host_reference_us
 
     if args.reps < 1:
-        print(f"error: --reps must be >= 1, got {args.reps}", file=sys.stderr)
+        print(f"error: bam-triton overhead: --reps must be >= 1, got {args.reps}", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPE_NAMES[args.dtype]

@@ -193,6 +193,9 @@ def test_checkpoint_that_cannot_be_used(command, checkpoint, tmp_path, capsys):
     argv = (["attention", "--out", output] if command == "attention" else ["export", "resnet18", output])
     status = cli.main(argv + ["--checkpoint", str(path)])
     out, err = capsys.readouterr()
-    words = ["cannot be read"] if checkpoint == "not-a-checkpoint" else ["does not fit", "missing key", "fc.weight"]
+    words = ["cannot be read"] if checkpoint == "not-a-checkpoint" else ["does not fit", "missing key", "fc.weight",
+                                                                          "the checkpoint has no attention module"]
     _assert_one_line(status, out, err, command, str(path), *words)
+    if checkpoint == "other-keys":  # the option to pass, in the command's own words where it has one
+        assert ("pass --attention none" in err) == (command == "export") and "attention=" not in err, err
     assert sorted(os.listdir(tmp_path)) == ["model.pt"]

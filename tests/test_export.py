@@ -523,7 +523,7 @@ def test_cli_export_cbam_loads_the_authors_checkpoint(tmp_path, capsys):
                checkpoint)
     out = tmp_path / "resnet18_cbam.onnx"
     status, _, stderr = _run_cli(capsys, "resnet18", out, "--num-classes", 7, "--checkpoint", checkpoint)
-    assert status == 2 and "--attention bam" in stderr and "build the model with attention='cbam'" in stderr, stderr
+    assert status == 2 and "--attention bam" in stderr and "the checkpoint has CBAM: pass --attention cbam" in stderr, stderr
     status, stdout, stderr = _run_cli(capsys, "resnet18", out, "--attention", "cbam", "--input-size", RESNET_SIZE,
                                       "--num-classes", 7, "--checkpoint", checkpoint, "--batch", 2)
     assert status == 0, stdout + stderr

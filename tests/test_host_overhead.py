@@ -212,7 +212,7 @@ def test_overhead_command_refuses_bad_arguments(capsys):
     from bam_triton.cli import main
 
     assert main(["overhead", "--reps", "0"]) == 2
-    assert "--reps must be >= 1" in capsys.readouterr().err
+    assert "error: bam-triton overhead: --reps must be >= 1" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["overhead", "--device", "cuda"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err

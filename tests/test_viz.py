@@ -175,4 +175,4 @@ def test_cli_attention_cbam(tmp_path, capsys):
     assert cli_main(["attention", "--checkpoint", str(checkpoint), "--images", "1", "--size", "64",
                      "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "does not fit" in err[0] and "attention='cbam'" in err[0], err
+    assert len(err) == 1 and "does not fit" in err[0] and "the checkpoint has CBAM: pass --attention cbam" in err[0], err
