@@ -108,25 +108,27 @@ def triton_interpreted():
 
 
 def resolve(backend, device):
-    """The backend that runs for tensors on ``device``: ``"torch"`` or ``"triton"``."""
-    backend = backend or default_backend()
-    if backend == "torch":
+    """The backend that runs for tensors on ``device``: ``"torch"`` or ``"triton"`` (``backend`` None: the one
+    ``$BAM_TRITON_BACKEND`` names, which the errors then name)."""
+    chosen = backend or default_backend()
+    if chosen == "torch":
         return "torch"
-    if backend == "auto":
+    if chosen == "auto":
         return "triton" if device.type == "cuda" and triton_installed() else "torch"
+    given, instead = (("backend='triton'", "use backend='torch' or 'auto'") if backend else
+                      (f"{ENV_VAR}=triton (no backend= given)", f"unset {ENV_VAR} or set it to torch or auto"))
     if not triton_installed():
-        raise RuntimeError("backend='triton' needs the triton package (pip install triton, Linux only); "
-                           "use backend='torch' or 'auto'")
+        raise RuntimeError(f"{given} needs the triton package (pip install triton, Linux only); {instead}")
     if device.type in ("cuda", "meta"):  # meta: a shape-only run; the launches are recorded, not run (traffic)
         return "triton"
     if device.type == "cpu":
         if not triton_interpreted():
-            raise RuntimeError("backend='triton' on CPU tensors runs the kernels through Triton's interpreter, which "
-                               "needs TRITON_INTERPRET=1 in the environment before triton is imported; "
-                               "use backend='torch' or 'auto' for CPU tensors")
+            raise RuntimeError(f"{given} on CPU tensors runs the kernels through Triton's interpreter, which needs "
+                               f"TRITON_INTERPRET=1 in the environment before triton is imported; {instead} for CPU "
+                               f"tensors")
         return "triton"
-    raise RuntimeError(f"backend='triton' supports CUDA tensors (and CPU tensors under the interpreter), "
-                       f"got a tensor on {device}")
+    raise RuntimeError(f"{given} supports CUDA tensors (and CPU tensors under the interpreter), got a tensor on "
+                       f"{device}")
 
 
 # Looked up once: on the path of every call, where each lookup costs time when the caches are cold (after a large

@@ -13,7 +13,7 @@ from torch import nn
 from . import _backend, _cpu
 from .cbam_ops import cbam_forward, check_pool_types
 from .module import _check_positive_int, check_traced, reset_layers
-from .ops import check_feature_map
+from .ops import check_feature_map, check_input_meets_parameters
 
 # The spatial gate's 7x7 conv (2 -> 1 channels, padding 3) and its BatchNorm's settings, as in the authors' code.
 SPATIAL_KERNEL_SIZE = 7
@@ -139,10 +139,7 @@ class CBAM(nn.Module):
         if x.shape[1] != self.channels:
             raise ValueError(f"x must have {self.channels} channels (dim 1) for this CBAM, got shape "
                              f"{tuple(x.shape)}")
-        weight_dtype = self.ChannelGate.mlp[1].weight.dtype
-        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"x has dtype {x.dtype} but this CBAM's parameters are {weight_dtype}: convert one to "
-                            f"the other (e.g. cbam.to({x.dtype})) or run under torch.autocast")
+        check_input_meets_parameters(x, self.ChannelGate.mlp[1].weight, "cbam")
         n, _, h, w = x.shape
         if self.training and not self.no_spatial and n * h * w == 1:
             raise ValueError("CBAM got a single value per channel (N·H·W = 1) in training mode: the spatial gate's "

@@ -2,6 +2,7 @@
 import argparse
 import os
 import sys
+import tempfile
 
 
 def _prefer_interpreter_on_cpu(device):
@@ -50,6 +51,10 @@ def _use_interpreter_now():
 
 # --attention of attention: the networks whose maps it draws.
 _ATTENTION_KINDS = ("bam", "cbam")
+# --combine of attention and export: BAM's ⊕, the authors' first (the default).
+_COMBINES = ("product", "sum")
+# attention's smallest --size: one pixel per map after the networks' 32x downsampling.
+_MIN_ATTENTION_SIZE = 32
 
 
 def _add_attention_command(commands):
@@ -60,15 +65,21 @@ def _add_attention_command(commands):
     attention.add_argument("--attention", choices=_ATTENTION_KINDS, default="bam",
                            help="the network's attention module: bam (after layer1..3, default) or cbam (in every "
                                 "block; the figure shows the last block of each stage)")
+    attention.add_argument("--combine", choices=_COMBINES, default="product",
+                           help="BAM's ⊕: product (the authors' code and checkpoints, default) or sum (the paper); a "
+                                "checkpoint saved by bam_triton says which it needs")
     attention.add_argument("--checkpoint", default=None, help="the authors' ResNet+BAM or ResNet+CBAM checkpoint "
                                                               "(*.pth.tar) or a state_dict; default: random "
                                                               "initialisation")
     attention.add_argument("--images", type=int, default=4, help="number of synthetic images (rows). Default 4")
-    attention.add_argument("--out", default="attention.png", help="output image. Default attention.png")
+    attention.add_argument("--out", default="attention.png",
+                           help="output image; its extension picks the format (.png, .svg, .pdf, ...). Default "
+                                "attention.png")
     attention.add_argument("--map", dest="kind", choices=["combined", "spatial"], default="combined",
                            help="combined: mean over channels of the attention applied (BAM: sigmoid(Mc*Ms), "
                                 "CBAM: sigmoid(Mc)*sigmoid(Ms)); spatial: sigmoid(Ms)")
-    attention.add_argument("--size", type=int, default=224, help="image side in pixels. Default 224")
+    attention.add_argument("--size", type=int, default=224,
+                           help=f"image side in pixels (>= {_MIN_ATTENTION_SIZE}). Default 224")
     attention.add_argument("--scale", choices=["per-map", "fixed"], default="per-map",
                            help="colours over each map's own min..max (default) or over 0..1")
     attention.add_argument("--seed", type=int, default=0)
@@ -90,6 +101,8 @@ def _add_export_command(commands):
     export.add_argument("--attention", choices=_EXPORT_ATTENTIONS, default="bam",
                         help="bam: BAM after layer1..3, combine='product' (default); cbam: CBAM in every block; none: "
                              "the plain network")
+    export.add_argument("--combine", choices=_COMBINES, default="product",
+                        help="BAM's ⊕: product (the authors' code and checkpoints, default) or sum (the paper)")
     export.add_argument("--input-size", type=int, default=224,
                         help="height and width of the input images; fixed in the ONNX graph. Default 224")
     export.add_argument("--batch", type=int, default=1,
@@ -103,6 +116,11 @@ def _add_export_command(commands):
     export.add_argument("--dynamo", action=argparse.BooleanOptionalAction, default=True,
                         help="--dynamo (default): torch.export-based exporter (needs onnxscript); --no-dynamo: the "
                              "TorchScript-based exporter, where the installed torch still has it")
+
+
+def _first_line(error):
+    """An exception's message as one line: its first non-empty line."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), "")
 
 
 def _export_error(message):
@@ -127,8 +145,6 @@ def _run_export(args):
         return _export_error(f"--opset must be >= 17, got {args.opset}")
     if args.num_classes < 1:
         return _export_error(f"--num-classes must be >= 1, got {args.num_classes}")
-    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
-        return _export_error(f"--checkpoint {args.checkpoint!r}: no such file")
     needed = ["onnx"] + (["onnxscript"] if args.dynamo else [])
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
@@ -145,17 +161,22 @@ def _run_export(args):
                              f"exporter; use --dynamo")
     import onnx
 
+    newest = onnx.defs.onnx_opset_version()
+    if args.opset > newest:
+        return _export_error(f"--opset must be <= {newest} (the newest opset onnx {onnx.__version__} knows), got "
+                             f"{args.opset}")
     from . import models
 
     attention = None if args.attention == "none" else args.attention
-    model = getattr(models, args.model)(num_classes=args.num_classes, attention=attention)
+    options = {"combine": args.combine} if attention == "bam" else {}
+    model = getattr(models, args.model)(num_classes=args.num_classes, attention=attention, **options)
     source = "random initialisation"
     if args.checkpoint is not None:
         try:
             models.load_official_checkpoint(model, args.checkpoint)
         except models.CheckpointReadError as error:
             return _export_error(f"--checkpoint {args.checkpoint!r}: {error}")
-        except (RuntimeError, TypeError, ValueError) as error:  # CheckpointMismatchError, a BAM with another combine
+        except (RuntimeError, TypeError, ValueError) as error:  # CheckpointMismatchError, a malformed state_dict
             return _export_error(f"--checkpoint {args.checkpoint!r} does not fit {args.model} with --attention "
                                  f"{args.attention} and --num-classes {args.num_classes}: "
                                  f"{_checkpoint_summary(error, _EXPORT_ATTENTIONS)}")
@@ -170,21 +191,32 @@ def _run_export(args):
         # BAM's and CBAM's input checks (channel count, empty input) read sizes while a trace records: constants for
         # any valid input, so the tracer's "might not generalize" warning about them is noise here.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"bam_triton\.")
-        if args.dynamo:
-            if "external_data" in parameters:  # one self-contained file (ResNet-101 is ~180 MB, far below 2 GB)
-                common["external_data"] = False
-            torch.onnx.export(model, (example,), args.out, dynamo=True,
-                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), **common)
-        else:
-            extra = {"dynamo": False} if "dynamo" in parameters else {}
-            axes = {"images": {0: "batch"}, "logits": {0: "batch"}}
-            torch.onnx.export(model, (example,), args.out, dynamic_axes=axes, **common, **extra)
+        exporter = "dynamo" if args.dynamo else "TorchScript"
+        try:
+            if args.dynamo:
+                if "external_data" in parameters:  # one self-contained file (ResNet-101 is ~180 MB, far below 2 GB)
+                    common["external_data"] = False
+                torch.onnx.export(model, (example,), args.out, dynamo=True,
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), **common)
+            else:
+                extra = {"dynamo": False} if "dynamo" in parameters else {}
+                axes = {"images": {0: "batch"}, "logits": {0: "batch"}}
+                torch.onnx.export(model, (example,), args.out, dynamic_axes=axes, **common, **extra)
+        except Exception as error:  # e.g. an opset this exporter does not support
+            return _export_error(f"the {exporter} exporter of torch {torch.__version__} failed at --opset {args.opset}: "
+                                 f"{type(error).__name__}: {_first_line(error)}")
     onnx_model = onnx.load(args.out)
+    written = next((entry.version for entry in onnx_model.opset_import if entry.domain in ("", "ai.onnx")), None)
+    if written != args.opset:  # the dynamo exporter keeps its own opset where it cannot convert to the one asked for
+        os.remove(args.out)
+        return _export_error(f"--opset {args.opset}: the {exporter} exporter of torch {torch.__version__} wrote opset "
+                             f"{written} instead (file removed); ask for an opset it supports")
     onnx.checker.check_model(onnx_model, full_check=True)
     op_types = sorted({node.op_type for node in onnx_model.graph.node})
     domains = sorted({node.domain for node in onnx_model.graph.node if node.domain not in ("", "ai.onnx")})
-    print(f"wrote {args.out}: {args.model}, attention {args.attention} ({source}), {args.input_size}x{args.input_size} input, dynamic batch, opset "
-          f"{args.opset}, {'dynamo' if args.dynamo else 'TorchScript'} exporter; onnx.checker passed")
+    attention_words = f"{args.attention}, combine {args.combine}" if attention == "bam" else args.attention
+    print(f"wrote {args.out}: {args.model}, attention {attention_words} ({source}), {args.input_size}x{args.input_size} input, dynamic batch, opset "
+          f"{args.opset}, {exporter} exporter; onnx.checker passed")
     print(f"  ops: {', '.join(op_types)}" + (f"; non-standard domains: {', '.join(domains)}" if domains else ""))
     if importlib.util.find_spec("onnxruntime") is None:
         print(f"onnxruntime is not installed: the file was not run (to compare it with eager torch: {_ONNX_PIP})")
@@ -244,9 +276,78 @@ def _output_problem(args):
                 return f"{spelled} {given!r}: no directory {nearest!r} (create it first)"
         if not os.path.isdir(nearest):
             return f"{spelled} {given!r}: {nearest!r} is a file, not a directory"
-        if not os.access(nearest, os.W_OK | os.X_OK):
-            return f"{spelled} {given!r}: {nearest!r} is not writable"
+        refused = _write_refused(path, kind)
+        if refused:
+            return f"{spelled} {given!r} cannot be written: {refused}"
     return None
+
+
+def _write_refused(path, kind):
+    """Why the OS refuses to create ``path`` (``kind`` "dir", with its missing parents, or "file") or a file in it,
+    or None; what it creates for the question is removed again. Asked of the OS, not of ``os.access``, which says
+    yes to root everywhere, also where nothing can be created (/proc)."""
+    created = []
+    try:
+        if kind == "dir":
+            missing = []
+            while not os.path.exists(path):
+                missing.append(path)
+                path = os.path.dirname(path)
+            for directory in reversed(missing):
+                os.mkdir(directory)
+                created.append(directory)
+            with tempfile.TemporaryFile(dir=missing[0] if missing else path):
+                pass
+        elif os.path.exists(path):
+            open(path, "ab").close()  # an existing file: opened for writing, left unchanged
+        else:
+            open(path, "xb").close()
+            created.append(path)
+    except OSError as error:
+        return error.strerror or str(error)
+    finally:
+        for made in reversed(created):
+            (os.rmdir if os.path.isdir(made) else os.remove)(made)
+    return None
+
+
+def _checkpoint_problem(path):
+    """Why ``--checkpoint`` ``path`` is no checkpoint file (one line), or None."""
+    if os.path.isdir(path):
+        return f"--checkpoint {path!r} is a directory, not a checkpoint file"
+    if not os.path.isfile(path):
+        return f"--checkpoint {path!r}: no such file"
+    return None
+
+
+def _attention_image_problem(out):
+    """Why matplotlib cannot write the ``attention`` figure to ``out`` (one line), or None."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    extension = os.path.splitext(out)[1].lstrip(".").lower()
+    if extension not in formats:
+        return (f"--out {out!r}: {'no' if not extension else f'the format {extension!r} is not an'} image format "
+                f"matplotlib writes; end it in one of {', '.join('.' + name for name in sorted(formats))}")
+    return None
+
+
+def _argument_problem(args):
+    """What is wrong with the values of the attention and export commands' own arguments (one line), or None."""
+    if args.command not in ("attention", "export"):
+        return None
+    if args.command == "attention":
+        if args.images < 1:
+            return f"--images must be >= 1, got {args.images}"
+        if args.size < _MIN_ATTENTION_SIZE:
+            return (f"--size must be >= {_MIN_ATTENTION_SIZE} (the networks downsample 32x; each stage's map needs a "
+                    f"pixel), got {args.size}")
+        problem = _attention_image_problem(args.out)
+        if problem:
+            return problem
+    if args.combine != "product" and args.attention != "bam":
+        return f"--combine {args.combine} applies to BAM only (--attention {args.attention} has no ⊕)"
+    return None if args.checkpoint is None else _checkpoint_problem(args.checkpoint)
 
 
 def _checkpoint_summary(error, attention_choices):
@@ -256,12 +357,17 @@ def _checkpoint_summary(error, attention_choices):
     from .models import CheckpointMismatchError, describe_attention
 
     if not isinstance(error, CheckpointMismatchError):
-        return str(error).strip().splitlines()[0]
+        return " ".join(str(error).split())
     hint = []
+    if error.combine_mismatches:
+        saved = sorted({theirs for _, theirs, _ in error.combine_mismatches})
+        names = [name for name, _, _ in error.combine_mismatches]
+        hint = [f"{len(names)} BAM(s) saved with combine={' / '.join(map(repr, saved))} ({', '.join(names[:3])}"
+                f"{', ...' if len(names) > 3 else ''})" + (f": pass --combine {saved[0]}" if len(saved) == 1 else "")]
     if error.checkpoint_attention is not None:
         found = error.checkpoint_attention
         needed = found[0] if len(found) == 1 else "none" if not found else None
-        hint = [f"the checkpoint has {describe_attention(found)}"
+        hint += [f"the checkpoint has {describe_attention(found)}"
                 + (f": pass --attention {needed}" if needed in attention_choices else "")]
 
     def some(keys):
@@ -294,7 +400,7 @@ def _user_mistake(args):
         found = _backend.triton_installed() if package == "triton" else importlib.util.find_spec(package) is not None
         if not found:
             return f"needs the {package} package, which is not installed: {_INSTALL[package]}"
-    return _output_problem(args)
+    return _argument_problem(args) or _output_problem(args)
 
 
 def _parser():
@@ -309,6 +415,14 @@ def _parser():
 
 
 def main(argv=None):
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # stdout closed early (`bam-triton traffic | head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would raise again
+        return 1
+
+
+def _main(argv):
     parser = _parser()
     args = parser.parse_args(argv)
     mistake = _user_mistake(args)
@@ -329,17 +443,13 @@ def main(argv=None):
 
         return cli_args.run(args.command, args)
     if args.command == "attention":
-        if args.images < 1:
-            parser.error("--images must be >= 1")
-        if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
-            print(f"error: bam-triton attention: --checkpoint {args.checkpoint!r}: no such file", file=sys.stderr)
-            return 2
         from .models import CheckpointMismatchError, CheckpointReadError
         from .viz import attention_figure
 
         try:
             out, _ = attention_figure(args.arch, args.checkpoint, images=args.images, out=args.out, kind=args.kind,
-                                      size=args.size, seed=args.seed, scale=args.scale, attention=args.attention)
+                                      size=args.size, seed=args.seed, scale=args.scale, attention=args.attention,
+                                      combine=args.combine)
         except (CheckpointReadError, CheckpointMismatchError) as error:
             print(f"error: bam-triton attention: --checkpoint {args.checkpoint!r} does not fit --arch {args.arch} "
                   f"--attention {args.attention}: {_checkpoint_summary(error, _ATTENTION_KINDS)}" if isinstance(

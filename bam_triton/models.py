@@ -560,12 +560,16 @@ class CheckpointMismatchError(RuntimeError):
     """A checkpoint's state_dict does not match the model. Attributes ``missing``, ``unexpected`` (key lists) and
     ``shape_mismatches`` (``[(key, checkpoint shape, model shape), ...]``), ``hint`` (what to change, if known: lines
     that the message ends with), ``checkpoint_attention`` (the attention kinds the checkpoint holds, e.g. ``["cbam"]``
-    or ``[]``, where they are not the model's; else None), so that a command line can say which option to pass."""
+    or ``[]``, where they are not the model's; else None), so that a command line can say which option to pass, and
+    ``combine_mismatches`` (``[(BAM name, the checkpoint's combine, the model's), ...]``: BAMs whose weights our
+    state_dict recorded with the other ``combine``)."""
 
-    def __init__(self, missing, unexpected, shape_mismatches, source, hint=(), checkpoint_attention=None):
+    def __init__(self, missing, unexpected, shape_mismatches, source, hint=(), checkpoint_attention=None,
+                 combine_mismatches=()):
         self.missing, self.unexpected, self.shape_mismatches = missing, unexpected, shape_mismatches
         self.hint = [line.strip() for line in hint]
         self.checkpoint_attention = checkpoint_attention
+        self.combine_mismatches = list(combine_mismatches)
         lines = [f"checkpoint {source} does not match the model:"]
         if missing:
             lines.append(f"  {len(missing)} missing key(s) (in the model, not in the checkpoint):")
@@ -577,8 +581,17 @@ class CheckpointMismatchError(RuntimeError):
             lines.append(f"  {len(shape_mismatches)} shape mismatch(es):")
             lines += [f"    {key}: checkpoint {tuple(ckpt)} vs model {tuple(ours)}"
                       for key, ckpt, ours in shape_mismatches]
+        if combine_mismatches:
+            saved = sorted({theirs for _, theirs, _ in combine_mismatches})
+            lines.append(f"  {len(combine_mismatches)} BAM(s) saved with combine={' / '.join(map(repr, saved))}, which "
+                         f"the model's BAMs do not use (other outputs with these weights):")
+            lines += [f"    {name or 'BAM'}: checkpoint combine={theirs!r}, model combine={ours!r}"
+                      for name, theirs, ours in combine_mismatches]
+            if len(saved) == 1:
+                lines.append(f"  build the model with combine={saved[0]!r}")
         lines += hint
-        lines.append("  (is the architecture right: depth, num_classes, cifar, width, attention, its reduction?)")
+        if missing or unexpected or shape_mismatches:
+            lines.append("  (is the architecture right: depth, num_classes, cifar, width, attention, its reduction?)")
         super().__init__("\n".join(lines))
 
 
@@ -635,7 +648,7 @@ def load_official_checkpoint(model, path_or_dict, weights_only=True):
     ``*.pth.tar`` but is a plain ``torch.save`` file), a bare state_dict, with or without ``module.``, as a path or
     an already loaded dict. ``module.`` is stripped; ``model`` may itself be wrapped in DataParallel/DDP. Missing
     ``num_batches_tracked`` buffers (files from PyTorch < 0.4.1) are filled with 0; nothing else is forgiven. A
-    state_dict saved by bam_triton records each BAM's ``combine``, and a BAM of ``model`` with another one raises.
+    state_dict saved by bam_triton records each BAM's ``combine``, and BAMs of ``model`` with another one raise.
 
     Args:
         model: e.g. ``resnet50()`` for their ResNet-50+BAM (default ``combine="product"``, the one their
@@ -651,7 +664,8 @@ def load_official_checkpoint(model, path_or_dict, weights_only=True):
     Raises:
         CheckpointMismatchError: keys or shapes differ; the message lists every missing and unexpected key and every
             shape mismatch, and says which ``attention=`` the checkpoint needs when its attention modules (``bamK.*``,
-            ``layerK.I.cbam.*``) are not the model's.
+            ``layerK.I.cbam.*``) are not the model's; or BAMs of ``model`` use another ``combine`` than the one the
+            checkpoint recorded (``combine_mismatches``).
         CheckpointReadError: (a ``ValueError``) the file is not one ``torch.load`` reads (not a checkpoint,
             truncated, or holding objects that ``weights_only=True`` refuses); the message names the file.
     """
@@ -659,7 +673,7 @@ def load_official_checkpoint(model, path_or_dict, weights_only=True):
         source = os.fspath(path_or_dict)
         try:
             checkpoint = torch.load(source, map_location="cpu", weights_only=weights_only)
-        except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as error:  # not a file torch.load reads
+        except Exception as error:  # not a file torch.load reads: its unpickler fails in many ways on other bytes
             if isinstance(error, pickle.UnpicklingError):  # torch's own message assumes a real pickle
                 why = (f"not a torch checkpoint, or one holding objects that weights_only={weights_only} refuses "
                        f"(weights_only=False loads those: only for files you trust)")
@@ -689,7 +703,11 @@ def load_official_checkpoint(model, path_or_dict, weights_only=True):
         raise CheckpointMismatchError(missing, unexpected, shape_mismatches, source,
                                       _attention_hint(in_checkpoint, in_model),
                                       None if in_checkpoint == in_model else in_checkpoint)
-    # A BAM whose checkpoint entry records its combine is checked by load_state_dict (it raises on a mismatch).
+    combine_mismatches = [(name, saved, bam.combine) for name, bam in bam_modules(target)
+                          for saved in [state_dict._metadata.get(name, {}).get("combine")]
+                          if saved is not None and saved != bam.combine]
+    if combine_mismatches:  # our own files record each BAM's combine (BAM's docstring); the authors' record none
+        raise CheckpointMismatchError([], [], [], source, combine_mismatches=combine_mismatches)
     not_product = [name for name, bam in bam_modules(target)
                    if bam.combine != "product" and "combine" not in state_dict._metadata.get(name, {})]
     if not_product:

@@ -13,7 +13,7 @@ from torch import nn
 
 from . import _backend, _cpu
 from ._fused_block import block_forward, single_read_forward
-from .ops import bam_apply_unchecked, check_combine, check_feature_map, resolve_path
+from .ops import bam_apply_unchecked, check_combine, check_feature_map, check_input_meets_parameters, resolve_path
 
 
 def reset_layers(module):
@@ -165,6 +165,16 @@ class BAM(nn.Module):
     # state" otherwise): the class docstring, which documents the arguments, in one place.
     __init__.__doc__ = __doc__
 
+    @property
+    def combine(self) -> str:
+        """BAM's ⊕: ``"sum"`` or ``"product"``. Assigning another value raises (any other string would otherwise
+        compute one of the two without a word)."""
+        return self._combine
+
+    @combine.setter
+    def combine(self, value):
+        self._combine = check_combine(value)
+
     def reset_parameters(self):
         """Re-initialise every layer with torch's defaults. (The authors' code meant to zero the spatial branch's
         BatchNorm weights, but its test never matched a key, so their models train from these defaults too.)"""
@@ -189,10 +199,7 @@ class BAM(nn.Module):
         check_feature_map(x)
         if x.shape[1] != self.channels:
             raise ValueError(f"x must have {self.channels} channels (dim 1) for this BAM, got shape {tuple(x.shape)}")
-        weight_dtype = self.channel_att.gate_c.gate_c_fc_0.weight.dtype
-        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"x has dtype {x.dtype} but this BAM's parameters are {weight_dtype}: convert one to "
-                            f"the other (e.g. bam.to({x.dtype})) or run under torch.autocast")
+        check_input_meets_parameters(x, self.channel_att.gate_c.gate_c_fc_0.weight, "bam")
         if self.training and x.shape[0] == 1:
             raise ValueError("BAM got a batch of 1 in training mode: the channel branch's BatchNorm1d needs more than "
                              "one sample to compute batch statistics. Train with batch size >= 2, or call .eval() to "

@@ -44,6 +44,17 @@ def check_feature_map(x, name="x"):
         raise ValueError(f"{name} must be 4-D (N, C, H, W), got {x.dim()}-D with shape {tuple(x.shape)}")
 
 
+def check_input_meets_parameters(x, weight, module):
+    """``x`` must be on the device of a module's parameters (``weight`` one of them) and in their dtype (unless
+    autocast converts); ``module`` names the module in the errors ("bam", "cbam")."""
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but this {module.upper()}'s parameters are on {weight.device}: move one "
+                         f"to the other (e.g. {module}.to({str(x.device)!r}))")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"x has dtype {x.dtype} but this {module.upper()}'s parameters are {weight.dtype}: convert "
+                        f"one to the other (e.g. {module}.to({x.dtype})) or run under torch.autocast")
+
+
 def _check_maps(x, mc, ms):
     _check_tensor(mc, "mc")
     _check_tensor(ms, "ms")
@@ -430,8 +441,8 @@ def resolve_path(x, backend, *others):
     ``"torch"``, ``"triton"``, or ``"plain"`` (standard aten ops, where a graph is recorded for export or a
     ``torch.func`` transform runs: ``_backend.plain_ops_needed``). Empty inputs take the torch path (nothing to launch;
     torch's conventions for them apply), and the Triton path checks the kernels' size limit here, before any launch."""
-    backend = _backend.check_backend(backend) or _backend.default_backend()
-    path = "torch" if backend == "torch" else _backend.resolve(backend, x.device)
+    backend = _backend.check_backend(backend)
+    path = "torch" if (backend or _backend.default_backend()) == "torch" else _backend.resolve(backend, x.device)
     if _backend.plain_ops_needed(x, *others):
         return "plain"
     if path == "triton" and x.numel() == 0:

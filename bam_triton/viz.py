@@ -239,9 +239,9 @@ def plot_attention(images, maps, out_path, title=None, kind="combined", scale="p
 
 
 def attention_figure(arch="resnet18", checkpoint=None, images=4, out="attention.png", kind="combined", size=224,
-                     seed=0, scale="per-map", backend="torch", attention="bam"):
-    """The ``bam-triton attention`` command: build ``arch`` with ``attention`` (``"bam"``, ``combine="product"``, or
-    ``"cbam"``), load ``checkpoint`` (the authors' format, see :func:`bam_triton.models.load_official_checkpoint`) or
+                     seed=0, scale="per-map", backend="torch", attention="bam", combine="product"):
+    """The ``bam-triton attention`` command: build ``arch`` with ``attention`` (``"bam"`` with ``combine``, by default
+    the authors' ``"product"``, or ``"cbam"``), load ``checkpoint`` (the authors' format, see :func:`bam_triton.models.load_official_checkpoint`) or
     keep the random initialisation (said in the title), run it on ``images`` synthetic images of ``size``² and save
     the grid to ``out``: one column per BAM, or per stage for CBAM (its last block's, :func:`last_block_per_stage`).
 
@@ -255,8 +255,10 @@ def attention_figure(arch="resnet18", checkpoint=None, images=4, out="attention.
         raise ValueError(f"arch must be one of {sorted(factories)}, got {arch!r}")
     if attention not in ("bam", "cbam"):
         raise ValueError(f"attention must be 'bam' or 'cbam', got {attention!r}")
+    if attention == "cbam" and combine != "product":
+        raise ValueError(f"combine={combine!r} applies to BAM only (CBAM has no combine); leave it at 'product'")
     torch.manual_seed(seed)
-    options = {"combine": "product"} if attention == "bam" else {}
+    options = {"combine": combine} if attention == "bam" else {}
     model = factories[arch](attention=attention, backend=backend, **options)
     if checkpoint:
         info = models.load_official_checkpoint(model, checkpoint)
@@ -267,8 +269,8 @@ def attention_figure(arch="resnet18", checkpoint=None, images=4, out="attention.
     pictures = synthetic_images(images, size=size, seed=seed)
     maps = attention_maps(model, pictures, kind=kind, normalize=(IMAGENET_MEAN, IMAGENET_STD))
     shown, where = (maps, "") if attention == "bam" else (last_block_per_stage(maps), ", last block of each stage")
-    label = {("bam", "combined"): "mean_c sigmoid(Mc·Ms)", ("cbam", "combined"): "mean_c sigmoid(Mc)·sigmoid(Ms)"}.get(
-        (attention, kind), "sigmoid(Ms)")
+    label = {("bam", "combined"): f"mean_c sigmoid(Mc{'·' if combine == 'product' else '+'}Ms)",
+             ("cbam", "combined"): "mean_c sigmoid(Mc)·sigmoid(Ms)"}.get((attention, kind), "sigmoid(Ms)")
     title = f"{attention.upper()} attention ({label}{where}) of {arch}+{attention.upper()} on synthetic images\n{source}"
     plot_attention(pictures, shown, out, title=title, kind=kind, scale=scale)
     return out, maps

@@ -392,6 +392,8 @@ def test_bad_inputs_name_the_argument():
         cbam(torch.randn(2, 16, 4))
     with pytest.raises(TypeError, match="x has dtype torch.float64 but this CBAM's parameters are torch.float32"):
         cbam(torch.randn(2, 16, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"x is on meta but this CBAM's parameters are on cpu"):
+        cbam(torch.randn(2, 16, 4, 4, device="meta"))
     with pytest.raises(ValueError, match=r"single value per channel \(N·H·W = 1\) in training mode"):
         cbam(torch.randn(1, 16, 1, 1))
     cbam(torch.randn(1, 16, 3, 3))  # a batch of one is fine: the spatial BatchNorm sees H·W values

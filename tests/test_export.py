@@ -409,12 +409,60 @@ def test_cli_export_loads_the_checkpoint(tmp_path, capsys):
     (["--batch", "0"], "--batch"),
     (["--num-classes", "0"], "--num-classes"),
     (["--checkpoint", "no-such-file.pth.tar"], "--checkpoint"),
+    (["--checkpoint", "."], "is a directory, not a checkpoint file"),
+    (["--attention", "cbam", "--combine", "sum"], "--combine sum applies to BAM only"),
+    (["--opset", "1000"], "--opset must be <= "),
 ])
 def test_cli_export_bad_option(argv, needle, tmp_path, capsys):
+    if argv[0] == "--opset" and argv[1] == "1000":
+        _need("onnx")  # the upper bound is the installed onnx's newest opset
     out = tmp_path / "m.onnx"
     status, stdout, stderr = _run_cli(capsys, "resnet18", out, *argv)
-    assert status == 2 and needle in stderr, stderr
+    assert status == 2 and needle in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert not out.exists()
+
+
+@pytest.mark.slow_on_gpu
+def test_cli_export_never_reports_an_opset_it_did_not_write(tmp_path, capsys, monkeypatch):
+    """The dynamo exporter keeps its own opset (and logs a traceback) where it cannot convert to the one asked for:
+    the command checks the file and refuses it, naming --opset, instead of reporting success. (An onnx that claims
+    to know opset 40 stands in for an exporter behind the installed onnx.)"""
+    _need("onnx", "onnxscript")
+    import onnx
+
+    monkeypatch.setattr(onnx.defs, "onnx_opset_version", lambda: 40)
+    out = tmp_path / "m.onnx"
+    status, stdout, stderr = _run_cli(capsys, "resnet18", out, "--input-size", RESNET_SIZE, "--opset", 40)
+    assert status == 2 and "--opset 40: the dynamo exporter" in stderr and "wrote opset" in stderr, stdout + stderr
+    assert "wrote " not in stdout and not out.exists()
+
+
+def test_cli_export_exporter_failure_is_one_line(tmp_path, capsys):
+    """Above its own maximum (below onnx's) the TorchScript exporter fails or writes another opset: either way one
+    line naming --opset, not a traceback or a success."""
+    _need("onnx")
+    reason = _torchscript_onnx_exporter_missing()
+    if reason is not None or not _has_dynamo_switch():
+        pytest.skip(reason or "torch < 2.5: no --no-dynamo switch")
+    import onnx
+
+    opset = onnx.defs.onnx_opset_version()  # above the TorchScript exporter's maximum (20 in torch 2.13)
+    out = tmp_path / "m.onnx"
+    status, _, stderr = _run_cli(capsys, "resnet18", out, "--input-size", RESNET_SIZE, "--opset", opset, "--no-dynamo")
+    assert status == 2 and "the TorchScript exporter of torch" in stderr and f"--opset {opset}" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_cli_export_checkpoint_of_the_other_combine(tmp_path, capsys):
+    """A checkpoint our code saved from combine='sum' BAMs: one line that says to pass --combine sum (the default
+    builds the authors' product), and with it the checkpoint loads."""
+    _need("onnx", "onnxscript")
+    checkpoint = tmp_path / "sum.pth"
+    torch.save(resnet18(combine="sum").state_dict(), checkpoint)
+    out = tmp_path / "m.onnx"
+    status, _, stderr = _run_cli(capsys, "resnet18", out, "--checkpoint", checkpoint, "--input-size", RESNET_SIZE)
+    assert status == 2 and "3 BAM(s) saved with combine='sum' (bam1, bam2, bam3): pass --combine sum" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_cli_export_checkpoint_that_does_not_fit(tmp_path, capsys):

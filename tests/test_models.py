@@ -318,12 +318,13 @@ def test_combine_of_a_checkpoint(tmp_path):
     authors_like = dict(source.state_dict())  # a plain dict: keys and tensors only, as the authors' files
     with pytest.warns(UserWarning, match="combine='product'"):
         load_official_checkpoint(target, authors_like)
-    with pytest.raises(RuntimeError, match="bam1: these weights were saved by a BAM with combine='product' and this "
-                                           "BAM has combine='sum'"):
+    with pytest.raises(CheckpointMismatchError, match="bam1: checkpoint combine='product', model combine='sum'") as info:
         load_official_checkpoint(target, source.state_dict())
+    assert info.value.combine_mismatches == [(f"bam{i}", "product", "sum") for i in (1, 2, 3)]
+    assert "build the model with combine='product'" in str(info.value) and "architecture" not in str(info.value)
     path = tmp_path / "ours.pth.tar"
     torch.save({"epoch": 1, "state_dict": nn.DataParallel(source).state_dict()}, path)  # keys under module.
-    with pytest.raises(RuntimeError, match="bam3: these weights were saved by a BAM with combine='product'"):
+    with pytest.raises(CheckpointMismatchError, match="bam3: checkpoint combine='product'"):
         load_official_checkpoint(target, path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -510,7 +511,11 @@ def test_load_official_checkpoint_names_a_file_it_cannot_read(tmp_path):
     cut.write_bytes(good.read_bytes()[:100])
     text = tmp_path / "text.pt"
     text.write_text("not a checkpoint")
-    for path in (cut, text):
+    # Short texts that torch.load's unpickler reads as opcodes: KeyError, struct.error, IndexError inside it.
+    opcodes = [tmp_path / f"{i}.pt" for i in range(4)]
+    for path, content in zip(opcodes, ("hi", "hello", "jj", "K")):
+        path.write_text(content)
+    for path in (cut, text, *opcodes):
         with pytest.raises(CheckpointReadError, match="cannot be read") as info:
             load_official_checkpoint(resnet18(), str(path))
         assert str(path) in str(info.value) and isinstance(info.value, ValueError)

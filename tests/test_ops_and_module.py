@@ -637,6 +637,26 @@ def test_triton_backend_without_interpreter_raises_clearly():
         assert "TRITON_INTERPRET" in message, f"{what}: {message}"
 
 
+def test_triton_from_the_environment_names_the_variable():
+    """$BAM_TRITON_BACKEND=triton on CPU without the interpreter: the errors say the choice came from the variable
+    (no backend= was passed) and how to undo it."""
+    code = """
+    import json, torch, bam_triton
+    x = torch.randn(2, 8, 5, 6)
+    messages = []
+    for call in (lambda: bam_triton.BAM(8, reduction=4)(x), lambda: bam_triton.channel_pool(x)):
+        try:
+            call()
+            messages.append("no error")
+        except RuntimeError as e:
+            messages.append(str(e))
+    print(json.dumps(messages))
+    """
+    for message in _python(code, _clean_env(**{ENV_VAR: "triton"})):
+        assert f"{ENV_VAR}=triton (no backend= given)" in message and f"unset {ENV_VAR}" in message, message
+        assert "backend='triton'" not in message, message
+
+
 _BLOCK_TRITON = """
 import importlib.abc, importlib.machinery, sys
 import torch
@@ -793,8 +813,26 @@ def test_bam_names_x_when_its_dtype_differs_from_the_parameters():
     bam = BAM(16, reduction=4, backend="torch")
     with pytest.raises(TypeError, match=r"x has dtype torch.float16 but this BAM's parameters are torch.float32"):
         bam(torch.randn(2, 16, 5, 5, dtype=torch.float16))
+    # Another device: named before any op meets the mismatch (meta stands in for a GPU here).
+    with pytest.raises(ValueError, match=r"x is on meta but this BAM's parameters are on cpu: .*bam.to\('meta'\)"):
+        bam(torch.randn(2, 16, 5, 5, device="meta"))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtypes: no error
         assert bam(torch.randn(2, 16, 5, 5, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_bam_combine_assigned_later_is_checked():
+    """``.combine`` is the ⊕ every later call uses (the checkpoint error suggests setting it): another value raises at
+    once instead of computing one of the two."""
+    bam = BAM(16, reduction=4, backend="torch").eval()
+    x = torch.randn(2, 16, 5, 5)
+    with torch.no_grad():
+        as_sum = bam(x)
+        bam.combine = "product"
+        assert not torch.equal(bam(x), as_sum) and "combine='product'" in repr(bam)
+    for wrong in ("Sum", "mul", None):
+        with pytest.raises(ValueError, match=r"combine must be one of \('sum', 'product'\)"):
+            bam.combine = wrong
+    assert bam.combine == "product"
 
 
 def test_custom_ops_without_a_meta_kernel_where_torch_refuses_one(monkeypatch):

@@ -1,5 +1,7 @@
 """bam_triton.viz: the recorded attention is what BAM and CBAM apply, hooks come off, the figure and the CLI command. The
 models run on the ``device`` of this run (tests/devices.py); the recorder hands back CPU tensors whatever the device."""
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -107,8 +109,9 @@ def test_cli_attention_random_and_from_checkpoint(tmp_path, capsys):
     assert cli_main(["attention", "--checkpoint", str(checkpoint), "--images", "1", "--size", "64",
                      "--map", "spatial", "--out", str(out)]) == 0
     assert out.exists() and f"wrote {out}" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        cli_main(["attention", "--images", "0", "--out", str(out)])
+    capsys.readouterr()
+    assert cli_main(["attention", "--images", "0", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == "error: bam-triton attention: --images must be >= 1, got 0"
 
 
 def _tiny_cbam_model(seed=0, device="cpu"):
@@ -176,3 +179,33 @@ def test_cli_attention_cbam(tmp_path, capsys):
                      "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not fit" in err[0] and "the checkpoint has CBAM: pass --attention cbam" in err[0], err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--size", "0"], "--size must be >= 32"),
+    (["--out", "maps.txt"], "the format 'txt' is not an image format matplotlib writes"),
+    (["--out", "maps"], "no image format"),
+    (["--attention", "cbam", "--combine", "sum"], "--combine sum applies to BAM only"),
+    (["--checkpoint", "."], "is a directory, not a checkpoint file"),
+])
+def test_cli_attention_refuses_bad_arguments_before_any_work(argv, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["attention", "--images", "1", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and err.startswith("error: bam-triton attention: "), err
+    assert needle in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_attention_checkpoint_of_the_other_combine(tmp_path, capsys):
+    """A checkpoint our code saved from combine='sum' BAMs: the default (the authors' product) refuses it in one line
+    naming --combine sum; with --combine sum it draws."""
+    checkpoint = tmp_path / "sum.pth"
+    torch.save(models.resnet18(combine="sum", backend="torch").state_dict(), checkpoint)
+    out = tmp_path / "sum.png"
+    argv = ["attention", "--checkpoint", str(checkpoint), "--images", "1", "--size", "64", "--out", str(out)]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "3 BAM(s) saved with combine='sum' (bam1, bam2, bam3): pass --combine sum" in err[0], err
+    assert cli_main(argv + ["--combine", "sum"]) == 0
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
