@@ -108,8 +108,10 @@ def launch_plan(kernel, dtype, shape, layout, arch=90):
         plan = kernels.grad_x_plan(shape, torch_dtype, channels_last, True, True, True, True)
     elif kernel == "apply_fwd_kernel":
         plan = kernels.apply_fwd_plan(shape, torch_dtype, channels_last, "sum")
-    elif kernel.startswith("front"):  # the single-read front end, at BAM's default reduction r = 16
-        hidden = max(1, shape[1] // 16)
+    elif kernel.startswith("front"):  # the single-read front end, at BAM's default reduction (16)
+        from .traffic import module_reduction
+
+        hidden = max(1, shape[1] // module_reduction("bam"))
         plan = (kernels.front_fwd_plan(shape, torch_dtype, channels_last, hidden, sms) if kernel == "front_fwd_kernel"
                 else kernels.front_bwd_plan(shape, torch_dtype, channels_last, hidden, "sum", True, sms))
     elif kernel == "apply_bwd_dx_kernel":
@@ -516,10 +518,29 @@ def summarize(results):
     return "\n".join(lines)
 
 
+def kernels_problem(text):
+    """Why ``--kernels`` names no kernel or one that :data:`KERNELS` does not have (one line), or None."""
+    names = [k.strip() for k in text.split(",") if k.strip()]
+    known = [name for name, _ in KERNELS]
+    if not names:
+        return f"--kernels {text!r}: no kernel named; choose from {', '.join(known)}"
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        return (f"--kernels: unknown kernel{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; choose "
+                f"from {', '.join(known)}")
+    return None
+
+
 def run_inspect(args):
     archs = tuple(args.arch or ARCHS)
     dtypes = tuple(args.dtype or DTYPES)
-    kernels = [k.strip() for k in args.kernels.split(",")] if args.kernels else None
+    kernels = None
+    if args.kernels is not None:
+        problem = kernels_problem(args.kernels)
+        if problem:
+            print(f"error: bam-triton inspect: {problem}", file=sys.stderr)
+            return 2
+        kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
     jobs = all_jobs(kernels, archs, dtypes, first_config_only=args.quick)
     print(f"compiling {len(jobs)} kernel variants for sm_{'/sm_'.join(map(str, archs))} "
           f"({os.cpu_count()} worker processes, no GPU needed)...", file=sys.stderr)

@@ -63,6 +63,8 @@ def measure(shape=(8, 64, 14, 14), dtype=torch.float32, channels_last=False, com
     from bam_triton import BAM, bam_apply, channel_pool
     from bam_triton.kernels import _common
 
+    from .traffic import module_reduction
+
     device = torch.device(device)
     if launch and device.type != "cuda":
         raise ValueError("launch=True needs a CUDA device: on CPU the kernels would run through the interpreter")
@@ -76,8 +78,8 @@ def measure(shape=(8, 64, 14, 14), dtype=torch.float32, channels_last=False, com
     mcg, msg = mc.clone().requires_grad_(), ms.clone().requires_grad_()
 
     def stand_in_bam(training):
-        bam = BAM(c, reduction=min(16, c), combine=combine, backend="triton", single_read=single_read,
-                  device=device, dtype=dtype).train(training)
+        bam = BAM(c, reduction=min(module_reduction("bam"), c), combine=combine, backend="triton",
+                  single_read=single_read, device=device, dtype=dtype).train(training)
         bam.channel_att, bam.spatial_att = _ChannelStandIn(bam.channel_att), _SpatialStandIn(bam.spatial_att)
         return bam
 
@@ -158,6 +160,11 @@ def run_overhead(args):
 
     if args.reps < 1:
         print(f"error: bam-triton overhead: --reps must be >= 1, got {args.reps}", file=sys.stderr)
+        return 2
+    if args.shape[0] < 2:  # the BAM forward+backward case trains BAM (its own check refuses a batch of 1)
+        print(f"error: bam-triton overhead: --shape {'x'.join(map(str, args.shape))}: N must be >= 2 (the "
+              f"'{CASES[1]}' case trains BAM, whose channel branch's BatchNorm1d needs two samples), got "
+              f"N={args.shape[0]}", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPE_NAMES[args.dtype]

@@ -47,6 +47,17 @@ def plottable(rows, timing_mode=None):
     return [r for r in rows if timing_mode is None or r["timing_mode"] == timing_mode], timing_mode
 
 
+def timing_mode_problem(rows, timing_mode, path):
+    """Why ``--timing-mode`` selects nothing to plot in ``rows`` (one line naming the modes they have), or None."""
+    if timing_mode in {r["timing_mode"] for r in plottable(rows, timing_mode)[0]}:
+        return None
+    modes = sorted({r["timing_mode"] for r in rows if r["timing_mode"] != "interpreter" and r["median_ms"] is not None})
+    why = ("interpreter rows are validation runs, never plotted" if timing_mode == "interpreter" else
+           f"{path} has no timed rows of that mode")
+    return (f"--timing-mode {timing_mode!r}: {why}; "
+            + (f"its modes: {', '.join(modes)}" if modes else "it has no timed (non-interpreter) rows at all"))
+
+
 def _device_label(csv_path, rows):
     meta = os.path.join(os.path.dirname(os.path.abspath(csv_path)), "sweep.json")
     try:
@@ -181,6 +192,8 @@ def run_plot(args):
             rows = read_rows(path)
         except ValueError as error:
             problem = str(error)
+    if problem is None and args.timing_mode is not None:
+        problem = timing_mode_problem(rows, args.timing_mode, path)
     if problem is not None:
         print(f"error: bam-triton plot: {problem}", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ from bam_triton._dtypes import DTYPE_NAMES, within_tolerance
 
 from .providers import (BASELINE, CUDA_ONLY, NETWORK_ATTENTIONS, NETWORK_IMAGE, NETWORK_OPS, NETWORK_PROVIDERS, NO_BAM,
                         PROVIDERS, SINGLE_READ, SINGLE_READ_OPS, network_provider, split_network_provider)
-from .traffic import MINIMAL_BYTES_DOC, OPS, minimal_bytes
+from .traffic import MINIMAL_BYTES_DOC, OPS, batch_problem, channels_problem, minimal_bytes
 
 RESNET50_SHAPES = ((256, 56, 56), (512, 28, 28), (1024, 14, 14))
 # CBAM sits in every residual block: ResNet-50's four stages' outputs (BAM's three and the last stage's).
@@ -189,6 +189,20 @@ def grid(args):
     layouts = _flatten(args.layout, ["nchw"])
     ops = _flatten(args.ops, DEFAULT_OPS)
     return device, shapes, dtypes, layouts, ops
+
+
+def grid_problem(args, shapes, ops):
+    """Why the grid cannot run (one line naming the option that gave the shapes), or None, checked before any work:
+    the training ops need a batch their BatchNorm can train on (:func:`traffic.batch_problem`; the resnet50 ops' batch
+    is ``--network-batch``, >= 2 by its type), the module ops a C their module's reduction allows
+    (:func:`traffic.channels_problem`)."""
+    for shape in shapes:
+        problem = batch_problem(shape, ops) or channels_problem(shape, ops)
+        if problem:
+            where = (f"--shapes {'x'.join(map(str, shape))}" if args.shapes else
+                     f"--quick shape {'x'.join(map(str, shape))}" if args.quick else f"--batch {shape[0]}")
+            return f"{where}: {problem}"
+    return None
 
 
 def network_shapes(args, device):
@@ -359,6 +373,10 @@ def run_sweep(args):
     t_start = time.time()
     budget = getattr(args, "time_budget", None)
     device, shapes, dtypes, layouts, ops = grid(args)
+    problem = grid_problem(args, shapes, ops)
+    if problem:
+        print(f"error: bam-triton sweep: {problem}", file=sys.stderr)
+        return 2
     interpret = bool(args.interpret) and device.type == "cpu"
     requested = _flatten(args.providers, PROVIDERS)
     if BASELINE not in requested:
@@ -419,7 +437,8 @@ def run_sweep(args):
     meta.update(finished=True, pending=[], all_tuned_configs=configs.all_tuned(),
                 elapsed_s=round(time.time() - t_start, 1))
     csv_path, json_path = _write_results(args.out, meta)
-    print(summary_table(rows, env))
+    if rows:
+        print(summary_table(rows, env))
     for p, why in skipped.items():
         print(f"not run: {p}: {why}")
     for op, why in cudagraph_skipped.items():
@@ -429,10 +448,18 @@ def run_sweep(args):
         for entry in not_run:
             print(f"  {entry['op']} {'x'.join(map(str, entry['shape']))} {entry['dtype']} {entry['layout']}: "
                   f"{', '.join(entry['providers'])}")
-    for fail in failures:
-        print(f"failed: {fail['provider']} {fail['op']} {fail['shape']} {fail['dtype']} {fail['layout']}: "
-              f"{fail['error']}")
     print(f"wrote {csv_path} and {json_path}")
+    for fail in failures:  # one line each (sweep.json's failures keep the whole message as detail)
+        print(f"failed: {fail['provider']} {fail['op']} {'x'.join(map(str, fail['shape']))} {fail['dtype']} "
+              f"{fail['layout']}: {fail['error']}", file=sys.stderr)
+    if not rows:
+        print(f"error: bam-triton sweep: no timing at all: every provider of every case failed "
+              f"({len(failures)} failure(s), listed above and in {json_path})" if failures else
+              "error: bam-triton sweep: no timing at all: no case ran", file=sys.stderr)
+        return 1
+    if failures:
+        print(f"{len(failures)} failure(s), listed above and in {json_path}; the timings that worked are in "
+              f"{csv_path}", file=sys.stderr)
     bad = [r for r in rows if r.get("valid") is False]
     if bad:
         print(f"VALIDATION FAILED for {len(bad)} row(s): see the valid/max_abs_err columns", file=sys.stderr)
@@ -517,13 +544,11 @@ def _run_case(args, device, shape, dt, lay, op, providers, copy_bw, progress, fa
                     try:
                         modes[provider].append(("cudagraph",) + cuda_graph_bench(fn) + (None,))
                     except Exception as exc:  # graph capture of a compiled fn can fail: report, keep going
-                        failures.append(dict(provider=provider, op=op, shape=shape, dtype=dt, layout=lay,
-                                             error=f"cudagraph: {type(exc).__name__}: {exc}"[:300]))
+                        failures.append(_failure(provider, op, shape, dt, lay, exc, "cudagraph: "))
             else:
                 cpu_fns[provider] = fn  # timed below, all providers together
         except Exception as exc:
-            failures.append(dict(provider=provider, op=op, shape=shape, dtype=dt, layout=lay,
-                                 error=f"{type(exc).__name__}: {exc}"[:300]))
+            failures.append(_failure(provider, op, shape, dt, lay, exc))
             continue
         configs_of[provider] = cfg
         outputs[provider] = got
@@ -535,8 +560,7 @@ def _run_case(args, device, shape, dt, lay, op, providers, copy_bw, progress, fa
                                       flush_bytes=args.flush_mib * 2**20)
         for provider, res in timed.items():
             if isinstance(res, Exception):
-                failures.append(dict(provider=provider, op=op, shape=shape, dtype=dt, layout=lay,
-                                     error=f"{type(res).__name__}: {res}"[:300]))
+                failures.append(_failure(provider, op, shape, dt, lay, res))
                 del modes[provider]
             else:
                 modes[provider].append(("cpu-timer",) + res)
@@ -562,6 +586,18 @@ def _run_case(args, device, shape, dt, lay, op, providers, copy_bw, progress, fa
         if r["provider"] in CUDA_ONLY and op not in NETWORK_OPS:  # a network's logits: reported, not judged
             r["valid"] = ok
     return rows
+
+
+def _failure(provider, op, shape, dt, lay, exc, prefix=""):
+    """sweep.json's entry of a failed provider run: ``error`` is one line (the exception's type and the first line of
+    its message: torch.compile's run to dozens of lines), ``detail`` the whole message where it has more."""
+    message = str(exc).strip()
+    first = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    entry = dict(provider=provider, op=op, shape=shape, dtype=dt, layout=lay,
+                 error=f"{prefix}{type(exc).__name__}" + (f": {first}"[:300] if first else ""))
+    if message != first:
+        entry["detail"] = f"{prefix}{type(exc).__name__}: {message}"[:4000]
+    return entry
 
 
 def _attention_of(op, provider):

@@ -19,6 +19,50 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .providers import SINGLE_READ
 
 # ----------------------------------------------------------------------------------------------------------------------
+# What the benchmarked modules need of a shape
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def module_reduction(module):
+    """The reduction r of the ``module`` (``"bam"`` or ``"cbam"``) the benchmarks build: ``BAM(c)`` and ``CBAM(c)``
+    (``providers.OpCase``, :func:`provider_traffic`) take the module's default, read here from its signature so that
+    the number has one home (``bam_triton``). The module needs ``C >= r`` (hidden width ``C // r >= 1``)."""
+    import inspect
+
+    from bam_triton import BAM, CBAM
+
+    return inspect.signature({"bam": BAM, "cbam": CBAM}[module]).parameters["reduction"].default
+
+
+def batch_problem(shape, ops):
+    """Why ``ops`` cannot train at ``shape`` (a clause for the caller to prefix with the option that gave the shape),
+    or None: ``bam-fwd-bwd`` trains BAM, whose channel branch's BatchNorm1d needs N >= 2; ``cbam-fwd-bwd`` trains
+    CBAM, whose spatial gate's BatchNorm2d needs N·H·W >= 2."""
+    n, _, h, w = shape
+    if "bam-fwd-bwd" in ops and n < 2:
+        return (f"N must be >= 2 for bam-fwd-bwd (it trains BAM, whose channel branch's BatchNorm1d needs two samples "
+                f"in training mode), got N={n}")
+    if "cbam-fwd-bwd" in ops and n * h * w < 2:
+        return (f"N·H·W must be >= 2 for cbam-fwd-bwd (it trains CBAM, whose spatial gate's BatchNorm2d needs two "
+                f"values in training mode), got {n * h * w}")
+    return None
+
+
+def channels_problem(shape, ops):
+    """Why ``ops`` cannot build their module at ``shape`` (a clause for the caller to prefix with the option that gave
+    the shape), or None: the bam-* ops build ``BAM(C)``, the cbam-* ops ``CBAM(C)``, and each needs ``C >= r``
+    (:func:`module_reduction`)."""
+    c = shape[1]
+    for module in ("bam", "cbam"):
+        mine = [op for op in ops if op.split("-")[0] == module]
+        r = module_reduction(module) if mine else None
+        if mine and c < r:
+            return (f"C must be >= {r} for {', '.join(mine)} ({module.upper()}(C) at its reduction r={r}: hidden width "
+                    f"C // {r} >= 1), got C={c}")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Minimal bytes per benchmarked op (the GB/s denominator)
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -306,9 +350,16 @@ def format_report(report):
 def run_traffic(args):
     """``bam-triton traffic``: the table, the orientation numbers and the fused backward's passes."""
     import json
+    import sys
 
     from bam_triton._dtypes import DTYPE_NAMES
 
+    # Every report trains BAM and CBAM (the forward+backward rows) and builds them at their default reduction.
+    modules = ("bam-fwd", "bam-fwd-bwd", "cbam-fwd", "cbam-fwd-bwd")
+    problem = batch_problem(args.shape, modules) or channels_problem(args.shape, modules)
+    if problem:
+        print(f"error: bam-triton traffic: --shape {'x'.join(map(str, args.shape))}: {problem}", file=sys.stderr)
+        return 2
     dtype = DTYPE_NAMES[args.dtype]
     report = traffic_report(tuple(args.shape), dtype, args.layout == "channels_last", args.combine)
     print(format_report(report))

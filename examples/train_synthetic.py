@@ -199,6 +199,62 @@ def plot_curves(results, steps_per_epoch, path, title):
     plt.close(fig)
 
 
+def _out_problem(out):
+    """Why ``--out`` cannot be the output directory (it names a file, or where it would be created is a file or not
+    writable), or None."""
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"--out {out!r} is a file, not a directory"
+    nearest = path
+    while not os.path.exists(nearest):
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
+        return f"--out {out!r}: {nearest!r} is a file, not a directory"
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        return f"--out {out!r}: {nearest!r} is not writable"
+    return None
+
+
+def check_args(parser, args):
+    """Refuse up front, in one line (``parser.error``: exit status 2), what would otherwise fail with a traceback or a
+    wrong result after minutes of training."""
+    def positive(option, value, minimum=1):
+        if value < minimum:
+            parser.error(f"{option} must be >= {minimum}, got {value}")
+
+    if args.epochs < 0:
+        parser.error(f"--epochs must be >= 0 (0: only the untrained models are evaluated), got {args.epochs}")
+    if args.steps is not None:
+        positive("--steps", args.steps)
+    positive("--batch-size", args.batch_size)
+    if "bam" in args.models and args.batch_size < 2:
+        parser.error(f"--batch-size must be >= 2 to train the BAM model (BAM's channel branch's BatchNorm1d needs two "
+                     f"samples in training mode), got {args.batch_size}")
+    if args.train_size < args.batch_size:
+        parser.error(f"--train-size must be >= --batch-size ({args.batch_size}): an epoch is train-size // batch-size "
+                     f"full batches, got {args.train_size}")
+    positive("--test-size", args.test_size)
+    positive("--width", args.width)
+    positive("--reduction", args.reduction)
+    attention = [a for a in args.models if a != "none"]
+    if attention and args.width // args.reduction < 1:
+        modules = " and ".join(a.upper() for a in attention)
+        parser.error(f"--reduction must be <= --width ({args.width}): the first stage's {modules} modules have "
+                     f"--width channels and a hidden width of channels // reduction, which must be >= 1; got "
+                     f"--reduction {args.reduction}")
+    if not args.lr > 0:
+        parser.error(f"--lr must be > 0, got {args.lr}")
+    if args.threads is not None:
+        positive("--threads", args.threads)
+    problem = _out_problem(args.out)
+    if problem:
+        parser.error(problem)
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:  # curves.png and the attention figures, after the training
+        parser.error("needs matplotlib for curves.png and the attention figures: pip install matplotlib")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=6)
@@ -206,10 +262,12 @@ def main(argv=None):
     parser.add_argument("--out", default="docs/results/training", help="output directory")
     parser.add_argument("--train-size", type=int, default=8000)
     parser.add_argument("--test-size", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="default 64; at least 2 with the BAM model (its channel branch's BatchNorm1d) and at most "
+                             "--train-size")
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--reduction", type=int, default=4,
-                        help="BAM's and CBAM's r (hidden width = channels // r)")
+                        help="BAM's and CBAM's r (hidden width = channels // r; at most --width). Default 4")
     parser.add_argument("--models", nargs="+", choices=ATTENTIONS, default=list(ATTENTIONS),
                         help="which networks to train: none (plain), bam, cbam. Default all three")
     parser.add_argument("--lr", type=float, default=0.1)
@@ -217,9 +275,13 @@ def main(argv=None):
                         help="one set of models per seed; the data are the same for every seed")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
+    check_args(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as error:  # what the checks cannot foresee (a read-only file system, /proc, ...)
+        parser.error(f"--out {args.out!r}: {error.strerror or error}")
     train_set = make_shapes(args.train_size, seed=0)
     test_set = make_shapes(args.test_size, seed=1_000_003)  # a disjoint draw
     steps = args.train_size // args.batch_size if args.steps is None else min(args.steps,

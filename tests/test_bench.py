@@ -541,7 +541,7 @@ def test_cuda_sweep_times_apply_bwd_without_cudagraph_and_records_why(fake_cuda,
     """apply-bwd's fn is autograd.grad on a graph built outside the capture, so it is never CUDA-graph timed (it used
     to be, and every such row fell into failures); the other ops get both timings, nothing fails, and sweep.json and
     the printout say why apply-bwd has no cudagraph rows."""
-    assert main(["sweep", "--shapes", "2x8x4x4", "--providers", "authors-eager,torch-path,triton",
+    assert main(["sweep", "--shapes", "2x16x4x4", "--providers", "authors-eager,torch-path,triton",
                  "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "sweep.json").read_text())
     assert data["failures"] == []
