@@ -20,10 +20,14 @@ TUNE_OPS = ("pool", "apply-fwd", "apply-bwd", "bam-fwd", "bam-fwd-bwd")
 def run_tune(args):
     from . import configs
     from .providers import OpCase
-    from .sweep import DTYPES, _flatten, grid
+    from .sweep import DTYPES, _flatten, grid, grid_problem
 
     device, shapes, dtypes, layouts, _ = grid(args)
     ops = _flatten(args.ops, TUNE_OPS)
+    problem = grid_problem(args, shapes, ops)
+    if problem:
+        print(f"error: bam-triton tune: {problem}", file=sys.stderr)
+        return 2
     if device.type != "cuda" or not torch.cuda.is_available():
         print("bam-triton tune needs a CUDA GPU: autotuning times each config on the device. Nothing was tuned "
               "(exit status 2). On CPU, `bam-triton inspect` compiles every config ahead of time instead.",

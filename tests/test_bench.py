@@ -630,10 +630,17 @@ def test_tune_runs_the_requested_ops_and_by_default_every_kernel(fake_cuda, caps
     assert main(["tune", "--shapes", "2x8x4x4", "--ops", "apply-bwd,pool"]) == 0
     assert _FakeCase.made == [("apply-bwd", "triton"), ("pool", "triton")]
     _FakeCase.made = []
-    assert main(["tune", "--shapes", "2x8x4x4"]) == 0
+    assert main(["tune", "--shapes", "2x16x4x4"]) == 0  # the module ops build BAM(C): C >= its reduction
     ops = [op for op, _ in _FakeCase.made]
     assert {"pool", "apply-fwd", "apply-bwd", "bam-fwd", "bam-fwd-bwd"} <= set(ops)
     assert {p for _, p in _FakeCase.made} == {"triton"}
+
+
+def test_tune_refuses_shapes_its_ops_cannot_build(capsys):
+    """The sweep's grid checks, before anything is tuned (it printed one traceback line per case and went on)."""
+    assert main(["tune", "--shapes", "2x8x4x4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: bam-triton tune: --shapes 2x8x4x4: C must be >= 16"), err
 
 
 # ----------------------------------------------------------------------------------------------------------------------
