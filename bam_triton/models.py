@@ -553,7 +553,8 @@ def add_cbam(model, stages=CBAM_STAGES, **cbam_kwargs):
 
 
 class CheckpointReadError(ValueError):
-    """A file given to :func:`load_official_checkpoint` is not one ``torch.load`` reads; the message names it."""
+    """A file given to :func:`load_official_checkpoint` is not one ``torch.load`` reads, or holds no state_dict; the
+    message names it."""
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -667,7 +668,8 @@ def load_official_checkpoint(model, path_or_dict, weights_only=True):
             ``layerK.I.cbam.*``) are not the model's; or BAMs of ``model`` use another ``combine`` than the one the
             checkpoint recorded (``combine_mismatches``).
         CheckpointReadError: (a ``ValueError``) the file is not one ``torch.load`` reads (not a checkpoint,
-            truncated, or holding objects that ``weights_only=True`` refuses); the message names the file.
+            truncated, or holding objects that ``weights_only=True`` refuses), or what it holds is no state_dict (a
+            list, a dict of other things); the message names the file.
     """
     if isinstance(path_or_dict, (str, os.PathLike)):
         source = os.fspath(path_or_dict)
@@ -680,10 +682,14 @@ def load_official_checkpoint(model, path_or_dict, weights_only=True):
             else:
                 why = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
             raise CheckpointReadError(f"load_official_checkpoint: {source!r} cannot be read: {why}") from error
+        try:
+            state_dict = _extract_state_dict(checkpoint)
+        except (TypeError, ValueError) as error:  # torch.load read it, but it holds no state_dict
+            raise CheckpointReadError(f"load_official_checkpoint: {source!r} holds no state_dict: {error}") from error
     else:
         source = "(dict)"
         checkpoint = path_or_dict
-    state_dict = _extract_state_dict(checkpoint)
+        state_dict = _extract_state_dict(checkpoint)
     metadata = getattr(state_dict, "_metadata", {})  # our own files record each BAM's combine there (BAM's docstring)
     state_dict = OrderedDict(((_strip_module(key), value) for key, value in state_dict.items()))
     state_dict._metadata = OrderedDict((_strip_module(key), value) for key, value in metadata.items())

@@ -223,7 +223,7 @@ def _has(package):
 
 
 @pytest.mark.parametrize("command", ["attention", "export"])
-@pytest.mark.parametrize("checkpoint", ["not-a-checkpoint", "other-keys"])
+@pytest.mark.parametrize("checkpoint", ["not-a-checkpoint", "no-state-dict", "other-keys"])
 def test_checkpoint_that_cannot_be_used(command, checkpoint, tmp_path, capsys):
     """--checkpoint with a file torch.load cannot read, or one whose keys are not the model's: one line naming the
     file and what is wrong (counts, not 170 key lines), exit 2 (both were tracebacks or many lines)."""
@@ -231,14 +231,17 @@ def test_checkpoint_that_cannot_be_used(command, checkpoint, tmp_path, capsys):
     path = tmp_path / "model.pt"
     if checkpoint == "not-a-checkpoint":
         path.write_text("garbage")
+    elif checkpoint == "no-state-dict":
+        torch.save([torch.zeros(3)], path)
     else:
         torch.save({"fc.weight": torch.zeros(3, 3)}, path)
     output = str(tmp_path / ("a.png" if command == "attention" else "m.onnx"))
     argv = (["attention", "--out", output] if command == "attention" else ["export", "resnet18", output])
     status = cli.main(argv + ["--checkpoint", str(path)])
     out, err = capsys.readouterr()
-    words = ["cannot be read"] if checkpoint == "not-a-checkpoint" else ["does not fit", "missing key", "fc.weight",
-                                                                          "the checkpoint has no attention module"]
+    words = {"not-a-checkpoint": ["cannot be read"], "no-state-dict": ["holds no state_dict"],
+             "other-keys": ["does not fit", "missing key", "fc.weight", "the checkpoint has no attention module"]}[
+        checkpoint]
     _assert_one_line(status, out, err, command, str(path), *words)
     if checkpoint == "other-keys":  # the option to pass, in the command's own words where it has one
         assert ("pass --attention none" in err) == (command == "export") and "attention=" not in err, err

@@ -515,6 +515,13 @@ def test_load_official_checkpoint_names_a_file_it_cannot_read(tmp_path):
     opcodes = [tmp_path / f"{i}.pt" for i in range(4)]
     for path, content in zip(opcodes, ("hi", "hello", "jj", "K")):
         path.write_text(content)
+    # Files torch.load reads that hold no state_dict: a list, a dict of other things.
+    no_state = [tmp_path / "list.pt", tmp_path / "notes.pt"]
+    torch.save([torch.zeros(2)], no_state[0])
+    torch.save({"epoch": 3, "note": "no weights"}, no_state[1])
+    for path in no_state:
+        with pytest.raises(CheckpointReadError, match="holds no state_dict"):
+            load_official_checkpoint(resnet18(), str(path))
     for path in (cut, text, *opcodes):
         with pytest.raises(CheckpointReadError, match="cannot be read") as info:
             load_official_checkpoint(resnet18(), str(path))
