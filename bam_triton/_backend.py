@@ -138,14 +138,12 @@ _IS_EXPORTING = getattr(torch.compiler, "is_exporting", None) or (lambda: False)
 _TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None) or (lambda: False)
 
 
-def plain_ops_needed(*tensors):
+def plain_ops_needed():
     """True where BAM must be written as plain aten ops (``x * (1 + sigmoid(mc ⊕ ms))``, ``mean``) instead of the
     Triton custom ops or the torch path's in-place, chunked code: while ``torch.jit.trace`` or ``torch.export``
     records a graph (its consumers know standard ops only; ``torch.onnx.export`` records through one of the two: the
     TorchScript exporter traces, the dynamo exporter exports), under a ``torch.func`` transform (vmap, grad, jacrev,
-    jvp), and for forward-mode AD dual tensors. ``torch.compile`` is not among them: it keeps the custom ops, which
-    it knows."""
-    if _IS_TRACING() or _IS_EXPORTING() or _TRANSFORMS_ACTIVE():
-        return True
-    return forward_ad._current_level >= 0 and any(
-        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    jvp), and inside a forward-mode AD ``dual_level``: there any tensor may be dual, the module's parameters too (the
+    autograd Functions' forward-AD rules are not written). ``torch.compile`` is not among them: it keeps the custom
+    ops, which it knows."""
+    return bool(_IS_TRACING() or _IS_EXPORTING() or _TRANSFORMS_ACTIVE() or forward_ad._current_level >= 0)

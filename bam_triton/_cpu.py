@@ -23,7 +23,7 @@ APPLY_CHUNK_ELEMENTS = 2**20
 def pointwise_conv(x, weight, bias):
     """``F.conv2d(x, weight, bias)`` for a 1x1 ``weight`` (C_out, C, 1, 1) on CPU NCHW ``x``, or None where the
     plain conv is the better choice (other devices and layouts)."""
-    if x.device.type != "cpu" or x.dim() != 4 or plain_ops_needed(x) or not x.is_contiguous():
+    if x.device.type != "cpu" or x.dim() != 4 or plain_ops_needed() or not x.is_contiguous():
         return None
     n, c, h, w = x.shape
     c_out = weight.shape[0]
@@ -36,7 +36,7 @@ def pointwise_conv(x, weight, bias):
 def spatial_branch(layers, x):
     """Run ``layers`` (a spatial branch's Sequential, or a sequence of its layers) on ``x``, the convs other than 1x1
     on channels_last input when ``x`` is a CPU tensor. The (N, 1, H, W) output is the same memory either way."""
-    on_cpu = x.device.type == "cpu" and not plain_ops_needed(x)
+    on_cpu = x.device.type == "cpu" and not plain_ops_needed()
     if not on_cpu and isinstance(layers, torch.nn.Module):
         return layers(x)
     h = x

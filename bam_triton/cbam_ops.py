@@ -577,7 +577,7 @@ def cbam_spatial_pool(x: torch.Tensor, a: torch.Tensor, *, backend: Optional[str
     if x.shape[1] == 0:
         raise ValueError(f"x must have C > 0 to be pooled over channels, got shape {tuple(x.shape)}")
     n, c = x.shape[:2]
-    path = resolve_path(x, backend, a)
+    path = resolve_path(x, backend)
     x1 = None if path == "triton" else (x * a.reshape(n, c, 1, 1)).to(x.dtype)
     if path == "plain":
         return _plain_spatial_pool(x1)
@@ -603,7 +603,7 @@ def cbam_apply(x: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor] = Non
     _check_channel_map(x, a)
     if b is not None:
         _check_spatial_map(x, b)
-    path = resolve_path(x, backend, a, *(() if b is None else (b,)))
+    path = resolve_path(x, backend)
     if path == "triton":
         return _triton_apply(x, a, b)
     n, c, h, w = x.shape

@@ -428,7 +428,7 @@ def bam_apply(x: torch.Tensor, mc: torch.Tensor, ms: torch.Tensor, *, combine: s
     check_feature_map(x)
     _check_maps(x, mc, ms)
     check_combine(combine)
-    return bam_apply_unchecked(x, mc, ms, combine, resolve_path(x, backend, mc, ms))
+    return bam_apply_unchecked(x, mc, ms, combine, resolve_path(x, backend))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -436,14 +436,14 @@ def bam_apply(x: torch.Tensor, mc: torch.Tensor, ms: torch.Tensor, *, combine: s
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def resolve_path(x, backend, *others):
-    """Validate ``backend`` and return the path that runs for ``x`` (and ``others``, the maps of the apply step):
-    ``"torch"``, ``"triton"``, or ``"plain"`` (standard aten ops, where a graph is recorded for export or a
-    ``torch.func`` transform runs: ``_backend.plain_ops_needed``). Empty inputs take the torch path (nothing to launch;
-    torch's conventions for them apply), and the Triton path checks the kernels' size limit here, before any launch."""
+def resolve_path(x, backend):
+    """Validate ``backend`` and return the path that runs for ``x``: ``"torch"``, ``"triton"``, or ``"plain"``
+    (standard aten ops, where a graph is recorded for export, a ``torch.func`` transform runs or forward-mode AD is
+    on: ``_backend.plain_ops_needed``). Empty inputs take the torch path (nothing to launch; torch's conventions for
+    them apply), and the Triton path checks the kernels' size limit here, before any launch."""
     backend = _backend.check_backend(backend)
     path = "torch" if (backend or _backend.default_backend()) == "torch" else _backend.resolve(backend, x.device)
-    if _backend.plain_ops_needed(x, *others):
+    if _backend.plain_ops_needed():
         return "plain"
     if path == "triton" and x.numel() == 0:
         return "torch"

@@ -293,6 +293,31 @@ def _feature_forward_ad(backend, combine):
         got = fwad.unpack_dual(bam_apply(fwad.make_dual(x, tangent), mc, ms, combine=combine, backend=backend)).tangent
         want = fwad.unpack_dual(_plain_apply(fwad.make_dual(x, tangent), mc, ms, combine)).tangent
     _close64(got, want, "tangent")
+    # The module with dual parameters and a plain x: its branches' outputs are dual where x is not (this raised in the
+    # autograd Functions, which have no forward-AD rule).
+    from torch.func import functional_call
+
+    bam = _bam(combine).eval()
+    bam.backend = backend
+    xb = _x((2, 16, 4, 4), False, "fwad-params")
+    params = dict(bam.named_parameters())
+    directions = {name: torch.randn(p.shape, generator=_gen("fwad", name), dtype=p.dtype).to(p.device)
+                  for name, p in params.items()}
+
+    class Plain(torch.nn.Module):  # the reference on the same layers, so that functional_call swaps its parameters
+        def __init__(self):
+            super().__init__()
+            self.bam = bam
+
+        def forward(self, t):
+            return _plain_bam(self.bam, t)
+
+    tangents = []
+    for module, prefix in ((bam, ""), (Plain(), "bam.")):
+        with fwad.dual_level():
+            duals = {prefix + name: fwad.make_dual(p.detach(), directions[name]) for name, p in params.items()}
+            tangents.append(fwad.unpack_dual(functional_call(module, duals, (xb,))).tangent)
+    _close64(tangents[0], tangents[1], "tangent of the parameters")
 
 
 def _feature_gradgradcheck(backend, combine):

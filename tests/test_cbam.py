@@ -254,6 +254,18 @@ def test_torch_func_and_forward_ad(backend, feature):
             got = fwad.unpack_dual(cbam(fwad.make_dual(x, tangent))).tangent
             want = fwad.unpack_dual(authors(fwad.make_dual(x, tangent))).tangent
         _close64(got, want, "tangent")
+        # Dual parameters, x itself plain (a directional derivative in weight space): the MLP's and the gate's
+        # outputs are dual where x is not (this raised in the autograd Functions, which have no forward-AD rule).
+        params = dict(cbam.named_parameters())
+        directions = {name: torch.randn_like(p) for name, p in params.items()}
+        with fwad.dual_level():
+            duals = {name: fwad.make_dual(p.detach(), directions[name]) for name, p in params.items()}
+            got = fwad.unpack_dual(functional_call(cbam, duals, (x,))).tangent
+        want = jvp(lambda p: functional_call(authors, {f"spatial.{k[len('SpatialGate.spatial.'):]}"
+                                                       if k.startswith("SpatialGate") else
+                                                       f"mlp.{k[len('ChannelGate.mlp.'):]}": v for k, v in p.items()},
+                                             (x,)), (params,), (directions,))[1]
+        _close64(got, want, "tangent of the parameters")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
