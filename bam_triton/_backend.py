@@ -110,13 +110,18 @@ def triton_interpreted():
 def resolve(backend, device):
     """The backend that runs for tensors on ``device``: ``"torch"`` or ``"triton"`` (``backend`` None: the one
     ``$BAM_TRITON_BACKEND`` names, which the errors then name)."""
-    chosen = backend or default_backend()
+    return resolve_chosen(backend or default_backend(), device, from_env=not backend)
+
+
+def resolve_chosen(chosen, device, from_env):
+    """:func:`resolve` for a validated backend name ``chosen`` that ``$BAM_TRITON_BACKEND`` gave (``from_env``) or
+    the caller did: the per-call path reads the variable once."""
     if chosen == "torch":
         return "torch"
     if chosen == "auto":
         return "triton" if device.type == "cuda" and triton_installed() else "torch"
-    given, instead = (("backend='triton'", "use backend='torch' or 'auto'") if backend else
-                      (f"{ENV_VAR}=triton (no backend= given)", f"unset {ENV_VAR} or set it to torch or auto"))
+    given, instead = ((f"{ENV_VAR}=triton (no backend= given)", f"unset {ENV_VAR} or set it to torch or auto")
+                      if from_env else ("backend='triton'", "use backend='torch' or 'auto'"))
     if not triton_installed():
         raise RuntimeError(f"{given} needs the triton package (pip install triton, Linux only); {instead}")
     if device.type in ("cuda", "meta"):  # meta: a shape-only run; the launches are recorded, not run (traffic)

@@ -118,11 +118,6 @@ def _add_export_command(commands):
                              "TorchScript-based exporter, where the installed torch still has it")
 
 
-def _first_line(error):
-    """An exception's message as one line: its first non-empty line."""
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), "")
-
-
 def _export_error(message):
     print(f"error: bam-triton export: {message}", file=sys.stderr)
     return 2
@@ -160,6 +155,8 @@ def _run_export(args):
         return _export_error(f"--no-dynamo: torch {torch.__version__} no longer has the TorchScript-based ONNX "
                              f"exporter; use --dynamo")
     import onnx
+
+    from ._messages import first_line
 
     newest = onnx.defs.onnx_opset_version()
     if args.opset > newest:
@@ -204,7 +201,7 @@ def _run_export(args):
                 torch.onnx.export(model, (example,), args.out, dynamic_axes=axes, **common, **extra)
         except Exception as error:  # e.g. an opset this exporter does not support
             return _export_error(f"the {exporter} exporter of torch {torch.__version__} failed at --opset {args.opset}: "
-                                 f"{type(error).__name__}: {_first_line(error)}")
+                                 f"{type(error).__name__}: {first_line(error)}")
     onnx_model = onnx.load(args.out)
     written = next((entry.version for entry in onnx_model.opset_import if entry.domain in ("", "ai.onnx")), None)
     if written != args.opset:  # the dynamo exporter keeps its own opset where it cannot convert to the one asked for
@@ -255,30 +252,38 @@ _OUTPUTS = {"sweep": [("out", "--out", "dir")], "inspect": [("out", "--out", "di
 
 
 def _output_problem(args):
-    """Why an output path of the command cannot be written (one line), or None: a directory argument that names a
-    file, a file argument that names a directory or lies in a directory that does not exist, a place not writable."""
+    """Why an output path of the command cannot be written (one line), or None (:func:`output_path_problem`)."""
     for attribute, spelled, kind in _OUTPUTS.get(args.command, ()):
         given = getattr(args, attribute, None)
-        if given is None:
-            continue
-        path = os.path.abspath(given)
-        if kind == "dir":
-            if os.path.exists(path) and not os.path.isdir(path):
-                return f"{spelled} {given!r} is a file, not a directory"
-            nearest = path
-            while not os.path.exists(nearest):
-                nearest = os.path.dirname(nearest)
-        else:
-            if os.path.isdir(path):
-                return f"{spelled} {given!r} is a directory, not a file"
-            nearest = os.path.dirname(path)
-            if not os.path.isdir(nearest):
-                return f"{spelled} {given!r}: no directory {nearest!r} (create it first)"
+        problem = None if given is None else output_path_problem(given, spelled, kind)
+        if problem:
+            return problem
+    return None
+
+
+def output_path_problem(given, spelled, kind):
+    """Why the output ``given`` (an argument the user spells ``spelled``; ``kind`` "dir" that the command creates, or
+    "file" whose directory must exist) cannot be written, as one line, or None: a directory argument that names a
+    file, a file argument that names a directory or lies in a directory that does not exist, a place the OS refuses.
+    Also for scripts beside the CLI (``examples/train_synthetic.py``)."""
+    path = os.path.abspath(given)
+    if kind == "dir":
+        if os.path.exists(path) and not os.path.isdir(path):
+            return f"{spelled} {given!r} is a file, not a directory"
+        nearest = path
+        while not os.path.exists(nearest):
+            nearest = os.path.dirname(nearest)
+    else:
+        if os.path.isdir(path):
+            return f"{spelled} {given!r} is a directory, not a file"
+        nearest = os.path.dirname(path)
         if not os.path.isdir(nearest):
-            return f"{spelled} {given!r}: {nearest!r} is a file, not a directory"
-        refused = _write_refused(path, kind)
-        if refused:
-            return f"{spelled} {given!r} cannot be written: {refused}"
+            return f"{spelled} {given!r}: no directory {nearest!r} (create it first)"
+    if not os.path.isdir(nearest):
+        return f"{spelled} {given!r}: {nearest!r} is a file, not a directory"
+    refused = _write_refused(path, kind)
+    if refused:
+        return f"{spelled} {given!r} cannot be written: {refused}"
     return None
 
 

@@ -35,6 +35,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from ._messages import first_line
 from .cbam import CBAM
 from .module import BAM
 
@@ -680,7 +681,7 @@ def load_official_checkpoint(model, path_or_dict, weights_only=True):
                 why = (f"not a torch checkpoint, or one holding objects that weights_only={weights_only} refuses "
                        f"(weights_only=False loads those: only for files you trust)")
             else:
-                why = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+                why = f"{type(error).__name__}: {first_line(error)}"
             raise CheckpointReadError(f"load_official_checkpoint: {source!r} cannot be read: {why}") from error
         try:
             state_dict = _extract_state_dict(checkpoint)

@@ -442,7 +442,8 @@ def resolve_path(x, backend):
     on: ``_backend.plain_ops_needed``). Empty inputs take the torch path (nothing to launch; torch's conventions for
     them apply), and the Triton path checks the kernels' size limit here, before any launch."""
     backend = _backend.check_backend(backend)
-    path = "torch" if (backend or _backend.default_backend()) == "torch" else _backend.resolve(backend, x.device)
+    chosen = backend or _backend.default_backend()
+    path = "torch" if chosen == "torch" else _backend.resolve_chosen(chosen, x.device, from_env=backend is None)
     if _backend.plain_ops_needed():
         return "plain"
     if path == "triton" and x.numel() == 0:

@@ -105,8 +105,9 @@ def _bars(ax, groups, providers, values, fmt="{:.2f}"):
     ax.set_xticklabels(groups, rotation=20 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
 
 
-def plot_results(csv_path, out_dir=None, timing_mode=None):
-    """Write one speedup chart and one bandwidth chart per (op, dtype, layout); returns the written paths."""
+def plot_results(csv_path, out_dir=None, timing_mode=None, rows=None):
+    """Write one speedup chart and one bandwidth chart per (op, dtype, layout); returns the written paths. ``rows``:
+    the CSV's rows where the caller has read them already (:func:`read_rows`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,7 +115,7 @@ def plot_results(csv_path, out_dir=None, timing_mode=None):
 
     matplotlib.rcParams["svg.fonttype"] = "none"  # SVG text stays text: smaller, searchable, selectable
 
-    rows, mode = plottable(read_rows(csv_path), timing_mode)
+    rows, mode = plottable(read_rows(csv_path) if rows is None else rows, timing_mode)
     out_dir = out_dir or os.path.dirname(os.path.abspath(csv_path))
     os.makedirs(out_dir, exist_ok=True)
     device, copy_bw = _device_label(csv_path, rows)
@@ -197,7 +198,7 @@ def run_plot(args):
     if problem is not None:
         print(f"error: bam-triton plot: {problem}", file=sys.stderr)
         return 2
-    written = plot_results(path, args.out, args.timing_mode)
+    written = plot_results(path, args.out, args.timing_mode, rows=rows)
     if not written:
         print("nothing to plot: no timed (non-interpreter) rows in the CSV", file=sys.stderr)
         return 1

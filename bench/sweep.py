@@ -26,6 +26,7 @@ import time
 import torch
 
 from bam_triton._dtypes import DTYPE_NAMES, within_tolerance
+from bam_triton._messages import first_line
 
 from .providers import (BASELINE, CUDA_ONLY, NETWORK_ATTENTIONS, NETWORK_IMAGE, NETWORK_OPS, NETWORK_PROVIDERS, NO_BAM,
                         PROVIDERS, SINGLE_READ, SINGLE_READ_OPS, network_provider, split_network_provider)
@@ -591,8 +592,7 @@ def _run_case(args, device, shape, dt, lay, op, providers, copy_bw, progress, fa
 def _failure(provider, op, shape, dt, lay, exc, prefix=""):
     """sweep.json's entry of a failed provider run: ``error`` is one line (the exception's type and the first line of
     its message: torch.compile's run to dozens of lines), ``detail`` the whole message where it has more."""
-    message = str(exc).strip()
-    first = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    message, first = str(exc).strip(), first_line(exc)
     entry = dict(provider=provider, op=op, shape=shape, dtype=dt, layout=lay,
                  error=f"{prefix}{type(exc).__name__}" + (f": {first}"[:300] if first else ""))
     if message != first:

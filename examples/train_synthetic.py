@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from bam_triton import models
+from bam_triton.cli import output_path_problem
 
 # The models trained side by side: name suffix -> the networks' attention= ("none": the plain network).
 ATTENTIONS = ("none", "bam", "cbam")
@@ -199,22 +200,6 @@ def plot_curves(results, steps_per_epoch, path, title):
     plt.close(fig)
 
 
-def _out_problem(out):
-    """Why ``--out`` cannot be the output directory (it names a file, or where it would be created is a file or not
-    writable), or None."""
-    path = os.path.abspath(out)
-    if os.path.exists(path) and not os.path.isdir(path):
-        return f"--out {out!r} is a file, not a directory"
-    nearest = path
-    while not os.path.exists(nearest):
-        nearest = os.path.dirname(nearest)
-    if not os.path.isdir(nearest):
-        return f"--out {out!r}: {nearest!r} is a file, not a directory"
-    if not os.access(nearest, os.W_OK | os.X_OK):
-        return f"--out {out!r}: {nearest!r} is not writable"
-    return None
-
-
 def check_args(parser, args):
     """Refuse up front, in one line (``parser.error``: exit status 2), what would otherwise fail with a traceback or a
     wrong result after minutes of training."""
@@ -246,7 +231,7 @@ def check_args(parser, args):
         parser.error(f"--lr must be > 0, got {args.lr}")
     if args.threads is not None:
         positive("--threads", args.threads)
-    problem = _out_problem(args.out)
+    problem = output_path_problem(args.out, "--out", "dir")
     if problem:
         parser.error(problem)
     import importlib.util
@@ -278,10 +263,7 @@ def main(argv=None):
     check_args(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as error:  # what the checks cannot foresee (a read-only file system, /proc, ...)
-        parser.error(f"--out {args.out!r}: {error.strerror or error}")
+    os.makedirs(args.out, exist_ok=True)  # check_args asked the OS whether it may
     train_set = make_shapes(args.train_size, seed=0)
     test_set = make_shapes(args.test_size, seed=1_000_003)  # a disjoint draw
     steps = args.train_size // args.batch_size if args.steps is None else min(args.steps,
